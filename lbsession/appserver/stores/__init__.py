@@ -1,0 +1,31 @@
+"""Session stores, by the name the CLI and the config use (`--backend`).
+
+A name maps to `module:Class`, imported only when chosen, so a backend's client
+library is needed only by those who pick it. The names are the `BackendName`
+Literal of lbsession.config; a unit test checks the two lists agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lbsession.appserver.stores.base import SessionStore
+from lbsession.config import AppServerConfig
+
+STORES: dict[str, str] = {
+    "local": "lbsession.appserver.stores.local:LocalStore",
+}
+
+
+def store_class(name: str) -> type[SessionStore]:
+    """The SessionStore class registered under `name`."""
+    module, _, cls = STORES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def create_store(config: AppServerConfig) -> SessionStore:
+    """A new store for the configured backend."""
+    return store_class(config.backend).from_config(config)
+
+
+__all__ = ["STORES", "SessionStore", "create_store", "store_class"]

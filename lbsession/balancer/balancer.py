@@ -1,0 +1,235 @@
+"""The load balancer: its listeners, its upstream pool, its strategy and its counters.
+
+Lifecycle as aiohttp's web_runner: `await lb.start()` binds (port 0 allowed;
+the bound ports are read back into `lb.port` and `lb.admin_port`) and
+`await lb.stop()` stops accepting, lets in-flight requests finish within a
+deadline, and closes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from lbsession.balancer.proxy import ClientConnection, UpstreamConnection, strip_cookies
+from lbsession.balancer.strategies import Route, Strategy, create_strategy
+from lbsession.balancer.strategies.base import ROUTE_REASONS
+from lbsession.balancer.upstream import Upstream, UpstreamPool
+from lbsession.config import BalancerConfig
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from lbsession.balancer.http import RequestHead
+
+log = logging.getLogger(__name__)
+
+
+class LoadBalancer:
+    """A reverse proxy that routes each request to an upstream chosen by a strategy."""
+
+    def __init__(self, config: BalancerConfig) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.strategy: Strategy = create_strategy(config)
+        self.pool = UpstreamPool(config.upstreams, config.health)
+        self.clock = time.monotonic()  # coarse "now", advanced by the sweeper
+        self.clients: set[ClientConnection] = set()
+        self.upstream_conns: set[UpstreamConnection] = set()
+        self.routes: dict[str, int] = dict.fromkeys(ROUTE_REASONS, 0)
+        self.statuses: dict[int, int] = {}  # responses relayed from upstreams, by status
+        self.errors: dict[int, int] = {}  # responses the balancer made itself, by status
+        self.retries = 0
+        self.started_at = time.time()
+        self.port = config.port
+        self.admin_port = config.admin_port
+        self.admin_extensions: list[Any] = []  # callables(app) adding routes, e.g. the topology's
+        self._private_cookies: tuple[bytes, ...] = ()
+        self._trusted = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._use_strategy(self.strategy)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind the public and admin listeners and start health checks."""
+        loop = asyncio.get_running_loop()
+        self.clock = loop.time()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), self.config.host, self.config.port, backlog=1024
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        await self.pool.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="lb-sweeper")
+        from lbsession.balancer.admin import create_admin_app  # aiohttp stays off the data path's imports
+
+        from aiohttp import web
+
+        app = create_admin_app(self)
+        for extend in self.admin_extensions:
+            extend(app)
+        self._admin_runner = web.AppRunner(app, access_log=None)
+        await self._admin_runner.setup()
+        site = web.TCPSite(self._admin_runner, self.config.admin_host, self.config.admin_port)
+        await site.start()
+        self.admin_port = self._admin_runner.addresses[0][1]
+        log.info("balancing on %s, admin on %s, strategy %s", self.url, self.admin_url, self.strategy.name)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting; let in-flight requests finish for up to `grace_s`; close everything."""
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace_s
+        while any(not c.close_if_idle() for c in list(self.clients)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling in-flight exchanges during shutdown only
+        for client in list(self.clients):
+            if client.transport is not None:
+                client.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *(t for t in [self._sweeper] if t), return_exceptions=True)
+        await self.pool.stop()
+        for conn in list(self.upstream_conns):
+            conn.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        """The public URL clients use."""
+        return f"http://{_url_host(self.config.host)}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin API's URL."""
+        return f"http://{_url_host(self.config.admin_host)}:{self.admin_port}"
+
+    # ------------------------------------------------------------------ runtime changes
+
+    def set_strategy(self, name: str) -> None:
+        """Switch the routing strategy at run time (sticky pins are honoured only by sticky-cookie)."""
+        self._use_strategy(create_strategy(self.config, name))
+
+    def _use_strategy(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        names = getattr(strategy, "private_cookies", ())
+        self._private_cookies = tuple(n.encode() for n in names)
+
+    # ------------------------------------------------------------------ used by the proxy
+
+    def client_address(self, peer_ip: str, req: RequestHead) -> str:
+        """The client's address: the socket's, or X-Forwarded-For's when the peer is a trusted proxy."""
+        if not self._trusted or not self._is_trusted(peer_ip):
+            return peer_ip
+        for name, value in req.forwarded:
+            if name == b"x-forwarded-for":
+                # Walk right to left past our own proxies; the first untrusted hop is the client.
+                for hop in reversed(value.decode("latin-1").split(",")):
+                    hop = hop.strip()
+                    if hop and not self._is_trusted(hop):
+                        return hop
+        return peer_ip
+
+    def _is_trusted(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in net for net in self._trusted)
+
+    def upstream_head(self, req: RequestHead, peer_ip: str) -> bytes:
+        """The request head as the upstream gets it: hop-by-hop gone, LB cookie gone, X-Forwarded-* set."""
+        lines = [b"%s %s HTTP/1.1" % (req.method, req.target), *req.lines]
+        cookie = req.cookie
+        if cookie is not None:
+            if self._private_cookies:
+                cookie = strip_cookies(cookie, self._private_cookies)
+            if cookie:
+                lines.append(b"Cookie: " + cookie)
+        forwarded_for = peer_ip.encode()
+        proto = b"http"
+        if req.forwarded and self._trusted and self._is_trusted(peer_ip):
+            for name, value in req.forwarded:
+                if name == b"x-forwarded-for":
+                    forwarded_for = value + b", " + forwarded_for
+                elif name == b"x-forwarded-proto":
+                    proto = value
+        lines.append(b"X-Forwarded-For: " + forwarded_for)
+        lines.append(b"X-Forwarded-Proto: " + proto)
+        if req.host is not None:
+            lines.append(b"X-Forwarded-Host: " + req.host)
+        else:  # an HTTP/1.0 request without Host; HTTP/1.1 requires one upstream
+            lines.append(b"Host: localhost")
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def routed(self, client: ClientConnection, route: Route) -> None:
+        """Count a routing decision."""
+        self.routes[route.reason] += 1
+
+    def responded(self, client: ClientConnection, status: int) -> None:
+        """Count a relayed response."""
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    async def open_upstream(self, upstream: Upstream) -> UpstreamConnection:
+        """A fresh connection to `upstream`; OSError (TimeoutError included) if it cannot be had."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.limits.connect_timeout_s):
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(self, upstream), upstream.host, upstream.port)
+        return conn
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a coroutine as a task the balancer keeps a reference to and cancels at stop."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sweep_forever(self) -> None:
+        limits = self.limits
+        shortest = min(limits.read_timeout_s, limits.header_timeout_s, limits.idle_timeout_s, limits.pool_idle_s)
+        tick = min(1.0, max(0.05, shortest / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = self.clock = loop.time()
+            for client in list(self.clients):
+                client.check_timeouts(now)
+            for conn in list(self.upstream_conns):
+                conn.check_timeouts(now)
+
+    # ------------------------------------------------------------------ reporting
+
+    def status(self) -> dict[str, Any]:
+        """The balancer's state and counters, as the admin API's `GET /status` returns them."""
+        return {
+            "strategy": self.strategy.name,
+            "url": self.url,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "servers": [u.as_dict() for u in self.pool.upstreams.values()],
+            "connections": {"clients": len(self.clients), "upstream": len(self.upstream_conns)},
+            "counters": {
+                "requests": sum(self.routes.values()) - self.routes["retried"],
+                "routes": dict(self.routes),
+                "forged_cookies": self.routes["forged-cookie"],
+                "redispatches": self.routes["redispatched"],
+                "retries": self.retries,
+                "responses": {str(k): v for k, v in sorted(self.statuses.items())},
+                "lb_errors": {str(k): v for k, v in sorted(self.errors.items())},
+            },
+        }
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,116 @@
+"""What every routing strategy sees and returns.
+
+A strategy is synchronous and does no I/O: given the facts of one request and
+the upstreams that may take it, it names one upstream, the reason, and the
+cookie to set if any. That keeps each one a plain object that the unit tests
+drive as a function, and keeps the proxy's data path free of awaits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+
+from lbsession.errors import NoHealthyUpstream
+
+if TYPE_CHECKING:
+    from lbsession.config import BalancerConfig
+
+RouteReason = Literal["new", "pinned", "rehashed", "redispatched", "forged-cookie", "retried"]
+ROUTE_REASONS: tuple[RouteReason, ...] = ("new", "pinned", "rehashed", "redispatched", "forged-cookie", "retried")
+
+
+class UpstreamView(Protocol):
+    """The little a strategy may know about an upstream."""
+
+    @property
+    def server_id(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
+class RequestFacts:
+    """The facts of one request a strategy may route on: client address, cookies, headers."""
+
+    __slots__ = ("_cookie_header", "_cookies", "_headers", "client_ip")
+
+    def __init__(self, client_ip: str, cookie_header: str | None = None, headers: Mapping[str, str] | None = None):
+        self.client_ip = client_ip
+        self._cookie_header = cookie_header
+        self._headers = headers or {}
+        self._cookies: dict[str, str] | None = None
+
+    def cookie(self, name: str) -> str | None:
+        """The value of cookie `name`, or None; parsed once, on first use."""
+        if self._cookies is None:
+            self._cookies = parse_cookie_header(self._cookie_header or "")
+        return self._cookies.get(name)
+
+    def header(self, name: str) -> str | None:
+        """A request header by lower-case name, or None."""
+        return self._headers.get(name)
+
+
+def parse_cookie_header(value: str) -> dict[str, str]:
+    """Parse a Cookie request header (RFC 6265 §5.4) leniently; the first of a repeated name wins."""
+    cookies: dict[str, str] = {}
+    for pair in value.split(";"):
+        name, sep, val = pair.partition("=")
+        name = name.strip()
+        if sep and name and name not in cookies:
+            cookies[name] = val.strip().strip('"')
+    return cookies
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A strategy's answer: where the request goes, why, and the Set-Cookie value to add."""
+
+    upstream: UpstreamView
+    reason: RouteReason
+    set_cookie: str | None = None
+
+
+class Strategy(ABC):
+    """Choose an upstream for a request. Synchronous, no I/O, never imports aiohttp."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, config: BalancerConfig) -> Strategy:
+        """Build the strategy from the balancer's settings."""
+        return cls()
+
+    @abstractmethod
+    def choose(self, facts: RequestFacts, upstreams: Sequence[UpstreamView]) -> Route:
+        """Pick one of `upstreams` (healthy, in configured order); raise NoHealthyUpstream if none fits."""
+
+
+def accepting_new(upstreams: Sequence[UpstreamView]) -> Sequence[UpstreamView]:
+    """The upstreams that take new clients: healthy and not draining (HAProxy's weight 0 drain)."""
+    fresh = [u for u in upstreams if not u.draining]
+    if not fresh:
+        raise NoHealthyUpstream("no healthy upstream accepts new clients")
+    return fresh
+
+
+def stable_hash(key: str) -> int:
+    """A 64-bit hash that is the same in every process (unlike hash(), which is salted)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def hash_key(facts: RequestFacts, key: str) -> str:
+    """The string a hashing strategy hashes: the client IP, or a header or cookie value."""
+    if key == "client-ip":
+        return facts.client_ip
+    kind, _, name = key.partition(":")
+    value = facts.header(name.lower()) if kind == "header" else facts.cookie(name)
+    # A request without the key falls back to its address, as nginx's `hash` does with an empty key.
+    return value if value else facts.client_ip

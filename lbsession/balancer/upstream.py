@@ -1,0 +1,189 @@
+"""The upstreams behind the balancer: their health, their counters and their idle connections.
+
+Health follows HAProxy's model: an active `GET /healthz` every `interval_s`; a
+server is marked down after `fall` consecutive failures and up again after
+`rise` consecutive successes. A failed connect marks it down at once (passive
+check, HAProxy's `observe layer4`), so one client's failed request spares the
+next ones the wait for the active check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from lbsession.config import HealthConfig, UpstreamConfig, parse_http_url
+from lbsession.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lbsession.balancer.proxy import UpstreamConnection
+
+log = logging.getLogger(__name__)
+
+
+class Upstream:
+    """One app server as the balancer sees it."""
+
+    __slots__ = (
+        "server_id", "url", "host", "port", "healthy", "draining", "in_flight", "requests",
+        "idle", "_streak", "last_check", "last_error", "changed_at",
+    )  # fmt: skip
+
+    def __init__(self, server_id: str, url: str) -> None:
+        self.server_id = server_id
+        self.url = url
+        self.host, self.port = parse_http_url(url)
+        self.healthy = True  # assumed up until a check says otherwise, as HAProxy does at start
+        self.draining = False
+        self.in_flight = 0
+        self.requests = 0
+        self.idle: list[UpstreamConnection] = []  # keep-alive connections ready for reuse, newest last
+        self._streak = 0  # consecutive check results against the current state
+        self.last_check: str | None = None
+        self.last_error: str | None = None
+        self.changed_at = time.time()
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle pooled connection that is still open, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.reusable():
+                return conn
+        return None
+
+    def close_idle(self) -> None:
+        """Close every pooled connection (the server left or went down)."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The upstream's state for the admin API."""
+        return {
+            "id": self.server_id,
+            "url": self.url,
+            "healthy": self.healthy,
+            "draining": self.draining,
+            "in_flight": self.in_flight,
+            "requests": self.requests,
+            "idle_connections": len(self.idle),
+            "last_error": self.last_error,
+            "changed_at": self.changed_at,
+        }
+
+
+class UpstreamPool:
+    """The ordered set of upstreams, and the tuple of healthy ones that strategies route over."""
+
+    def __init__(
+        self,
+        upstreams: Iterable[UpstreamConfig],
+        health: HealthConfig,
+        on_change: Callable[[Upstream, str], None] | None = None,
+    ) -> None:
+        self._health = health
+        self._on_change = on_change
+        self.upstreams: dict[str, Upstream] = {}
+        self.healthy: tuple[Upstream, ...] = ()  # rebuilt only on change: strategies may cache by identity
+        self._task: asyncio.Task[None] | None = None
+        self._client: Any = None  # aiohttp.ClientSession, created in start()
+        for upstream in upstreams:
+            self.add(upstream.id, upstream.url)
+
+    def add(self, server_id: str, url: str) -> Upstream:
+        """Add an upstream; ConfigError if the id is taken or the URL is not http://host:port."""
+        if server_id in self.upstreams:
+            raise ConfigError(f"server id {server_id!r} is already in use; choose another id")
+        try:
+            upstream = Upstream(server_id, url)
+        except ValueError as exc:
+            raise ConfigError(f"url: {exc}") from None
+        self.upstreams[server_id] = upstream
+        self._changed(upstream, "added")
+        return upstream
+
+    def remove(self, server_id: str) -> Upstream:
+        """Take an upstream out; in-flight requests finish, pooled connections close."""
+        upstream = self.upstreams.pop(server_id)
+        upstream.healthy = False
+        upstream.close_idle()
+        self._changed(upstream, "removed")
+        return upstream
+
+    def drain(self, server_id: str, draining: bool = True) -> Upstream:
+        """Stop (or resume) sending new clients to an upstream; pinned clients still reach it."""
+        upstream = self.upstreams[server_id]
+        upstream.draining = draining
+        self._changed(upstream, "draining" if draining else "undrained")
+        return upstream
+
+    def mark_down(self, upstream: Upstream, error: str) -> None:
+        """Passive health: a failed connect takes the upstream out of rotation at once."""
+        upstream.last_error = error
+        if upstream.healthy:
+            upstream.healthy = False
+            upstream._streak = 0
+            upstream.close_idle()
+            self._changed(upstream, "down")
+
+    def _changed(self, upstream: Upstream, what: str) -> None:
+        upstream.changed_at = time.time()
+        self.healthy = tuple(u for u in self.upstreams.values() if u.healthy)
+        log.info("upstream %s (%s): %s", upstream.server_id, upstream.url, what)
+        if self._on_change is not None:
+            self._on_change(upstream, what)
+
+    # ------------------------------------------------------------------ active checks
+
+    async def start(self) -> None:
+        """Start the active health checks."""
+        import aiohttp  # the checks are off the data path, where aiohttp's convenience is worth it
+
+        timeout = aiohttp.ClientTimeout(total=self._health.timeout_s)
+        self._client = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True))
+        self._task = asyncio.create_task(self._check_forever(), name="health-checks")
+
+    async def stop(self) -> None:
+        """Stop the checks and close every pooled connection."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+        for upstream in self.upstreams.values():
+            upstream.close_idle()
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self.check(u) for u in list(self.upstreams.values())))
+            await asyncio.sleep(self._health.interval_s)
+
+    async def check(self, upstream: Upstream) -> bool:
+        """Run one active check of `upstream` and apply rise/fall; True if it answered 2xx."""
+        import aiohttp
+
+        try:
+            async with self._client.get(upstream.url + self._health.path) as response:
+                ok = 200 <= response.status < 300
+                upstream.last_check = f"HTTP {response.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            ok = False
+            upstream.last_check = f"{type(exc).__name__}: {exc}".strip(": ")
+        if upstream.server_id not in self.upstreams:
+            return ok  # removed while the check was running
+        if ok == upstream.healthy:
+            upstream._streak = 0
+            return ok
+        upstream._streak += 1
+        if upstream._streak >= (self._health.rise if ok else self._health.fall):
+            upstream._streak = 0
+            upstream.healthy = ok
+            if not ok:
+                upstream.last_error = upstream.last_check
+                upstream.close_idle()
+            self._changed(upstream, "up" if ok else "down")
+        return ok

@@ -1,0 +1,263 @@
+"""The `lbsession` command: the only place that prints for humans or exits.
+
+    lbsession run      a whole lab: balancer + N app servers, until Ctrl-C
+    lbsession lb       the balancer alone, in front of any HTTP/1.1 servers
+    lbsession server   one app server (WAS)
+    lbsession bench    measure the balancer's throughput, latency and CPU per request
+
+Exit status: 0 success, 2 a usage or configuration mistake (with a one-line
+`error:` that says how to fix it), 1 a failure at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from lbsession import __version__
+from lbsession.config import BACKEND_NAMES, STRATEGY_NAMES, Config, load_config
+from lbsession.errors import ConfigError, LBSessionError
+
+log = logging.getLogger("lbsession")
+
+
+class UsageError(LBSessionError):
+    """A mistake on the command line; exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (also used to check docker-compose commands)."""
+    parser = argparse.ArgumentParser(
+        prog="lbsession",
+        description="A hands-on lab of the session problem behind a load balancer.",
+    )
+    parser.add_argument("--version", action="version", version=f"lbsession {__version__}")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="event loop (auto: uvloop when installed)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="start a whole lab: the balancer and N app servers, until Ctrl-C")
+    _topology_flags(run)
+    run.add_argument("--ready-file", type=Path, help="write the URLs and pids as JSON here once everything is healthy")
+
+    lb = sub.add_parser("lb", help="run the load balancer alone, in front of any HTTP/1.1 servers")
+    _balancer_flags(lb)
+    lb.add_argument("--upstream", action="append", metavar="[ID=]URL", help="an upstream server, e.g. was-1=http://127.0.0.1:8001 (repeatable)")
+
+    server = sub.add_parser("server", help="run one app server (WAS)")
+    server.add_argument("--config", type=Path, help="a YAML file; its `app:` section is used")
+    server.add_argument("--id", dest="server_id", help="the server id, sent back in X-Served-By (default was-1)")
+    server.add_argument("--host", help="listen address (default 127.0.0.1)")
+    server.add_argument("--port", type=int, help="listen port (default 8001; 0 = any free port)")
+    server.add_argument("--backend", help=f"session store: {', '.join(BACKEND_NAMES)}")
+    server.add_argument("--session-cookie", help="session cookie name (default SESSION)")
+    server.add_argument("--session-ttl", type=float, help="session lifetime in seconds (default 1800)")
+    server.add_argument("--secure-cookies", action="store_true", default=None, help="mark cookies Secure (HTTPS only)")
+    server.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
+    server.add_argument("--ready-line", action="store_true", help="print one JSON line on stdout once listening")
+
+    bench = sub.add_parser("bench", help="measure req/s, latency and the balancer's CPU per request")
+    bench.add_argument("--requests", type=int, default=20000, help="requests per measured target with --tool builtin (default 20000)")
+    bench.add_argument("--duration", type=int, default=5, help="seconds of each measured wrk run, after a 1 s warm-up (default 5)")
+    bench.add_argument("--connections", type=int, default=50, help="concurrent keep-alive connections (default 50)")
+    bench.add_argument("--servers", type=int, default=3, help="upstream servers (default 3)")
+    bench.add_argument("--strategy", default="round-robin", choices=STRATEGY_NAMES, help="balancer strategy (default round-robin)")
+    bench.add_argument("--tool", default="auto", choices=["auto", "wrk", "builtin"], help="load generator (auto: wrk when installed)")
+    bench.add_argument("--haproxy", default="auto", choices=["auto", "yes", "no"], help="also measure HAProxy in the same setup")
+    bench.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    return parser
+
+
+def _balancer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="a YAML topology file (see configs/)")
+    parser.add_argument("--strategy", help=f"routing: {', '.join(STRATEGY_NAMES)}")
+    parser.add_argument("--host", help="public listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="public port (default 8080; 0 = any free port)")
+    parser.add_argument("--admin-host", help="admin listen address (default 127.0.0.1: the admin API can kill servers)")
+    parser.add_argument("--admin-port", type=int, help="admin port (default 8081; 0 = any free port)")
+    parser.add_argument("--sticky-secret", help="HMAC key for the sticky cookie (default: random per start)")
+
+
+def _topology_flags(parser: argparse.ArgumentParser) -> None:
+    _balancer_flags(parser)
+    parser.add_argument("--backend", help=f"session store of the app servers: {', '.join(BACKEND_NAMES)}")
+    parser.add_argument("--servers", type=int, help="how many app servers (default 3)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the config file named by --config and apply the flags given on top of it."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731 - flags absent from a subcommand read as unset
+    overrides = {
+        "balancer.strategy|--strategy": get("strategy"),
+        "balancer.host|--host": get("host") if args.command != "server" else None,
+        "balancer.port|--port": get("port") if args.command != "server" else None,
+        "balancer.admin_host|--admin-host": get("admin_host"),
+        "balancer.admin_port|--admin-port": get("admin_port"),
+        "balancer.sticky.secret|--sticky-secret": get("sticky_secret"),
+        "app.backend|--backend": get("backend"),
+        "servers|--servers": get("servers") if args.command == "run" else None,
+        "app.id|--id": get("server_id"),
+        "app.host|--host": get("host") if args.command == "server" else None,
+        "app.port|--port": get("port") if args.command == "server" else None,
+        "app.session.cookie_name|--session-cookie": get("session_cookie"),
+        "app.session.ttl_s|--session-ttl": get("session_ttl"),
+        "app.session.secure|--secure-cookies": get("secure_cookies"),
+    }
+    if get("upstream"):
+        overrides["balancer.upstreams|--upstream"] = [_parse_upstream(i, u) for i, u in enumerate(args.upstream, 1)]
+    return load_config(args.config, overrides)
+
+
+def _parse_upstream(index: int, text: str) -> dict[str, str]:
+    server_id, sep, url = text.partition("=")
+    return {"id": server_id, "url": url} if sep and "://" not in server_id else {"id": f"s{index}", "url": text}
+
+
+# --------------------------------------------------------------------------- commands
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    """`lbsession run`: the whole lab until Ctrl-C."""
+    from lbsession.lab.topology import Topology, write_ready_file
+
+    config = config_from_args(args)
+    topology = Topology(config)
+    await topology.start()
+    try:
+        info = topology.ready_info()
+        _print_lab(info, config)
+        if args.ready_file:
+            write_ready_file(args.ready_file, info)
+        await _wait_for_signal()
+        print("\nstopping the lab...", file=sys.stderr)
+    finally:
+        await topology.stop()
+    return 0
+
+
+def _print_lab(info: dict[str, Any], config: Config) -> None:
+    lb = info["lb"]
+    print(f"lbsession lab: strategy {info['strategy']}, backend {info['backend']}, {len(info['servers'])} app servers")
+    print(f"  load balancer   {lb}")
+    print(f"  admin status    {info['admin']}/status")
+    for server in info["servers"]:
+        print(f"  {server['id']:<15} {server['url']}  (pid {server['pid']})")
+    print(f"  logs            {info['log_dir']}")
+    print()
+    print("Log in through the balancer, then ask who you are a few times:")
+    print(f"  curl -s -c jar -b jar -H 'Content-Type: application/json' -d '{{\"username\": \"alice\"}}' {lb}/login; echo")
+    print(f"  for i in 1 2 3 4 5 6; do curl -s -c jar -b jar {lb}/me; echo; done")
+    if info["strategy"] == "round-robin" and info["backend"] == "local":
+        print("With round-robin and local sessions, some answers are 401 'login required': the bug.")
+        print("Try again with --strategy sticky-cookie: every answer comes from the server you logged in on.")
+    print("Press Ctrl-C to stop.", flush=True)
+
+
+async def cmd_lb(args: argparse.Namespace) -> int:
+    """`lbsession lb`: the balancer alone."""
+    from lbsession.balancer.balancer import LoadBalancer
+
+    config = config_from_args(args).balancer
+    if not config.upstreams:
+        raise UsageError("no upstreams: give --upstream http://127.0.0.1:8001 (repeatable) or `upstreams:` in --config")
+    lb = LoadBalancer(config)
+    await lb.start()
+    try:
+        print(f"balancing {len(config.upstreams)} upstreams on {lb.url} ({lb.strategy.name}); admin on {lb.admin_url}", flush=True)
+        await _wait_for_signal()
+    finally:
+        await lb.stop()
+    return 0
+
+
+async def cmd_server(args: argparse.Namespace) -> int:
+    """`lbsession server`: one app server."""
+    from lbsession.appserver.app import AppServer, serve_forever
+
+    config = config_from_args(args).app
+
+    def ready(server: AppServer) -> None:
+        if args.ready_line:
+            line = {"ready": True, "id": config.id, "port": server.port, "url": server.url, "pid": os.getpid()}
+            print(json.dumps(line), flush=True)
+        else:
+            print(f"{config.id} serving on {server.url} (sessions: {config.backend})", file=sys.stderr, flush=True)
+
+    await serve_forever(config, ready, access_log=args.access_log)
+    return 0
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    """`lbsession bench`: throughput, latency and CPU per request."""
+    from lbsession.lab.bench import run_bench
+
+    return await run_bench(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "run": cmd_run,
+    "lb": cmd_lb,
+    "server": cmd_server,
+    "bench": cmd_bench,
+}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise UsageError("--loop uvloop: uvloop is not installed; pip install uvloop, or use --loop asyncio") from None
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `lbsession` command; return its exit status."""
+    args = build_parser().parse_args(argv)
+    default_level = "warning" if args.command == "server" else "info"
+    logging.basicConfig(
+        level=(args.log_level or default_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            return runner.run(COMMANDS[args.command](args))
+    except (ConfigError, UsageError) as exc:
+        for problem in getattr(exc, "problems", [str(exc)]):
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"error: a port is already in use ({exc.strerror}); choose free ones with --port/--admin-port, or 0 for any", file=sys.stderr)
+            return 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except LBSessionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

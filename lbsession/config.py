@@ -1,0 +1,414 @@
+"""Configuration: frozen dataclasses and the one loader that validates them.
+
+A config is built from four layers, later ones winning: the defaults below, a
+YAML file (`--config`), `LBSESSION_*` environment variables, and command-line
+flags. The layers are merged as plain dicts first and validated once, so every
+mistake is reported together, each naming where it came from (the file, the
+variable or the flag), the key, the bad value and what would be valid.
+
+Environment variables name a key path with double underscores between levels:
+`LBSESSION_BALANCER__PORT=9000`, `LBSESSION_APP__BACKEND=local`. Values are
+read as YAML scalars, so `true`, `3` and `1.5` mean what they look like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
+
+import yaml
+
+from lbsession.errors import ConfigError
+
+StrategyName = Literal["round-robin", "least-conn", "sticky-cookie", "ip-hash", "consistent-hash"]
+BackendName = Literal["local"]
+SameSite = Literal["Lax", "Strict", "None"]
+
+STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
+
+
+def parse_http_url(url: str) -> tuple[str, int]:
+    """Split `http://host:port` into (host, port); raise ValueError naming the problem."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"{url!r} must start with http:// (the balancer speaks plain HTTP/1.1 to upstreams)")
+    if not parts.hostname or parts.port is None:
+        raise ValueError(f"{url!r} must name a host and a port, like http://127.0.0.1:8001")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"{url!r} must not have a path or query; give only http://host:port")
+    return parts.hostname, parts.port
+
+
+def _port_problems(name: str, port: int) -> list[str]:
+    return [] if 0 <= port <= 65535 else [f"{name}: {port} is not a TCP port (0-65535, 0 = any free port)"]
+
+
+def _positive(**values: float) -> list[str]:
+    return [f"{k}: {v} must be greater than 0" for k, v in values.items() if v <= 0]
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One app server behind the balancer."""
+
+    id: str
+    url: str
+
+    def problems(self) -> list[str]:
+        try:
+            parse_http_url(self.url)
+        except ValueError as exc:
+            return [f"url: {exc}"]
+        return [] if self.id else ["id: must not be empty"]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the upstream."""
+        return parse_http_url(self.url)
+
+
+@dataclass(frozen=True)
+class StickyConfig:
+    """The LB-inserted server cookie (HAProxy `cookie SERVERID insert`, AWS ELB's AWSELB)."""
+
+    cookie_name: str = "LBSERVER"
+    secret: str | None = None  # None: a random one per start, and a warning
+    max_age_s: int | None = None  # None: a browser-session cookie
+    secure: bool = False
+    redispatch: bool = True  # HAProxy `option redispatch`: re-pin when the server is down
+
+    def problems(self) -> list[str]:
+        out = (
+            []
+            if self.cookie_name.isascii() and self.cookie_name.isidentifier()
+            else [f"cookie_name: {self.cookie_name!r} must be a plain cookie name such as LBSERVER"]
+        )
+        if self.max_age_s is not None:
+            out += _positive(max_age_s=self.max_age_s)
+        if self.secret is not None and len(self.secret) < 16:
+            out.append("secret: must be at least 16 characters, or left out to generate one")
+        return out
+
+
+@dataclass(frozen=True)
+class HashConfig:
+    """The key and ring of the `ip-hash` and `consistent-hash` strategies."""
+
+    key: str = "client-ip"  # or "header:<name>" or "cookie:<name>"
+    vnodes: int = 160  # points per server on the ring, as in ketama
+
+    def problems(self) -> list[str]:
+        out = _positive(vnodes=self.vnodes)
+        kind, _, name = self.key.partition(":")
+        if not (self.key == "client-ip" or (kind in ("header", "cookie") and name)):
+            out.append(f"key: {self.key!r} is not valid; choose client-ip, header:<name> or cookie:<name>")
+        return out
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Active health checks, with HAProxy's `inter`, `rise` and `fall` meaning."""
+
+    path: str = "/healthz"
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+    rise: int = 2
+    fall: int = 2
+
+    def problems(self) -> list[str]:
+        out = _positive(interval_s=self.interval_s, timeout_s=self.timeout_s, rise=self.rise, fall=self.fall)
+        return out + ([] if self.path.startswith("/") else [f"path: {self.path!r} must start with /"])
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Timeouts and size limits of the proxy."""
+
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 30.0  # upstream silence while a response is due (HAProxy `timeout server`)
+    header_timeout_s: float = 10.0  # a request head must arrive within this (slowloris)
+    idle_timeout_s: float = 60.0  # client keep-alive idle time
+    pool_idle_s: float = 15.0  # idle upstream connections; below aiohttp's 75 s keep-alive
+    max_head_bytes: int = 32768
+    max_body_bytes: int = 64 * 1024 * 1024
+
+    def problems(self) -> list[str]:
+        return _positive(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    """`lbsession lb`: one public listener that proxies, one admin listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_host: str = "127.0.0.1"  # loopback: the admin API can kill servers
+    admin_port: int = 8081
+    strategy: StrategyName = "round-robin"
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
+    sticky: StickyConfig = field(default_factory=StickyConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def problems(self) -> list[str]:
+        out = _port_problems("port", self.port) + _port_problems("admin_port", self.admin_port)
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                out.append(f"trusted_proxies: {cidr!r} is not an address or CIDR like 10.0.0.0/8")
+        ids = [u.id for u in self.upstreams]
+        out += [f"upstreams: id {i!r} appears twice" for i in sorted({i for i in ids if ids.count(i) > 1})]
+        return out
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """The app server's session cookie and lifetime."""
+
+    cookie_name: str = "SESSION"
+    ttl_s: float = 1800.0
+    secure: bool = False
+    same_site: SameSite = "Lax"
+
+    def problems(self) -> list[str]:
+        out = _positive(ttl_s=self.ttl_s)
+        if not (self.cookie_name.isascii() and self.cookie_name.isidentifier()):
+            out.append(f"cookie_name: {self.cookie_name!r} must be a plain cookie name such as SESSION")
+        if self.same_site == "None" and not self.secure:
+            out.append("same_site: None requires secure: true (browsers reject it otherwise)")
+        return out
+
+
+@dataclass(frozen=True)
+class AppServerConfig:
+    """`lbsession server`: one app server (WAS) and its session store."""
+
+    id: str = "was-1"
+    host: str = "127.0.0.1"
+    port: int = 8001
+    backend: BackendName = "local"
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+    def problems(self) -> list[str]:
+        out = _port_problems("port", self.port)
+        if not self.id or not all(c.isalnum() or c in "-_." for c in self.id):
+            out.append(f"id: {self.id!r} must be letters, digits, '-', '_' or '.'")
+        return out
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole topology: the balancer, the app servers' template, and how many to start."""
+
+    servers: int = 3
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    app: AppServerConfig = field(default_factory=AppServerConfig)
+
+    def problems(self) -> list[str]:
+        return [] if 1 <= self.servers <= 32 else [f"servers: {self.servers} must be between 1 and 32"]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build and validate a Config from a YAML file, `LBSESSION_*` variables and flag overrides.
+
+    `overrides` maps dotted key paths (`"balancer.strategy"`) to values; a value
+    of None is skipped, so unset flags can be passed through unchanged. Each
+    override key may carry its label after a `|` (`"balancer.strategy|--strategy"`)
+    so an error names the flag the user typed.
+    """
+    data: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        _merge_layer(data, sources, _read_yaml(Path(path)), str(path))
+    env = os.environ if environ is None else environ
+    for name, raw in sorted(env.items()):
+        if (name.startswith("LBSESSION_") and "__" in name) or name in _ENV_SHORTCUTS:
+            key = _ENV_SHORTCUTS.get(name) or name.removeprefix("LBSESSION_").lower().replace("__", ".")
+            _set_path(data, sources, key, _env_value(raw), name)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            dotted, _, label = key.partition("|")
+            _set_path(data, sources, dotted, value, label or dotted)
+    problems: list[str] = []
+    config: Config = _build(Config, data, "", sources, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+# Short names for the settings a container sets most often.
+_ENV_SHORTCUTS = {
+    "LBSESSION_STRATEGY": "balancer.strategy",
+    "LBSESSION_BACKEND": "app.backend",
+    "LBSESSION_SERVERS": "servers",
+}
+
+
+def _env_value(raw: str) -> Any:
+    """An environment value read as a YAML scalar, or as the plain text when it is not valid YAML."""
+    try:
+        return yaml.safe_load(raw) if raw else raw
+    except yaml.YAMLError:  # e.g. a secret starting with '@' or '%'
+        return raw
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def _merge_layer(data: dict[str, Any], sources: dict[str, str], layer: dict[str, Any], label: str) -> None:
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merge_layer(data[key], {}, value, label)
+        else:
+            data[key] = value
+    _label_all(sources, layer, "", label)
+
+
+def _label_all(sources: dict[str, str], layer: Any, prefix: str, label: str) -> None:
+    if isinstance(layer, dict):
+        for key, value in layer.items():
+            _label_all(sources, value, f"{prefix}{key}.", label)
+    sources[prefix.rstrip(".")] = label
+
+
+def _set_path(data: dict[str, Any], sources: dict[str, str], dotted: str, value: Any, label: str) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for depth, part in enumerate(parents):
+        if part not in node:
+            sources.setdefault(".".join(parents[: depth + 1]), label)
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return  # reported when the parent itself is validated
+    node[leaf] = value
+    sources[dotted] = label
+
+
+def _source(sources: dict[str, str], where: str) -> str:
+    probe = where
+    while probe:
+        if probe in sources:
+            return sources[probe]
+        probe = max(probe.rpartition(".")[0], probe.rpartition("[")[0], key=len)
+    return "defaults"
+
+
+def _build(cls: type, data: Any, where: str, sources: dict[str, str], problems: list[str]) -> Any:
+    """Turn a dict into the dataclass `cls`, appending every problem found to `problems`."""
+
+    def report(key: str, message: str) -> None:
+        path = f"{where}.{key}" if where else key
+        problems.append(f"{_source(sources, path)}: {path}: {message}")
+
+    if not isinstance(data, dict):
+        problems.append(f"{_source(sources, where)}: {where}: expected a mapping of settings, got {data!r}")
+        return None  # not cls(): a class with required fields (UpstreamConfig) cannot be built empty
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            report(str(key), f"unknown setting; valid ones here are: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            path = f"{where}.{f.name}" if where else f.name
+            ok, value = _coerce(hints[f.name], data[f.name], path, sources, problems)
+            if ok:
+                kwargs[f.name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            report(f.name, "is required")
+    try:
+        obj = cls(**kwargs)
+    except TypeError:
+        return None
+    for problem in obj.problems():
+        key, _, message = problem.partition(": ")
+        report(key, message)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, where: str, sources: dict[str, str], problems: list[str]) -> tuple[bool, Any]:
+    """Check `value` against the type `hint`; return (ok, converted value)."""
+
+    def bad(message: str) -> tuple[bool, Any]:
+        problems.append(f"{_source(sources, where)}: {where}: {message}")
+        return False, None
+
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        return (True, None) if value is None else _coerce(options[0], value, where, sources, problems)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value in choices:
+            return True, value
+        return bad(f"{value!r} is not valid; choose one of: {', '.join(choices)}")
+    if origin is tuple:
+        item = get_args(hint)[0]
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            return bad(f"expected a list, got {value!r}")
+        results = [_coerce(item, v, f"{where}[{i}]", sources, problems) for i, v in enumerate(value)]
+        return all(ok for ok, _ in results), tuple(v for _, v in results)
+    if dataclasses.is_dataclass(hint):
+        before = len(problems)
+        obj = _build(hint, value, where, sources, problems)  # type: ignore[arg-type]
+        return len(problems) == before, obj
+    if hint is bool:
+        return (True, value) if isinstance(value, bool) else bad(f"{value!r} is not true or false")
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok and isinstance(value, str) and value.strip().isdecimal():
+            return True, int(value)
+        return (True, value) if ok else bad(f"{value!r} is not a whole number")
+    if hint is float:
+        if isinstance(value, bool):
+            return bad(f"{value!r} is not a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return bad(f"{value!r} is not a number")
+        return (True, number) if math.isfinite(number) else bad(f"{value!r} is not a finite number")
+    if hint is str:
+        if isinstance(value, str):
+            return True, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML reads `id: 7` as a number
+            return True, str(value)
+        return bad(f"{value!r} is not a string")
+    raise TypeError(f"config type {hint!r} is not supported by the loader")  # a bug in this module

@@ -1,0 +1,1 @@
+"""The lab: topologies of real processes, load, faults and the benchmark."""

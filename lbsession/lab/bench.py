@@ -1,0 +1,484 @@
+"""`lbsession bench`: the balancer's data path measured beside nginx direct and HAProxy.
+
+Every target is measured on loopback, in front of the same upstreams:
+
+    direct    the first upstream alone: what the upstream itself costs
+    lbsession `python -m lbsession lb` as a child process
+    haproxy   `haproxy -db` with `balance roundrobin`, `nbthread 1` (when installed)
+
+For each, a warm-up (connections opened, pools filled) and then a measured run
+give req/s and p50/p99 latency as the client saw them, and the CPU per request:
+the target process's utime + stime from /proc/<pid>/stat before and after the
+run, divided by the requests served. The requirement is written in that figure
+("<= 1.3x HAProxy's") because on a small shared machine req/s depends on who
+else has the cores; CPU seconds per request much less.
+
+The upstreams are one nginx process answering `return 200` when nginx is
+installed, so the balancer, not the upstream, is what costs; else
+`lbsession server` processes hit on `/healthz`. The load generator is wrk when
+installed (a fixed duration), else the built-in asyncio one below (a fixed
+number of requests). Every child is started and stopped here, by its handle,
+in a `finally`: a Ctrl-C or an error leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lbsession.errors import ConfigError, TopologyError
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CPU_RATIO_TARGET = 1.3  # the requirement: lbsession's CPU per request <= 1.3x HAProxy's
+READY_TIMEOUT_S = 10.0
+WARMUP_S = 1  # wrk's -d takes whole seconds
+BUILTIN_DEADLINE_S = 60.0  # the built-in generator stops here even if requests remain
+STOP_GRACE_S = 5.0
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What one load run saw from the client side."""
+
+    requests: int  # responses received, whatever their status
+    errors: int  # socket errors plus non-2xx/3xx responses
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How every target is loaded: the generator and its bounds."""
+
+    tool: str  # "wrk" or "builtin"
+    wrk: str | None
+    connections: int
+    duration_s: int  # wrk
+    requests: int  # builtin
+
+    def describe(self) -> str:
+        """The generator and its bounds, as the report's heading shows them."""
+        if self.tool == "wrk":
+            return f"wrk -t1 -c{self.connections} -d{self.duration_s}s"
+        return f"builtin, {self.connections} connections, {self.requests} requests"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to measure: its URL and the processes whose CPU is its cost."""
+
+    name: str
+    url: str
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One row of the report."""
+
+    target: str
+    load: LoadResult
+    cpu_us_per_request: float
+    upstream_cpu_us_per_request: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as the JSON report holds it."""
+        return {"target": self.target, **asdict(self.load), "cpu_us_per_request": round(self.cpu_us_per_request, 2),
+                "upstream_cpu_us_per_request": round(self.upstream_cpu_us_per_request, 2)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def latency_ms(value: str, unit: str) -> float:
+    """A wrk duration (`850.00us`, `1.20ms`, `1.05s`, `2.00m`) in milliseconds."""
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+    return float(value) * scale[unit]
+
+
+_WRK_TOTAL = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h),", re.M)
+_WRK_RPS = re.compile(r"^Requests/sec:\s*([\d.]+)", re.M)
+_WRK_PERCENTILE = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_WRK_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s*(\d+)")
+_WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+def parse_wrk(text: str) -> LoadResult:
+    """The figures of `wrk --latency` output; ValueError when a figure is missing."""
+    total, rps = _WRK_TOTAL.search(text), _WRK_RPS.search(text)
+    percentiles = {m[1]: latency_ms(m[2], m[3]) for m in _WRK_PERCENTILE.finditer(text)}
+    if total is None or rps is None or set(percentiles) != {"50", "99"}:
+        raise ValueError(f"not the output of wrk --latency: {text[:200]!r}")
+    errors = sum(int(n) for m in _WRK_SOCKET.finditer(text) for n in m.groups())
+    errors += sum(int(m[1]) for m in _WRK_NON_2XX.finditer(text))
+    return LoadResult(int(total[1]), errors, latency_ms(total[2], total[3]) / 1000, float(rps[1]),
+                      percentiles["50"], percentiles["99"])  # fmt: skip
+
+
+def proc_stat_ticks(stat: str) -> int:
+    """utime + stime, in clock ticks, from the text of /proc/<pid>/stat."""
+    # The command name (field 2) may hold spaces and ')'; fields are counted after its last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """The CPU time (user + system) the processes have used so far."""
+    return sum(proc_stat_ticks(Path(f"/proc/{pid}/stat").read_text()) for pid in pids) / CLK_TCK
+
+
+def cpu_us_per_request(before_s: float, after_s: float, requests: int) -> float:
+    """CPU microseconds per request over a run; ValueError when no request was served."""
+    if requests <= 0:
+        raise ValueError("no request was served: CPU per request is undefined")
+    return (after_s - before_s) * 1e6 / requests
+
+
+def percentile_ms(sorted_s: list[float], q: float) -> float:
+    """The nearest-rank percentile `q` (0-100) of sorted latencies in seconds, in milliseconds."""
+    if not sorted_s:
+        return 0.0
+    rank = max(1, -(-len(sorted_s) * q // 100))  # ceil without float surprises
+    return sorted_s[int(rank) - 1] * 1000
+
+
+def nginx_config(ports: list[int], prefix: Path) -> str:
+    """A one-process nginx answering `200 ok` on each port; temp paths kept inside `prefix`."""
+    servers = "\n".join(
+        f'    server {{ listen {HOST}:{port}; location / {{ return 200 "ok\\n"; }} }}' for port in ports
+    )
+    temp_paths = "\n".join(f"    {kind}_temp_path {prefix}/{kind};" for kind in
+                           ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))  # fmt: skip
+    return (
+        f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
+        f"error_log {prefix}/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n"
+        f"{temp_paths}\n{servers}\n}}\n"
+    )
+
+
+def haproxy_config(port: int, upstream_ports: list[int]) -> str:
+    """HAProxy in front of the upstreams as lbsession is: round-robin, keep-alive, one thread, no logs."""
+    servers = "\n".join(f"    server u{i} {HOST}:{p}" for i, p in enumerate(upstream_ports, 1))
+    return (
+        "global\n    nbthread 1\n    maxconn 4096\n\n"
+        "defaults\n    mode http\n    option http-keep-alive\n"
+        "    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\n"
+        f"frontend bench\n    bind {HOST}:{port}\n    default_backend upstreams\n\n"
+        f"backend upstreams\n    balance roundrobin\n{servers}\n"
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free right now (all bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def find_tool(name: str) -> str | None:
+    """The path of an installed program, looking in sbin too (nginx and haproxy live there)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+# --------------------------------------------------------------------------- load generators
+
+
+@dataclass
+class _Tally:
+    remaining: int
+    errors: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one Content-Length response; return (status, connection reusable)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+    status = int(head[9:12])
+    at = head.find(b"\r\ncontent-length:")
+    if at < 0:
+        raise ValueError("a response without Content-Length")  # the upstreams here always send one
+    length = int(head[at + 17 : head.index(b"\r\n", at + 2)])
+    if length:
+        await reader.readexactly(length)
+    return status, b"\r\nconnection: close" not in head
+
+
+async def _keep_sending(port: int, request: bytes, tally: _Tally) -> None:
+    """One keep-alive connection sending requests one after another while any remain."""
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    try:
+        while tally.remaining > 0:
+            tally.remaining -= 1
+            started = time.perf_counter()
+            try:
+                conn = conn or await asyncio.open_connection(HOST, port)
+                conn[1].write(request)
+                status, reusable = await _read_response(conn[0])
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                tally.errors += 1
+                reusable = False
+            else:
+                tally.latencies_s.append(time.perf_counter() - started)
+                tally.errors += not 200 <= status < 400
+            if not reusable and conn is not None:
+                conn[1].close()
+                conn = None
+    finally:
+        if conn is not None:
+            conn[1].close()
+
+
+async def generate_load(port: int, path: str, connections: int, requests: int, deadline_s: float) -> LoadResult:
+    """Send `requests` GETs over `connections` keep-alive sockets (or until the deadline); measure."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    tally = _Tally(remaining=requests)
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(deadline_s):
+            await asyncio.gather(*(_keep_sending(port, request, tally) for _ in range(connections)))
+    except TimeoutError:
+        pass  # bounded by time, e.g. a warm-up: what was served counts
+    elapsed_s = time.perf_counter() - started
+    latencies = sorted(tally.latencies_s)
+    return LoadResult(len(latencies), tally.errors, round(elapsed_s, 3), round(len(latencies) / elapsed_s, 1),
+                      percentile_ms(latencies, 50), percentile_ms(latencies, 99))  # fmt: skip
+
+
+async def run_wrk(wrk: str, url: str, connections: int, duration_s: int) -> LoadResult:
+    """Run wrk once against `url` and parse its figures."""
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", url]
+    process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(duration_s + 30):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    if process.returncode != 0:
+        raise TopologyError(f"wrk exited with status {process.returncode}: {err.decode(errors='replace').strip()}")
+    try:
+        return parse_wrk(out.decode())
+    except ValueError as exc:
+        raise TopologyError(str(exc)) from None
+
+
+async def apply_load(plan: LoadPlan, url: str, *, warmup: bool) -> LoadResult:
+    """One run against `url`: a short warm-up, or the measured run that the plan bounds."""
+    if plan.wrk is not None:
+        return await run_wrk(plan.wrk, url, plan.connections, WARMUP_S if warmup else plan.duration_s)
+    port, path = int(url.split(":")[2].split("/")[0]), "/" + url.split("/", 3)[3]
+    requests, deadline_s = (10**9, float(WARMUP_S)) if warmup else (plan.requests, BUILTIN_DEADLINE_S)
+    return await generate_load(port, path, plan.connections, requests, deadline_s)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Children:
+    """The child processes of one bench run, each logging to a file, stopped together by handle."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.processes: list[asyncio.subprocess.Process] = []
+
+    async def start(self, name: str, argv: list[str], *, stdout_pipe: bool = False) -> asyncio.subprocess.Process:
+        """Start `argv`; its stderr (and stdout unless piped) goes to <log_dir>/<name>.log."""
+        with open(self.log_dir / f"{name}.log", "ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stderr=log_file,
+                stdout=asyncio.subprocess.PIPE if stdout_pipe else log_file,
+                start_new_session=True,  # Ctrl-C reaches the bench only; it stops the children itself
+            )  # fmt: skip
+        self.processes.append(process)
+        return process
+
+    async def stop_all(self) -> None:
+        """SIGTERM every running child, SIGKILL those still alive after a grace period."""
+        await asyncio.gather(*(self._stop(p) for p in reversed(self.processes)))
+
+    async def _stop(self, process: asyncio.subprocess.Process) -> None:
+        if process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            async with asyncio.timeout(STOP_GRACE_S):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def http_status(port: int, path: str) -> int:
+    """The status of one GET, or 0 when nothing answers."""
+    try:
+        async with asyncio.timeout(1.0):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+                return int((await reader.readline())[9:12] or 0)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, ValueError):
+        return 0
+
+
+async def wait_ready(name: str, process: asyncio.subprocess.Process, port: int, path: str, log_dir: Path) -> None:
+    """Poll a real request until it answers 200; TopologyError if the process dies or time runs out."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while await http_status(port, path) != 200:
+        if process.returncode is not None or time.monotonic() > deadline:
+            why = f"exited with status {process.returncode}" if process.returncode is not None else "is not ready"
+            raise TopologyError(f"{name} {why} after {READY_TIMEOUT_S:g} s at most; see {log_dir / name}.log")
+        await asyncio.sleep(0.05)  # a poll interval, not a hope: readiness is the 200 itself
+
+
+async def start_upstreams(children: Children, count: int) -> tuple[str, list[int], str, tuple[int, ...]]:
+    """Start the upstreams; return (kind, ports, path to request, pids)."""
+    nginx = find_tool("nginx")
+    if nginx is not None:
+        ports, conf = free_ports(count), children.log_dir / "nginx.conf"
+        conf.write_text(nginx_config(ports, children.log_dir))
+        argv = [nginx, "-p", str(children.log_dir), "-c", str(conf), "-e", str(children.log_dir / "error.log")]
+        process = await children.start("nginx", argv)
+        for port in ports:
+            await wait_ready("nginx", process, port, "/", children.log_dir)
+        return "nginx", ports, "/", (process.pid,)
+    ports, pids = [], []
+    for index in range(1, count + 1):
+        argv = [sys.executable, "-m", "lbsession", "server", "--id", f"was-{index}", "--port", "0", "--ready-line"]
+        process = await children.start(f"was-{index}", argv, stdout_pipe=True)
+        assert process.stdout is not None
+        async with asyncio.timeout(READY_TIMEOUT_S * 2):  # a cold start imports aiohttp
+            line = await process.stdout.readline()
+        if not line:
+            raise TopologyError(f"was-{index} exited; see {children.log_dir / f'was-{index}'}.log")
+        ports.append(json.loads(line)["port"])
+        pids.append(process.pid)
+    return "lbsession server", ports, "/healthz", tuple(pids)
+
+
+async def start_lbsession(children: Children, loop: str, strategy: str, ports: list[int], path: str) -> Target:
+    """Start `python -m lbsession lb` in front of the upstreams; return once it proxies a 200."""
+    port, admin_port = free_ports(2)
+    argv = [sys.executable, "-m", "lbsession", "--loop", loop, "--log-level", "warning", "lb",
+            "--strategy", strategy, "--port", str(port), "--admin-port", str(admin_port)]  # fmt: skip
+    argv += [arg for i, p in enumerate(ports, 1) for arg in ("--upstream", f"u{i}=http://{HOST}:{p}")]
+    process = await children.start("lbsession", argv)
+    await wait_ready("lbsession", process, port, path, children.log_dir)
+    return Target("lbsession", f"http://{HOST}:{port}{path}", (process.pid,))
+
+
+async def start_haproxy(children: Children, haproxy: str, ports: list[int], path: str) -> Target:
+    """Start HAProxy in front of the upstreams; return once it proxies a 200."""
+    (port,) = free_ports(1)
+    conf = children.log_dir / "haproxy.cfg"
+    conf.write_text(haproxy_config(port, ports))
+    process = await children.start("haproxy", [haproxy, "-f", str(conf), "-db"])
+    await wait_ready("haproxy", process, port, path, children.log_dir)
+    return Target("haproxy", f"http://{HOST}:{port}{path}", (process.pid,))
+
+
+# --------------------------------------------------------------------------- measuring and reporting
+
+
+async def measure(plan: LoadPlan, target: Target, upstream_pids: tuple[int, ...]) -> Figures:
+    """Warm a target up, then load it once while counting its CPU and the upstreams'."""
+    await apply_load(plan, target.url, warmup=True)
+    cpu_before, upstream_before = cpu_seconds(target.pids), cpu_seconds(upstream_pids)
+    load = await apply_load(plan, target.url, warmup=False)
+    cpu_after, upstream_after = cpu_seconds(target.pids), cpu_seconds(upstream_pids)
+    if load.requests == 0:
+        raise TopologyError(f"{target.name} served no request at {target.url}")
+    return Figures(target.name, load, cpu_us_per_request(cpu_before, cpu_after, load.requests),
+                   cpu_us_per_request(upstream_before, upstream_after, load.requests))  # fmt: skip
+
+
+def plan_from_args(args: argparse.Namespace) -> tuple[LoadPlan, str | None]:
+    """The load plan and the HAProxy binary (None: not measured); ConfigError for an impossible request."""
+    for name in ("requests", "connections", "servers", "duration"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name}: {getattr(args, name)} must be greater than 0")
+    wrk = find_tool("wrk") if args.tool != "builtin" else None
+    if args.tool == "wrk" and wrk is None:
+        raise ConfigError("--tool wrk: wrk is not installed; install it (apt-get install wrk) or use --tool builtin")
+    haproxy = find_tool("haproxy") if args.haproxy != "no" else None
+    if args.haproxy == "yes" and haproxy is None:
+        raise ConfigError("--haproxy yes: haproxy is not installed; install it or use --haproxy no")
+    plan = LoadPlan("wrk" if wrk else "builtin", wrk, args.connections, args.duration, args.requests)
+    return plan, haproxy
+
+
+def build_report(figures: list[Figures], setup: dict[str, Any]) -> dict[str, Any]:
+    """The figures, plus the lbsession/HAProxy ratios and the verdict against the CPU target."""
+    rows = {f.target: f for f in figures}
+    report: dict[str, Any] = {**setup, "targets": [f.as_dict() for f in figures], "cpu_ratio_target": CPU_RATIO_TARGET}
+    if "lbsession" in rows and "haproxy" in rows:
+        lb, ha = rows["lbsession"], rows["haproxy"]
+        report["cpu_ratio"] = round(lb.cpu_us_per_request / ha.cpu_us_per_request, 2) if ha.cpu_us_per_request else None
+        report["rps_ratio"] = round(lb.load.rps / ha.load.rps, 2) if ha.load.rps else None
+        report["cpu_target_met"] = report["cpu_ratio"] is not None and report["cpu_ratio"] <= CPU_RATIO_TARGET
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Print the report as a table and the ratios as facts (the bench's only printing)."""
+    print(f"lbsession bench: {report['servers']} {report['upstream']} upstreams, {report['tool']}, "
+          f"balancer loop {report['loop']}, strategy {report['strategy']}")  # fmt: skip
+    print(f"{'target':<16}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'upstream us/req':>17}{'errors':>8}")
+    for row in report["targets"]:
+        print(f"{row['target']:<16}{row['rps']:>10.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
+              f"{row['cpu_us_per_request']:>12.1f}{row['upstream_cpu_us_per_request']:>17.1f}{row['errors']:>8}")  # fmt: skip
+    if "cpu_ratio" in report and report["cpu_ratio"] is not None:
+        verdict = "met" if report["cpu_target_met"] else "not met"
+        print(f"CPU per request, lbsession / haproxy: ratio {report['cpu_ratio']:.2f}x "
+              f"(target <= {CPU_RATIO_TARGET}x): {verdict}")  # fmt: skip
+        print(f"req/s, lbsession / haproxy: {report['rps_ratio']:.2f}x")
+    else:
+        print("CPU ratio lbsession / haproxy: not measured (haproxy not run)")
+    if report.get("json"):
+        print(f"figures written to {report['json']}")
+
+
+async def run_bench(args: argparse.Namespace) -> int:
+    """`lbsession bench`: start upstreams, lbsession and HAProxy; measure each; print and save the figures."""
+    plan, haproxy = plan_from_args(args)
+    loop = args.loop if args.loop != "auto" else ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+    children = Children(Path(tempfile.mkdtemp(prefix="lbsession-bench-")))
+    try:
+        kind, ports, path, upstream_pids = await start_upstreams(children, args.servers)
+        targets = [Target(f"direct {kind.split()[0]}", f"http://{HOST}:{ports[0]}{path}", upstream_pids[:1])]
+        targets.append(await start_lbsession(children, loop, args.strategy, ports, path))
+        if haproxy is not None:
+            targets.append(await start_haproxy(children, haproxy, ports, path))
+        figures = [await measure(plan, target, upstream_pids) for target in targets]
+    finally:
+        await children.stop_all()
+    shutil.rmtree(children.log_dir, ignore_errors=True)  # kept when a failure names a log in it
+    setup = {"upstream": kind, "servers": args.servers, "tool": plan.describe(), "loop": loop,
+             "strategy": args.strategy, "json": str(args.json) if args.json else None}  # fmt: skip
+    report = build_report(figures, setup)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
+    return 0

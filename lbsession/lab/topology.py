@@ -1,0 +1,281 @@
+"""A whole lab on one machine: the balancer, N app servers as real processes, and their control.
+
+`lbsession run`, the scenario runner and the integration tests all start their
+labs through this one class, so what a test proves is what a user runs.
+
+The balancer runs inside the process that owns the Topology; every app server
+is a child process (`python -m lbsession server`), so a fault is what it would
+be in production: `SIGKILL`, the process gone with everything in its memory.
+A child reports readiness by printing one JSON line on its stdout once its
+port is bound, which also tells the parent the port it was given (port 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from lbsession.balancer.admin import json_error, read_json
+from lbsession.balancer.balancer import LoadBalancer
+from lbsession.config import Config
+from lbsession.errors import TopologyError
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 20.0  # a cold start imports aiohttp; generous for a loaded 2-core CI machine
+
+
+@dataclass
+class ManagedServer:
+    """One app server process that the topology started and can kill or restart."""
+
+    server_id: str
+    port: int = 0
+    process: asyncio.subprocess.Process | None = None
+    log_path: Path | None = None
+    restarts: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """The server's own URL (bypassing the balancer)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The OS process id, or None when not running."""
+        return self.process.pid if self.process is not None and self.process.returncode is None else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The server as the ready file and the admin API describe it."""
+        return {"id": self.server_id, "url": self.url, "pid": self.pid, "restarts": self.restarts}
+
+
+class Topology:
+    """Start, change and stop a lab: one balancer and its app servers."""
+
+    def __init__(self, config: Config, *, log_dir: Path | None = None, server_args: list[str] | None = None) -> None:
+        self.config = config
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lbsession-"))
+        self.server_args = server_args or []  # extra flags for every app server
+        self.servers: dict[str, ManagedServer] = {}
+        self.lb: LoadBalancer | None = None
+        self._next_index = 1
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start every app server, then the balancer in front of them; return once all are healthy."""
+        try:
+            servers = [self._new_server() for _ in range(self.config.servers)]
+            await asyncio.gather(*(self._spawn(s) for s in servers))
+            self.lb = LoadBalancer(self.config.balancer)
+            self.lb.admin_extensions.append(self._admin_routes)
+            for server in servers:
+                self.lb.pool.add(server.server_id, server.url)
+            await self.lb.start()
+            await self.wait_healthy()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop the balancer and every child (SIGTERM, then SIGKILL after a grace period)."""
+        if self.lb is not None:
+            await self.lb.stop(grace_s=2.0)
+        await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
+
+    async def __aenter__(self) -> Topology:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def wait_healthy(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Return when every running server passes the balancer's health check."""
+        lb = self._balancer()
+        async with asyncio.timeout(timeout_s):
+            for server in self.servers.values():
+                if server.pid is not None and server.server_id in lb.pool.upstreams:
+                    upstream = lb.pool.upstreams[server.server_id]
+                    while not (await lb.pool.check(upstream) and upstream.healthy):  # noqa: ASYNC110 - each turn is a real check
+                        await asyncio.sleep(lb.config.health.interval_s / 4)
+
+    def ready_info(self) -> dict[str, Any]:
+        """What `--ready-file` holds: the balancer's URLs and every server with its pid."""
+        lb = self._balancer()
+        return {
+            "lb": lb.url,
+            "admin": lb.admin_url,
+            "strategy": lb.strategy.name,
+            "backend": self.config.app.backend,
+            "servers": [s.as_dict() for s in self.servers.values()],
+            "log_dir": str(self.log_dir),
+        }
+
+    # ------------------------------------------------------------------ faults and changes
+
+    async def kill_server(self, server_id: str) -> ManagedServer:
+        """SIGKILL an app server: no shutdown, its in-memory sessions are gone."""
+        server = self._server(server_id)
+        if server.process is None or server.process.returncode is not None:
+            raise TopologyError(f"{server_id} is not running")
+        server.process.kill()
+        await server.process.wait()
+        log.info("killed %s (SIGKILL)", server_id)
+        return server
+
+    async def restart_server(self, server_id: str) -> ManagedServer:
+        """Start a stopped or killed server again on its old port (a running one is killed first)."""
+        server = self._server(server_id)
+        if server.pid is not None:
+            await self.kill_server(server_id)
+        server.restarts += 1
+        await self._spawn(server)
+        lb = self._balancer()
+        if server_id in lb.pool.upstreams:
+            upstream = lb.pool.upstreams[server_id]
+            # Only an active check may bring it back (rise), as with a real server coming up.
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                while not upstream.healthy:
+                    await lb.pool.check(upstream)
+                    if not upstream.healthy:
+                        await asyncio.sleep(lb.config.health.interval_s / 4)
+        return server
+
+    async def add_server(self) -> ManagedServer:
+        """Start one more app server and put it behind the balancer (scale-out)."""
+        server = self._new_server()
+        await self._spawn(server)
+        self._balancer().pool.add(server.server_id, server.url)
+        return server
+
+    # ------------------------------------------------------------------ processes
+
+    def _new_server(self) -> ManagedServer:
+        server_id = f"was-{self._next_index}"
+        self._next_index += 1
+        server = ManagedServer(server_id, log_path=self.log_dir / f"{server_id}.log")
+        self.servers[server_id] = server
+        return server
+
+    def server_argv(self, server: ManagedServer) -> list[str]:
+        """The command line of an app server, as a user would type it."""
+        app = self.config.app
+        session = app.session
+        argv = [
+            sys.executable, "-m", "lbsession", "server", "--id", server.server_id,
+            "--host", "127.0.0.1", "--port", str(server.port), "--backend", app.backend,
+            "--session-cookie", session.cookie_name, "--session-ttl", f"{session.ttl_s:g}", "--ready-line",
+        ]  # fmt: skip
+        if session.secure:
+            argv.append("--secure-cookies")
+        return argv + self.server_args + server.extra_args
+
+    async def _spawn(self, server: ManagedServer) -> None:
+        assert server.log_path is not None
+        with open(server.log_path, "ab") as log_file:  # noqa: ASYNC230 - opening a local log file does not block
+            server.process = await asyncio.create_subprocess_exec(
+                *self.server_argv(server),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,  # Ctrl-C in a terminal reaches `run`, which stops children itself
+            )
+        assert server.process.stdout is not None
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                line = await server.process.stdout.readline()
+        except TimeoutError:
+            server.process.kill()
+            await server.process.wait()
+            raise TopologyError(
+                f"{server.server_id} did not report ready in {READY_TIMEOUT_S:g} s; see {server.log_path}"
+            ) from None
+        if not line:
+            await server.process.wait()
+            tail = server.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise TopologyError(
+                f"{server.server_id} exited with status {server.process.returncode}: {' | '.join(tail)}"
+            )
+        server.port = json.loads(line)["port"]
+
+    async def _terminate(self, server: ManagedServer) -> None:
+        process = server.process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            async with asyncio.timeout(5.0):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    def _server(self, server_id: str) -> ManagedServer:
+        if server_id not in self.servers:
+            raise TopologyError(f"no managed server {server_id!r}; known: {', '.join(self.servers) or 'none'}")
+        return self.servers[server_id]
+
+    def _balancer(self) -> LoadBalancer:
+        if self.lb is None:
+            raise TopologyError("the topology is not started")
+        return self.lb
+
+    # ------------------------------------------------------------------ admin API
+
+    def _admin_routes(self, app: web.Application) -> None:
+        """Add process control to the balancer's admin API (kill, restart, add)."""
+        app.router.add_get("/topology", self._get_topology)
+        app.router.add_post("/topology/servers", self._post_add)
+        app.router.add_post("/servers/{id}/kill", self._post_kill)
+        app.router.add_post("/servers/{id}/restart", self._post_restart)
+
+    async def _get_topology(self, request: web.Request) -> web.Response:
+        return web.json_response(self.ready_info())
+
+    async def _post_add(self, request: web.Request) -> web.Response:
+        await read_json(request)
+        try:
+            server = await self.add_server()
+        except TopologyError as exc:
+            return json_error(500, str(exc))
+        return web.json_response(server.as_dict(), status=201)
+
+    async def _post_kill(self, request: web.Request) -> web.Response:
+        try:
+            server = await self.kill_server(request.match_info["id"])
+        except TopologyError as exc:
+            return json_error(404 if "no managed" in str(exc) else 409, str(exc))
+        return web.json_response({**server.as_dict(), "signal": signal.SIGKILL.name})
+
+    async def _post_restart(self, request: web.Request) -> web.Response:
+        try:
+            server = await self.restart_server(request.match_info["id"])
+        except TopologyError as exc:
+            return json_error(404 if "no managed" in str(exc) else 500, str(exc))
+        except TimeoutError:
+            return json_error(504, f"{request.match_info['id']} restarted but did not pass its health check in time")
+        return web.json_response(server.as_dict())
+
+
+def write_ready_file(path: Path, info: dict[str, Any]) -> None:
+    """Write the ready file atomically, so a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o644)

@@ -1,0 +1,455 @@
+"""Routing strategies as plain functions: a contract every registered strategy keeps, then each one's own promises.
+
+The contract suite is parametrised over `STRATEGIES`, so registering a new
+strategy is enough to have it tested. Upstreams are `FakeUpstream` records: the
+`UpstreamView` protocol is three read-only fields, so test data, not a mock.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+
+from lbsession.balancer.strategies import STRATEGIES, RequestFacts, Route, Strategy, create_strategy, strategy_class
+from lbsession.balancer.strategies.base import ROUTE_REASONS, parse_cookie_header, stable_hash
+from lbsession.balancer.strategies.sticky_cookie import StickyCookieStrategy
+from lbsession.config import BalancerConfig, HashConfig, StickyConfig
+from lbsession.errors import NoHealthyUpstream
+
+SECRET = "x" * 32
+
+
+@dataclass(frozen=True)
+class FakeUpstream:
+    """An UpstreamView: what a strategy may know about a server."""
+
+    server_id: str
+    in_flight: int = 0
+    draining: bool = False
+
+
+def upstreams(*ids: str) -> list[FakeUpstream]:
+    return [FakeUpstream(i) for i in ids]
+
+
+def client_ips(count: int) -> list[str]:
+    """`count` distinct, deterministic client addresses 10.x.y.z."""
+    return [f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(count)]
+
+
+def build(name: str, **sticky: Any) -> Strategy:
+    """A strategy made the way the balancer makes it: from a BalancerConfig via the registry."""
+    return create_strategy(BalancerConfig(strategy=name, sticky=StickyConfig(secret=SECRET, **sticky)))
+
+
+def route_all(strategy: Strategy, ips: Sequence[str], servers: Sequence[FakeUpstream]) -> dict[str, str]:
+    """Client IP -> server id, for a brand-new client at each address."""
+    return {ip: strategy.choose(RequestFacts(ip), servers).upstream.server_id for ip in ips}
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+@pytest.fixture(params=sorted(STRATEGIES))
+def strategy_name(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+@pytest.fixture
+def strategy(strategy_name: str) -> Strategy:
+    return build(strategy_name)
+
+
+def test_registered_class_carries_its_registry_name(strategy_name: str, strategy: Strategy) -> None:
+    assert strategy_class(strategy_name).name == strategy_name
+    assert type(strategy) is strategy_class(strategy_name)
+
+
+def test_no_upstreams_raises(strategy: Strategy) -> None:
+    with pytest.raises(NoHealthyUpstream):
+        strategy.choose(RequestFacts("10.0.0.1"), [])
+
+
+def test_all_draining_raises_for_a_new_client(strategy: Strategy) -> None:
+    servers = [FakeUpstream(i, draining=True) for i in ("a", "b", "c")]
+    with pytest.raises(NoHealthyUpstream):
+        strategy.choose(RequestFacts("10.0.0.1"), servers)
+
+
+def test_new_clients_go_to_a_given_upstream_that_is_not_draining(strategy: Strategy) -> None:
+    servers = [FakeUpstream("a"), FakeUpstream("b", in_flight=0, draining=True), FakeUpstream("c", in_flight=3)]
+    for ip in client_ips(200):
+        route = strategy.choose(RequestFacts(ip), servers)
+        assert isinstance(route, Route)
+        assert any(route.upstream is s for s in servers)
+        assert not route.upstream.draining
+        assert route.reason in ROUTE_REASONS
+
+
+def test_every_upstream_gets_new_clients(strategy: Strategy) -> None:
+    servers = upstreams("a", "b", "c")
+    assert set(route_all(strategy, client_ips(300), servers).values()) == {"a", "b", "c"}
+
+
+def test_strategy_module_does_not_import_aiohttp(strategy_name: str) -> None:
+    module = STRATEGIES[strategy_name].partition(":")[0]
+    code = (
+        f"import importlib, sys; importlib.import_module({module!r}); "
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'aiohttp'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]", f"{module} pulls in {done.stdout.strip()}"
+
+
+def test_stable_hash_is_the_same_in_every_process() -> None:
+    keys = ["10.0.0.1", "was-1#0", "user-42", ""]
+    code = (
+        "import sys; from lbsession.balancer.strategies.base import stable_hash; "
+        "keys = sys.argv[1:]; print([hash(k) for k in keys]); print([stable_hash(k) for k in keys])"
+    )
+    outputs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", code, *keys], capture_output=True, text=True, env=env, timeout=60, check=True
+        )
+        outputs.append(done.stdout.splitlines())
+    (salted_1, stable_1), (salted_2, stable_2) = outputs
+    assert salted_1 != salted_2, "the two processes must really differ in hash() salt for this test to mean anything"
+    assert stable_1 == stable_2 == str([stable_hash(k) for k in keys])
+    assert all(0 <= stable_hash(k) < 2**64 for k in keys)
+
+
+# --------------------------------------------------------------------------- round-robin and least-conn
+
+
+def test_round_robin_cycles_evenly() -> None:
+    strategy = build("round-robin")
+    servers = upstreams("a", "b", "c")
+    picks = [strategy.choose(RequestFacts("10.0.0.1"), servers).upstream.server_id for _ in range(300)]
+    assert picks[:6] == ["a", "b", "c", "a", "b", "c"]
+    assert Counter(picks) == {"a": 100, "b": 100, "c": 100}
+
+
+def test_round_robin_skips_draining_servers() -> None:
+    strategy = build("round-robin")
+    servers = [FakeUpstream("a"), FakeUpstream("b", draining=True), FakeUpstream("c")]
+    picks = Counter(strategy.choose(RequestFacts("10.0.0.1"), servers).upstream.server_id for _ in range(100))
+    assert picks == {"a": 50, "c": 50}
+
+
+def test_least_conn_picks_the_fewest_in_flight() -> None:
+    strategy = build("least-conn")
+    servers = [FakeUpstream("a", in_flight=3), FakeUpstream("b", in_flight=0), FakeUpstream("c", in_flight=5)]
+    picks = {strategy.choose(RequestFacts("10.0.0.1"), servers).upstream.server_id for _ in range(30)}
+    assert picks == {"b"}
+
+
+def test_least_conn_follows_the_load_as_it_changes() -> None:
+    strategy = build("least-conn")
+    servers = upstreams("a", "b", "c")
+    for _ in range(30):
+        chosen = strategy.choose(RequestFacts("10.0.0.1"), servers).upstream
+        # The chosen server must hold the minimum before its load goes up.
+        assert chosen.in_flight == min(s.in_flight for s in servers)
+        servers = [replace(s, in_flight=s.in_flight + 1) if s is chosen else s for s in servers]
+    assert [s.in_flight for s in servers] == [10, 10, 10]
+
+
+def test_least_conn_spreads_ties() -> None:
+    strategy = build("least-conn")
+    idle = upstreams("a", "b", "c")
+    picks = Counter(strategy.choose(RequestFacts("10.0.0.1"), idle).upstream.server_id for _ in range(300))
+    assert picks == {"a": 100, "b": 100, "c": 100}
+    busy_first = [FakeUpstream("a", in_flight=4), FakeUpstream("b", in_flight=1), FakeUpstream("c", in_flight=1)]
+    picks = Counter(strategy.choose(RequestFacts("10.0.0.1"), busy_first).upstream.server_id for _ in range(300))
+    assert set(picks) == {"b", "c"}
+
+
+def test_least_conn_ignores_an_idle_draining_server() -> None:
+    strategy = build("least-conn")
+    servers = [FakeUpstream("a", in_flight=0, draining=True), FakeUpstream("b", in_flight=7)]
+    assert strategy.choose(RequestFacts("10.0.0.1"), servers).upstream.server_id == "b"
+
+
+# --------------------------------------------------------------------------- sticky-cookie
+
+
+def cookie_value(set_cookie: str | None, name: str = "LBSERVER") -> str:
+    """The value of a Set-Cookie header, checking its name."""
+    assert set_cookie is not None
+    pair = set_cookie.split(";")[0]
+    assert pair.startswith(f"{name}=")
+    return pair.removeprefix(f"{name}=")
+
+
+def sticky(**options: Any) -> StickyCookieStrategy:
+    strategy = build("sticky-cookie", **options)
+    assert isinstance(strategy, StickyCookieStrategy)
+    return strategy
+
+
+def with_cookie(value: str, name: str = "LBSERVER") -> RequestFacts:
+    return RequestFacts("10.0.0.1", f"SESSION=abc; {name}={value}; theme=dark")
+
+
+def test_sticky_new_client_gets_a_cookie() -> None:
+    strategy = sticky()
+    route = strategy.choose(RequestFacts("10.0.0.1"), upstreams("a", "b", "c"))
+    assert route.reason == "new"
+    assert route.set_cookie is not None
+    attributes = [part.strip() for part in route.set_cookie.split(";")]
+    assert attributes[0].startswith("LBSERVER=")
+    assert {"HttpOnly", "SameSite=Lax", "Path=/"} <= set(attributes)
+    assert "Secure" not in attributes
+    assert not any(a.startswith("Max-Age") for a in attributes)
+    assert strategy.server_of(cookie_value(route.set_cookie)) == route.upstream.server_id
+
+
+def test_sticky_cookie_options_are_used() -> None:
+    strategy = sticky(cookie_name="SRV", secure=True, max_age_s=600)
+    route = strategy.choose(RequestFacts("10.0.0.1"), upstreams("a"))
+    assert route.set_cookie is not None
+    attributes = [part.strip() for part in route.set_cookie.split(";")]
+    assert {"Secure", "Max-Age=600", "HttpOnly", "SameSite=Lax", "Path=/"} <= set(attributes)
+    value = cookie_value(route.set_cookie, "SRV")
+    assert strategy.choose(with_cookie(value, "SRV"), upstreams("b", "a")).reason == "pinned"
+    # A cookie under the default name means nothing to this strategy.
+    assert strategy.choose(with_cookie(value, "LBSERVER"), upstreams("b", "a")).reason == "new"
+
+
+def test_sticky_issued_cookie_pins_without_a_new_set_cookie() -> None:
+    strategy = sticky()
+    servers = upstreams("a", "b", "c")
+    first = strategy.choose(RequestFacts("10.0.0.1"), servers)
+    value = cookie_value(first.set_cookie)
+    for _ in range(10):  # round-robin underneath would rotate; the cookie must not
+        route = strategy.choose(with_cookie(value), servers)
+        assert route.reason == "pinned"
+        assert route.upstream is first.upstream
+        assert route.set_cookie is None
+
+
+def test_sticky_cookie_survives_a_new_balancer_with_the_same_secret() -> None:
+    value = sticky().cookie_value("b")
+    route = sticky().choose(with_cookie(value), upstreams("a", "b", "c"))
+    assert (route.reason, route.upstream.server_id) == ("pinned", "b")
+
+
+def flip_last_tag_char(value: str) -> str:
+    return value[:-1] + ("A" if value[-1] != "A" else "B")
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(flip_last_tag_char, id="tag-char-changed"),
+        pytest.param(lambda v: "c." + v.rpartition(".")[2], id="server-swapped"),
+        pytest.param(lambda v: v.rpartition(".")[0], id="tag-removed"),
+        pytest.param(lambda v: "c", id="bare-server-id"),
+        pytest.param(
+            lambda v: StickyCookieStrategy(b"another secret, 32 bytes long..").cookie_value("c"), id="other-secret"
+        ),
+    ],
+)
+def test_sticky_forged_cookie_is_replaced(tamper: Callable[[str], str]) -> None:
+    strategy = sticky()
+    servers = upstreams("a", "b", "c")
+    forged = tamper(strategy.cookie_value("b"))
+    route = strategy.choose(with_cookie(forged), servers)
+    assert route.reason == "forged-cookie"
+    fresh = cookie_value(route.set_cookie)
+    assert fresh != forged
+    assert strategy.server_of(fresh) == route.upstream.server_id
+    assert not route.upstream.draining
+
+
+def test_sticky_redispatches_when_the_pinned_server_is_gone() -> None:
+    strategy = sticky()
+    value = strategy.cookie_value("gone")
+    route = strategy.choose(with_cookie(value), upstreams("a", "b"))
+    assert route.reason == "redispatched"
+    assert route.upstream.server_id in {"a", "b"}
+    assert strategy.server_of(cookie_value(route.set_cookie)) == route.upstream.server_id
+
+
+def test_sticky_without_redispatch_refuses_a_client_of_a_gone_server() -> None:
+    strategy = sticky(redispatch=False)
+    with pytest.raises(NoHealthyUpstream):
+        strategy.choose(with_cookie(strategy.cookie_value("gone")), upstreams("a", "b"))
+    assert strategy.choose(RequestFacts("10.0.0.1"), upstreams("a", "b")).reason == "new"
+
+
+def test_sticky_draining_server_keeps_pinned_clients_but_gets_no_new_ones() -> None:
+    strategy = sticky()
+    servers = [FakeUpstream("a"), FakeUpstream("b", draining=True), FakeUpstream("c")]
+    route = strategy.choose(with_cookie(strategy.cookie_value("b")), servers)
+    assert (route.reason, route.upstream.server_id, route.set_cookie) == ("pinned", "b", None)
+    new = {strategy.choose(RequestFacts(ip), servers).upstream.server_id for ip in client_ips(50)}
+    assert new == {"a", "c"}
+
+
+def test_sticky_server_id_may_contain_dots() -> None:
+    strategy = sticky()
+    assert strategy.server_of(strategy.cookie_value("was.1")) == "was.1"
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["", ".", "..", "a.", ".tag", "a.b.c", "x" * 100_000, "a." + "x" * 100_000, "é.abc", "a.é", "\udcff.x", "a b.c"],
+    ids=lambda v: repr(v[:12]),
+)
+def test_sticky_server_of_rejects_garbage(garbage: str) -> None:
+    strategy = sticky()
+    assert strategy.server_of(garbage) is None
+    route = strategy.choose(with_cookie(garbage), upstreams("a"))
+    assert route.reason == "forged-cookie"
+    assert strategy.server_of(cookie_value(route.set_cookie)) == "a"
+
+
+# --------------------------------------------------------------------------- ip-hash and consistent-hash
+
+HASHING = ["ip-hash", "consistent-hash"]
+
+
+@pytest.mark.parametrize("name", HASHING)
+def test_hash_maps_a_client_to_the_same_server_every_time(name: str) -> None:
+    servers = upstreams("a", "b", "c")
+    first = route_all(build(name), client_ips(200), servers)
+    again = route_all(build(name), client_ips(200), servers)  # a fresh instance: nothing is remembered
+    assert first == again
+    strategy = build(name)
+    routes = [strategy.choose(RequestFacts("10.0.0.7"), servers) for _ in range(20)]
+    assert {r.upstream.server_id for r in routes} == {first["10.0.0.7"]}
+    assert {r.reason for r in routes} == {"pinned"}
+
+
+@pytest.mark.parametrize("name", HASHING)
+def test_hash_spreads_clients(name: str) -> None:
+    shares = Counter(route_all(build(name), client_ips(1000), upstreams("a", "b", "c")).values())
+    assert set(shares) == {"a", "b", "c"}
+    assert all(200 <= count <= 470 for count in shares.values()), shares
+
+
+def moved_fraction(before: dict[str, str], after: dict[str, str]) -> float:
+    return sum(before[ip] != after[ip] for ip in before) / len(before)
+
+
+def test_consistent_hash_moves_about_a_quarter_when_a_fourth_server_joins() -> None:
+    strategy = build("consistent-hash")
+    ips = client_ips(1000)
+    before = route_all(strategy, ips, upstreams("a", "b", "c"))
+    after = route_all(strategy, ips, upstreams("a", "b", "c", "d"))
+    assert 0.15 <= moved_fraction(before, after) <= 0.35
+    assert {after[ip] for ip in ips if before[ip] != after[ip]} == {"d"}
+
+
+def test_ip_hash_moves_about_three_quarters_when_a_fourth_server_joins() -> None:
+    strategy = build("ip-hash")
+    ips = client_ips(1000)
+    before = route_all(strategy, ips, upstreams("a", "b", "c"))
+    after = route_all(strategy, ips, upstreams("a", "b", "c", "d"))
+    assert 0.65 <= moved_fraction(before, after) <= 0.85
+
+
+def test_consistent_hash_moves_only_the_removed_servers_clients() -> None:
+    strategy = build("consistent-hash")
+    ips = client_ips(1000)
+    before = route_all(strategy, ips, upstreams("a", "b", "c", "d"))
+    after = route_all(strategy, ips, upstreams("a", "c", "d"))
+    moved = {ip for ip in ips if before[ip] != after[ip]}
+    assert moved == {ip for ip in ips if before[ip] == "b"}
+    assert moved  # b did own some clients
+
+
+def test_consistent_hash_ignores_server_order() -> None:
+    strategy = build("consistent-hash")
+    ips = client_ips(300)
+    assert route_all(strategy, ips, upstreams("a", "b", "c")) == route_all(strategy, ips, upstreams("c", "a", "b"))
+
+
+def test_consistent_hash_draining_server_gives_up_only_its_clients() -> None:
+    strategy = build("consistent-hash")
+    ips = client_ips(500)
+    before = route_all(strategy, ips, upstreams("a", "b", "c"))
+    servers = [FakeUpstream("a"), FakeUpstream("b", draining=True), FakeUpstream("c")]
+    after = route_all(strategy, ips, servers)
+    assert all(after[ip] == before[ip] for ip in ips if before[ip] != "b")
+
+
+def hashing(name: str, key: str) -> Strategy:
+    return create_strategy(BalancerConfig(strategy=name, hash=HashConfig(key=key)))
+
+
+@pytest.mark.parametrize("name", HASHING)
+@pytest.mark.parametrize(
+    ("key", "facts"),
+    [
+        ("header:x-user", lambda ip, user: RequestFacts(ip, None, {"x-user": user})),
+        ("header:X-User", lambda ip, user: RequestFacts(ip, None, {"x-user": user})),
+        ("cookie:uid", lambda ip, user: RequestFacts(ip, f"a=1; uid={user}")),
+    ],
+)
+def test_hash_key_routes_by_the_named_value(name: str, key: str, facts: Callable[[str, str], RequestFacts]) -> None:
+    strategy = hashing(name, key)
+    servers = upstreams("a", "b", "c")
+    for user in ("alice", "bob", "carol"):
+        # One user from many addresses (a phone changing networks) stays on one server.
+        assert len({strategy.choose(facts(ip, user), servers).upstream.server_id for ip in client_ips(50)}) == 1
+    per_user = {strategy.choose(facts("10.0.0.1", f"user-{i}"), servers).upstream.server_id for i in range(100)}
+    assert per_user == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("name", HASHING)
+@pytest.mark.parametrize(
+    ("key", "without_value"),
+    [
+        ("header:x-user", lambda ip: RequestFacts(ip)),
+        ("header:x-user", lambda ip: RequestFacts(ip, None, {"x-user": ""})),
+        ("header:x-user", lambda ip: RequestFacts(ip, None, {"x-other": "alice"})),
+        ("cookie:uid", lambda ip: RequestFacts(ip)),
+        ("cookie:uid", lambda ip: RequestFacts(ip, "other=alice")),
+    ],
+)
+def test_hash_key_falls_back_to_the_client_ip(
+    name: str, key: str, without_value: Callable[[str], RequestFacts]
+) -> None:
+    by_key, by_ip = hashing(name, key), hashing(name, "client-ip")
+    servers = upstreams("a", "b", "c")
+    for ip in client_ips(100):
+        assert by_key.choose(without_value(ip), servers).upstream is by_ip.choose(RequestFacts(ip), servers).upstream
+
+
+# --------------------------------------------------------------------------- request facts
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("", {}),
+        ("a=1", {"a": "1"}),
+        ("a=1; b=2", {"a": "1", "b": "2"}),
+        ("  a = 1 ;b=2  ;  c=3", {"a": "1", "b": "2", "c": "3"}),
+        ('a="quoted value"; b=""', {"a": "quoted value", "b": ""}),
+        ("a=1; a=2; A=3", {"a": "1", "A": "3"}),
+        ("junk; a=1; ; =nameless; b", {"a": "1"}),
+        ("token=abc==; x=y=z", {"token": "abc==", "x": "y=z"}),
+    ],
+)
+def test_parse_cookie_header(header: str, expected: dict[str, str]) -> None:
+    assert parse_cookie_header(header) == expected
+
+
+def test_request_facts_reads_cookies_and_headers() -> None:
+    facts = RequestFacts("10.0.0.9", "a=1; LBSERVER=x.y", {"x-user": "alice"})
+    assert facts.client_ip == "10.0.0.9"
+    assert (facts.cookie("LBSERVER"), facts.cookie("a"), facts.cookie("missing")) == ("x.y", "1", None)
+    assert (facts.header("x-user"), facts.header("x-missing")) == ("alice", None)
+    assert RequestFacts("10.0.0.9").cookie("a") is None
