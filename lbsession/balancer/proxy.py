@@ -187,7 +187,7 @@ class ClientConnection(asyncio.Protocol):
         self.body_left = req.content_length
         self.scanner = ChunkedScanner(lb.limits.max_body_bytes) if req.chunked else None
         try:
-            route = lb.strategy.choose(facts, lb.pool.healthy)
+            route = lb.strategy.choose(facts, lb.pool.candidates)
         except NoHealthyUpstream as exc:
             self._reply(503, str(exc))
             return
@@ -215,6 +215,7 @@ class ClientConnection(asyncio.Protocol):
             self._release_route()
             if self.state != _CLOSED:
                 self._retry_elsewhere(f"cannot connect to {upstream.server_id}")
+                self._read_next()
             return
         if self.state == _CLOSED:
             conn.close()
@@ -229,7 +230,7 @@ class ClientConnection(asyncio.Protocol):
         self.retried = True
         self.lb.retries += 1
         try:
-            route = self.lb.strategy.choose(self.facts, self.lb.pool.healthy)
+            route = self.lb.strategy.choose(self.facts, self.lb.pool.candidates)
         except NoHealthyUpstream as exc:
             self._reply(503, f"{why}, and {exc}")
             return
@@ -243,6 +244,9 @@ class ClientConnection(asyncio.Protocol):
             self.state = _WAIT
             return
         self.state = _BODY
+        if self.reading_paused:  # paused while connecting; the rest of the body is needed now
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
         data, self.pending = self.pending, b""
         if data:
             self._forward_body(data)
@@ -288,6 +292,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self.state = _HEAD
         self.deadline = self.lb.clock + self.lb.limits.idle_timeout_s
+        self._read_next()
+
+    def _read_next(self) -> None:
+        """If the exchange is over, resume reading and answer any request already pipelined."""
+        if self.state != _HEAD:
+            return
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -303,7 +313,9 @@ class ClientConnection(asyncio.Protocol):
             # Part of the response is already out: the only honest signal left is to close.
             self._close()
             return
-        if status == 502 and conn.reused and not conn.got_bytes and self.request_done and not self.retried:
+        req = self.req
+        resendable = req is not None and not req.chunked and not req.content_length  # a sent body is gone
+        if status == 502 and conn.reused and not conn.got_bytes and resendable and not self.retried:
             # A pooled keep-alive connection the server had just closed: nothing was processed,
             # so resend on a fresh connection to the same server (what browsers do too).
             self.retried = True
@@ -312,6 +324,7 @@ class ClientConnection(asyncio.Protocol):
             self._start_exchange(Route(route.upstream, "retried", route.set_cookie))
             return
         self._reply(status, why)
+        self._read_next()
 
     # -------------------------------------------------------------- endings
 
@@ -432,9 +445,15 @@ class UpstreamConnection(asyncio.Protocol):
                 if resp.status == 101:  # the proxy strips Upgrade, so a switch was never asked for
                     self._fail(502, "the upstream switched protocols unasked")
                     return
-                client.transport.write(b"\r\n".join((resp.status_line, *resp.lines)) + b"\r\n\r\n")  # type: ignore[union-attr]
+                if not client.req.http10:  # HTTP/1.0 has no 1xx (RFC 9110 §15.2)
+                    client.transport.write(b"\r\n".join((resp.status_line, *resp.lines)) + b"\r\n\r\n")  # type: ignore[union-attr]
                 self.buffer = rest
                 continue
+            if rest and not response_has_body(client.req.method, resp.status):
+                # Bytes after a response that has no body: a broken server. Relaying them would answer
+                # the client's next request with this one's leftovers; drop them and the connection.
+                resp.keep_alive = False
+                rest = b""
             self._start_body(client, client.req, resp)
             if rest:
                 self._relay_body(rest)

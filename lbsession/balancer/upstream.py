@@ -89,6 +89,11 @@ class UpstreamPool:
         self._on_change = on_change
         self.upstreams: dict[str, Upstream] = {}
         self.healthy: tuple[Upstream, ...] = ()  # rebuilt only on change: strategies may cache by identity
+        # What strategies route over: the healthy upstreams or, when none is, all of them. Like nginx
+        # (and unlike HAProxy), a shared outage such as the session store's is then answered by the
+        # app servers with their own reason (503 "session store unavailable"), and a Redis failover
+        # is a delay rather than a window in which the balancer refuses everyone.
+        self.candidates: tuple[Upstream, ...] = ()
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None  # aiohttp.ClientSession, created in start()
         for upstream in upstreams:
@@ -133,6 +138,7 @@ class UpstreamPool:
     def _changed(self, upstream: Upstream, what: str) -> None:
         upstream.changed_at = time.time()
         self.healthy = tuple(u for u in self.upstreams.values() if u.healthy)
+        self.candidates = self.healthy or tuple(self.upstreams.values())
         log.info("upstream %s (%s): %s", upstream.server_id, upstream.url, what)
         if self._on_change is not None:
             self._on_change(upstream, what)

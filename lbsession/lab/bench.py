@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from lbsession.errors import ConfigError, TopologyError
 
@@ -65,15 +66,14 @@ class LoadResult:
 class LoadPlan:
     """How every target is loaded: the generator and its bounds."""
 
-    tool: str  # "wrk" or "builtin"
-    wrk: str | None
+    wrk: str | None  # the wrk binary; None: the built-in generator
     connections: int
     duration_s: int  # wrk
     requests: int  # builtin
 
     def describe(self) -> str:
         """The generator and its bounds, as the report's heading shows them."""
-        if self.tool == "wrk":
+        if self.wrk is not None:
             return f"wrk -t1 -c{self.connections} -d{self.duration_s}s"
         return f"builtin, {self.connections} connections, {self.requests} requests"
 
@@ -98,8 +98,12 @@ class Figures:
 
     def as_dict(self) -> dict[str, Any]:
         """The row as the JSON report holds it."""
-        return {"target": self.target, **asdict(self.load), "cpu_us_per_request": round(self.cpu_us_per_request, 2),
-                "upstream_cpu_us_per_request": round(self.upstream_cpu_us_per_request, 2)}  # fmt: skip
+        return {
+            "target": self.target,
+            **asdict(self.load),
+            "cpu_us_per_request": round(self.cpu_us_per_request, 2),
+            "upstream_cpu_us_per_request": round(self.upstream_cpu_us_per_request, 2),
+        }
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -126,8 +130,14 @@ def parse_wrk(text: str) -> LoadResult:
         raise ValueError(f"not the output of wrk --latency: {text[:200]!r}")
     errors = sum(int(n) for m in _WRK_SOCKET.finditer(text) for n in m.groups())
     errors += sum(int(m[1]) for m in _WRK_NON_2XX.finditer(text))
-    return LoadResult(int(total[1]), errors, latency_ms(total[2], total[3]) / 1000, float(rps[1]),
-                      percentiles["50"], percentiles["99"])  # fmt: skip
+    return LoadResult(
+        int(total[1]),
+        errors,
+        latency_ms(total[2], total[3]) / 1000,
+        float(rps[1]),
+        percentiles["50"],
+        percentiles["99"],
+    )
 
 
 def proc_stat_ticks(stat: str) -> int:
@@ -162,8 +172,9 @@ def nginx_config(ports: list[int], prefix: Path) -> str:
     servers = "\n".join(
         f'    server {{ listen {HOST}:{port}; location / {{ return 200 "ok\\n"; }} }}' for port in ports
     )
-    temp_paths = "\n".join(f"    {kind}_temp_path {prefix}/{kind};" for kind in
-                           ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))  # fmt: skip
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return (
         f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
         f"error_log {prefix}/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n"
@@ -260,14 +271,22 @@ async def generate_load(port: int, path: str, connections: int, requests: int, d
         pass  # bounded by time, e.g. a warm-up: what was served counts
     elapsed_s = time.perf_counter() - started
     latencies = sorted(tally.latencies_s)
-    return LoadResult(len(latencies), tally.errors, round(elapsed_s, 3), round(len(latencies) / elapsed_s, 1),
-                      percentile_ms(latencies, 50), percentile_ms(latencies, 99))  # fmt: skip
+    return LoadResult(
+        len(latencies),
+        tally.errors,
+        round(elapsed_s, 3),
+        round(len(latencies) / elapsed_s, 1),
+        percentile_ms(latencies, 50),
+        percentile_ms(latencies, 99),
+    )
 
 
 async def run_wrk(wrk: str, url: str, connections: int, duration_s: int) -> LoadResult:
     """Run wrk once against `url` and parse its figures."""
     argv = [wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", url]
-    process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     try:
         async with asyncio.timeout(duration_s + 30):
             out, err = await process.communicate()
@@ -287,7 +306,8 @@ async def apply_load(plan: LoadPlan, url: str, *, warmup: bool) -> LoadResult:
     """One run against `url`: a short warm-up, or the measured run that the plan bounds."""
     if plan.wrk is not None:
         return await run_wrk(plan.wrk, url, plan.connections, WARMUP_S if warmup else plan.duration_s)
-    port, path = int(url.split(":")[2].split("/")[0]), "/" + url.split("/", 3)[3]
+    parts = urlsplit(url)
+    port, path = parts.port or 80, parts.path or "/"
     requests, deadline_s = (10**9, float(WARMUP_S)) if warmup else (plan.requests, BUILTIN_DEADLINE_S)
     return await generate_load(port, path, plan.connections, requests, deadline_s)
 
@@ -304,12 +324,15 @@ class Children:
 
     async def start(self, name: str, argv: list[str], *, stdout_pipe: bool = False) -> asyncio.subprocess.Process:
         """Start `argv`; its stderr (and stdout unless piped) goes to <log_dir>/<name>.log."""
-        with open(self.log_dir / f"{name}.log", "ab") as log_file:
+        # A local file opened once per child at start-up: not worth a thread.
+        with open(self.log_dir / f"{name}.log", "ab") as log_file:  # noqa: ASYNC230
             process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stderr=log_file,
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stderr=log_file,
                 stdout=asyncio.subprocess.PIPE if stdout_pipe else log_file,
                 start_new_session=True,  # Ctrl-C reaches the bench only; it stops the children itself
-            )  # fmt: skip
+            )
         self.processes.append(process)
         return process
 
@@ -353,8 +376,18 @@ async def wait_ready(name: str, process: asyncio.subprocess.Process, port: int, 
         await asyncio.sleep(0.05)  # a poll interval, not a hope: readiness is the 200 itself
 
 
-async def start_upstreams(children: Children, count: int) -> tuple[str, list[int], str, tuple[int, ...]]:
-    """Start the upstreams; return (kind, ports, path to request, pids)."""
+@dataclass(frozen=True)
+class Upstreams:
+    """The upstreams every target is measured in front of."""
+
+    kind: str  # "nginx" or "server" (lbsession server processes)
+    ports: list[int]
+    path: str  # what to request: an nginx `return 200`, or the app server's cheapest page
+    pids: tuple[int, ...]
+
+
+async def start_upstreams(children: Children, count: int) -> Upstreams:
+    """Start one nginx serving `count` ports when installed, else `count` lbsession servers."""
     nginx = find_tool("nginx")
     if nginx is not None:
         ports, conf = free_ports(count), children.log_dir / "nginx.conf"
@@ -363,40 +396,47 @@ async def start_upstreams(children: Children, count: int) -> tuple[str, list[int
         process = await children.start("nginx", argv)
         for port in ports:
             await wait_ready("nginx", process, port, "/", children.log_dir)
-        return "nginx", ports, "/", (process.pid,)
+        return Upstreams("nginx", ports, "/", (process.pid,))
     ports, pids = [], []
     for index in range(1, count + 1):
-        argv = [sys.executable, "-m", "lbsession", "server", "--id", f"was-{index}", "--port", "0", "--ready-line"]
-        process = await children.start(f"was-{index}", argv, stdout_pipe=True)
+        name = f"was-{index}"
+        argv = [sys.executable, "-m", "lbsession", "server", "--id", name, "--port", "0", "--ready-line"]
+        process = await children.start(name, argv, stdout_pipe=True)
         assert process.stdout is not None
-        async with asyncio.timeout(READY_TIMEOUT_S * 2):  # a cold start imports aiohttp
-            line = await process.stdout.readline()
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S * 2):  # a cold start imports aiohttp
+                line = await process.stdout.readline()
+        except TimeoutError:
+            line = b""
         if not line:
-            raise TopologyError(f"was-{index} exited; see {children.log_dir / f'was-{index}'}.log")
+            raise TopologyError(f"{name} did not report ready; see {children.log_dir / name}.log")
         ports.append(json.loads(line)["port"])
         pids.append(process.pid)
-    return "lbsession server", ports, "/healthz", tuple(pids)
+    return Upstreams("server", ports, "/healthz", tuple(pids))
 
 
-async def start_lbsession(children: Children, loop: str, strategy: str, ports: list[int], path: str) -> Target:
-    """Start `python -m lbsession lb` in front of the upstreams; return once it proxies a 200."""
+async def start_target(children: Children, name: str, argv: list[str], port: int, path: str) -> Target:
+    """Start a balancer (`argv` listens on `port`); return once it proxies a 200."""
+    process = await children.start(name, argv)
+    await wait_ready(name, process, port, path, children.log_dir)
+    return Target(name, f"http://{HOST}:{port}{path}", (process.pid,))
+
+
+async def start_balancers(
+    children: Children, upstreams: Upstreams, args: argparse.Namespace, loop: str, haproxy: str | None
+) -> list[Target]:
+    """Start `lbsession lb` and, unless `haproxy` is None, HAProxy in front of the same upstreams."""
     port, admin_port = free_ports(2)
-    argv = [sys.executable, "-m", "lbsession", "--loop", loop, "--log-level", "warning", "lb",
-            "--strategy", strategy, "--port", str(port), "--admin-port", str(admin_port)]  # fmt: skip
-    argv += [arg for i, p in enumerate(ports, 1) for arg in ("--upstream", f"u{i}=http://{HOST}:{p}")]
-    process = await children.start("lbsession", argv)
-    await wait_ready("lbsession", process, port, path, children.log_dir)
-    return Target("lbsession", f"http://{HOST}:{port}{path}", (process.pid,))
-
-
-async def start_haproxy(children: Children, haproxy: str, ports: list[int], path: str) -> Target:
-    """Start HAProxy in front of the upstreams; return once it proxies a 200."""
-    (port,) = free_ports(1)
-    conf = children.log_dir / "haproxy.cfg"
-    conf.write_text(haproxy_config(port, ports))
-    process = await children.start("haproxy", [haproxy, "-f", str(conf), "-db"])
-    await wait_ready("haproxy", process, port, path, children.log_dir)
-    return Target("haproxy", f"http://{HOST}:{port}{path}", (process.pid,))
+    lb = f"-m lbsession --loop {loop} --log-level warning lb --strategy {args.strategy}"
+    argv = [sys.executable, *lb.split(), "--port", str(port), "--admin-port", str(admin_port)]
+    argv += [arg for i, p in enumerate(upstreams.ports, 1) for arg in ("--upstream", f"u{i}=http://{HOST}:{p}")]
+    targets = [await start_target(children, "lbsession", argv, port, upstreams.path)]
+    if haproxy is not None:
+        (port,) = free_ports(1)
+        conf = children.log_dir / "haproxy.cfg"
+        conf.write_text(haproxy_config(port, upstreams.ports))
+        targets.append(await start_target(children, "haproxy", [haproxy, "-f", str(conf), "-db"], port, upstreams.path))
+    return targets
 
 
 # --------------------------------------------------------------------------- measuring and reporting
@@ -410,8 +450,12 @@ async def measure(plan: LoadPlan, target: Target, upstream_pids: tuple[int, ...]
     cpu_after, upstream_after = cpu_seconds(target.pids), cpu_seconds(upstream_pids)
     if load.requests == 0:
         raise TopologyError(f"{target.name} served no request at {target.url}")
-    return Figures(target.name, load, cpu_us_per_request(cpu_before, cpu_after, load.requests),
-                   cpu_us_per_request(upstream_before, upstream_after, load.requests))  # fmt: skip
+    return Figures(
+        target.name,
+        load,
+        cpu_us_per_request(cpu_before, cpu_after, load.requests),
+        cpu_us_per_request(upstream_before, upstream_after, load.requests),
+    )
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[LoadPlan, str | None]:
@@ -425,7 +469,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[LoadPlan, str | None]:
     haproxy = find_tool("haproxy") if args.haproxy != "no" else None
     if args.haproxy == "yes" and haproxy is None:
         raise ConfigError("--haproxy yes: haproxy is not installed; install it or use --haproxy no")
-    plan = LoadPlan("wrk" if wrk else "builtin", wrk, args.connections, args.duration, args.requests)
+    plan = LoadPlan(wrk, args.connections, args.duration, args.requests)
     return plan, haproxy
 
 
@@ -441,44 +485,59 @@ def build_report(figures: list[Figures], setup: dict[str, Any]) -> dict[str, Any
     return report
 
 
-def print_report(report: dict[str, Any]) -> None:
+_ROW = "{:<14}{:>10}{:>9}{:>9}{:>12}{:>17}{:>8}"
+
+
+def print_report(report: dict[str, Any], json_path: Path | None) -> None:
     """Print the report as a table and the ratios as facts (the bench's only printing)."""
-    print(f"lbsession bench: {report['servers']} {report['upstream']} upstreams, {report['tool']}, "
-          f"balancer loop {report['loop']}, strategy {report['strategy']}")  # fmt: skip
-    print(f"{'target':<16}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'upstream us/req':>17}{'errors':>8}")
+    print(f"lbsession bench: {report['servers']} {report['upstream']} upstreams, {report['tool']}, ", end="")
+    print(f"balancer loop {report['loop']}, strategy {report['strategy']}")
+    print(_ROW.format("target", "req/s", "p50 ms", "p99 ms", "CPU us/req", "upstream us/req", "errors"))
     for row in report["targets"]:
-        print(f"{row['target']:<16}{row['rps']:>10.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
-              f"{row['cpu_us_per_request']:>12.1f}{row['upstream_cpu_us_per_request']:>17.1f}{row['errors']:>8}")  # fmt: skip
-    if "cpu_ratio" in report and report["cpu_ratio"] is not None:
+        figures = [f"{row['rps']:.0f}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}"]
+        figures += [f"{row['cpu_us_per_request']:.1f}", f"{row['upstream_cpu_us_per_request']:.1f}"]
+        print(_ROW.format(row["target"], *figures, row["errors"]))
+    if report.get("cpu_ratio") is not None:
         verdict = "met" if report["cpu_target_met"] else "not met"
-        print(f"CPU per request, lbsession / haproxy: ratio {report['cpu_ratio']:.2f}x "
-              f"(target <= {CPU_RATIO_TARGET}x): {verdict}")  # fmt: skip
+        print(f"CPU per request, lbsession / haproxy: ratio {report['cpu_ratio']:.2f}x ", end="")
+        print(f"(target <= {CPU_RATIO_TARGET}x): {verdict}")
         print(f"req/s, lbsession / haproxy: {report['rps_ratio']:.2f}x")
     else:
-        print("CPU ratio lbsession / haproxy: not measured (haproxy not run)")
-    if report.get("json"):
-        print(f"figures written to {report['json']}")
+        print("CPU per request, lbsession / haproxy: not measured (HAProxy not run)")
+    if json_path is not None:
+        print(f"figures written to {json_path}")
+
+
+async def measure_all(
+    children: Children, plan: LoadPlan, args: argparse.Namespace, haproxy: str | None
+) -> dict[str, Any]:
+    """Start every process, measure each target in turn, and return the report."""
+    loop = args.loop if args.loop != "auto" else ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+    upstreams = await start_upstreams(children, args.servers)
+    direct = Target(
+        f"direct {upstreams.kind}", f"http://{HOST}:{upstreams.ports[0]}{upstreams.path}", upstreams.pids[:1]
+    )
+    targets = [direct, *await start_balancers(children, upstreams, args, loop, haproxy)]
+    figures = [await measure(plan, target, upstreams.pids) for target in targets]
+    setup = {"upstream": upstreams.kind, "servers": args.servers, "tool": plan.describe(), "loop": loop}
+    return build_report(figures, {**setup, "strategy": args.strategy})
 
 
 async def run_bench(args: argparse.Namespace) -> int:
     """`lbsession bench`: start upstreams, lbsession and HAProxy; measure each; print and save the figures."""
     plan, haproxy = plan_from_args(args)
-    loop = args.loop if args.loop != "auto" else ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
     children = Children(Path(tempfile.mkdtemp(prefix="lbsession-bench-")))
+    keep_logs = False
     try:
-        kind, ports, path, upstream_pids = await start_upstreams(children, args.servers)
-        targets = [Target(f"direct {kind.split()[0]}", f"http://{HOST}:{ports[0]}{path}", upstream_pids[:1])]
-        targets.append(await start_lbsession(children, loop, args.strategy, ports, path))
-        if haproxy is not None:
-            targets.append(await start_haproxy(children, haproxy, ports, path))
-        figures = [await measure(plan, target, upstream_pids) for target in targets]
+        report = await measure_all(children, plan, args, haproxy)
+    except TopologyError:
+        keep_logs = True  # the error names a log in the directory
+        raise
     finally:
         await children.stop_all()
-    shutil.rmtree(children.log_dir, ignore_errors=True)  # kept when a failure names a log in it
-    setup = {"upstream": kind, "servers": args.servers, "tool": plan.describe(), "loop": loop,
-             "strategy": args.strategy, "json": str(args.json) if args.json else None}  # fmt: skip
-    report = build_report(figures, setup)
+        if not keep_logs:
+            shutil.rmtree(children.log_dir, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print_report(report)
+    print_report(report, args.json)
     return 0

@@ -30,6 +30,7 @@ from lbsession.balancer.admin import json_error, read_json
 from lbsession.balancer.balancer import LoadBalancer
 from lbsession.config import Config
 from lbsession.errors import TopologyError
+from lbsession.lab.redis import RedisTopology
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,16 @@ class Topology:
         self.server_args = server_args or []  # extra flags for every app server
         self.servers: dict[str, ManagedServer] = {}
         self.lb: LoadBalancer | None = None
+        self.redis: RedisTopology | None = None  # the Redis this lab started, if it started one
         self._next_index = 1
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Start every app server, then the balancer in front of them; return once all are healthy."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
+            await self._start_redis()
             servers = [self._new_server() for _ in range(self.config.servers)]
             await asyncio.gather(*(self._spawn(s) for s in servers))
             self.lb = LoadBalancer(self.config.balancer)
@@ -95,6 +99,23 @@ class Topology:
         if self.lb is not None:
             await self.lb.stop(grace_s=2.0)
         await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
+        if self.redis is not None:
+            await self.redis.stop()
+
+    async def _start_redis(self) -> None:
+        """Start the session server when the app servers need one and were given none."""
+        app = self.config.app
+        if app.backend != "redis" or app.redis.url or app.redis.sentinels:
+            return
+        settings = self.config.redis_server
+        self.redis = RedisTopology(
+            self.log_dir / "redis",
+            ha=settings.ha,
+            persist=settings.persist,
+            binary=settings.binary,
+            down_after_ms=settings.down_after_ms,
+        )
+        await self.redis.start()
 
     async def __aenter__(self) -> Topology:
         await self.start()
@@ -122,6 +143,7 @@ class Topology:
             "strategy": lb.strategy.name,
             "backend": self.config.app.backend,
             "servers": [s.as_dict() for s in self.servers.values()],
+            "redis": self.redis.as_dict() if self.redis is not None else None,
             "log_dir": str(self.log_dir),
         }
 
@@ -182,7 +204,20 @@ class Topology:
         ]  # fmt: skip
         if session.secure:
             argv.append("--secure-cookies")
-        return argv + self.server_args + server.extra_args
+        return argv + self._redis_args() + self.server_args + server.extra_args
+
+    def _redis_args(self) -> list[str]:
+        """How the app servers reach Redis: the lab's own, or the one configured."""
+        redis = self.config.app.redis
+        if self.config.app.backend != "redis":
+            return []
+        if self.redis is not None:
+            args = self.redis.app_server_args()
+        else:
+            args = ["--redis-url", redis.url] if redis.url else ["--redis-service", redis.service_name]
+            args += [arg for address in redis.sentinels for arg in ("--redis-sentinel", address)]
+            args += ["--redis-cluster"] if redis.cluster else []
+        return [*args, "--redis-prefix", redis.key_prefix, "--redis-retry", f"{redis.retry_s:g}"]
 
     async def _spawn(self, server: ManagedServer) -> None:
         assert server.log_path is not None
@@ -243,6 +278,26 @@ class Topology:
         app.router.add_post("/topology/servers", self._post_add)
         app.router.add_post("/servers/{id}/kill", self._post_kill)
         app.router.add_post("/servers/{id}/restart", self._post_restart)
+        app.router.add_post("/redis/primary/kill", self._post_kill_redis)
+        app.router.add_post("/redis/{name}/restart", self._post_restart_redis)
+
+    async def _post_kill_redis(self, request: web.Request) -> web.Response:
+        if self.redis is None:
+            return json_error(409, "this lab did not start a Redis (backend is not redis, or --redis-url was given)")
+        try:
+            node = await self.redis.kill_primary()
+        except TopologyError as exc:
+            return json_error(409, str(exc))
+        return web.json_response({**node.as_dict(), "signal": signal.SIGKILL.name})
+
+    async def _post_restart_redis(self, request: web.Request) -> web.Response:
+        if self.redis is None:
+            return json_error(409, "this lab did not start a Redis (backend is not redis, or --redis-url was given)")
+        try:
+            node = await self.redis.restart(request.match_info["name"])
+        except TopologyError as exc:
+            return json_error(404 if "no Redis node" in str(exc) else 500, str(exc))
+        return web.json_response(node.as_dict())
 
     async def _get_topology(self, request: web.Request) -> web.Response:
         return web.json_response(self.ready_info())

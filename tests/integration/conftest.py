@@ -17,23 +17,21 @@ from lbsession.lab.topology import Topology
 FAST_HEALTH = {"interval_s": 0.2, "timeout_s": 0.5, "rise": 1, "fall": 1}
 
 
-def lab_config(strategy: str, backend: str = "local", servers: int = 3, **balancer: Any) -> Config:
-    """A lab config on free ports, with fast health checks and a fixed sticky secret."""
-    return load_config(
-        overrides={
-            "servers": servers,
-            "balancer": {
-                "port": 0,
-                "admin_port": 0,
-                "strategy": strategy,
-                "health": FAST_HEALTH,
-                "sticky": {"secret": "integration-test-secret"},
-                **balancer,
-            },
-            "app": {"backend": backend},
-        },
-        environ={},
-    )
+def lab_config(strategy: str, backend: str = "local", servers: int = 3, **sections: dict[str, Any]) -> Config:
+    """A lab config on free ports, with fast health checks and a fixed sticky secret.
+
+    `sections` add to the top-level sections: `redis_server={"ha": True}`, `app={"redis": {...}}`.
+    """
+    balancer = {
+        "port": 0,
+        "admin_port": 0,
+        "strategy": strategy,
+        "health": FAST_HEALTH,
+        "sticky": {"secret": "integration-test-secret"},
+        **sections.pop("balancer", {}),
+    }
+    app = {"backend": backend, **sections.pop("app", {})}
+    return load_config(overrides={"servers": servers, "balancer": balancer, "app": app, **sections}, environ={})
 
 
 @pytest.fixture
@@ -41,8 +39,8 @@ async def start_lab(tmp_path: Any) -> AsyncIterator[Callable[..., Any]]:
     """Start labs on demand; every one is stopped at the end of the test, pass or fail."""
     labs: list[Topology] = []
 
-    async def start(strategy: str, backend: str = "local", servers: int = 3, **balancer: Any) -> Topology:
-        topology = Topology(lab_config(strategy, backend, servers, **balancer), log_dir=tmp_path)
+    async def start(strategy: str, backend: str = "local", servers: int = 3, **sections: Any) -> Topology:
+        topology = Topology(lab_config(strategy, backend, servers, **sections), log_dir=tmp_path / f"lab{len(labs)}")
         labs.append(topology)
         await topology.start()
         return topology

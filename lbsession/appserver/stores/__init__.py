@@ -14,6 +14,7 @@ from lbsession.config import AppServerConfig
 
 STORES: dict[str, str] = {
     "local": "lbsession.appserver.stores.local:LocalStore",
+    "redis": "lbsession.appserver.stores.redis:RedisStore",
 }
 
 

@@ -19,27 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 from lbsession.appserver.stores.base import SessionStore
+from lbsession.appserver.stores.codec import decode_attributes, encode_attributes
 
 
 @dataclass(slots=True)
 class _Entry:
     expires_at: float
     fields: dict[str, str] = field(default_factory=dict)
-
-
-def _encode(key: str, value: Any) -> str:
-    try:
-        # allow_nan=False: NaN and Infinity are not JSON (RFC 8259), so no other reader could decode them.
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:  # ValueError: NaN or a circular reference
-        raise TypeError(f"session attribute {key!r} is not JSON-serialisable: {exc}") from exc
 
 
 class LocalStore(SessionStore):
@@ -65,11 +57,11 @@ class LocalStore(SessionStore):
             return None
         if ttl_s is not None:
             entry.expires_at = self._clock() + ttl_s
-        return {key: json.loads(raw) for key, raw in entry.fields.items()}
+        return decode_attributes(entry.fields)
 
     async def save(self, session_id: str, changed: Mapping[str, Any], removed: Set[str], ttl_s: float) -> None:
         # Encode everything before touching the entry, so a bad value leaves the session as it was.
-        encoded = {key: _encode(key, value) for key, value in changed.items()}
+        encoded = encode_attributes(changed)
         entry = self._live(session_id)
         if entry is None:
             if not encoded:

