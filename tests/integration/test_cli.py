@@ -89,7 +89,7 @@ async def test_run_writes_the_ready_file_serves_the_lab_and_stops_on_sigterm(tmp
     ("args", "expected"),
     [
         (["run", "--strategy", "nope"], "choose one of: round-robin, least-conn, sticky-cookie"),
-        (["run", "--backend", "nope"], "choose one of: local"),
+        (["run", "--backend", "nope"], "choose one of: local, redis"),
         (["run", "--config", "/nonexistent/lab.yaml"], "/nonexistent/lab.yaml: cannot read the config file"),
         (["run", "--servers", "0"], "--servers: servers: 0 must be between 1 and 32"),
         (["lb", "--port", "0"], "no upstreams: give --upstream"),

@@ -285,7 +285,7 @@ def test_typo_in_the_middle_of_a_flag_path_names_the_flag() -> None:
             "app.session.same_site",
             "'lax' is not valid; choose one of: Lax, Strict, None",
         ),
-        ("app: {backend: redis}", "app.backend", "'redis' is not valid; choose one of: local"),
+        ("app: {backend: memcached}", "app.backend", "'memcached' is not valid; choose one of: local, redis"),
     ],
 )
 def test_wrong_types_are_reported(tmp_path: Path, yaml_text: str, key: str, fragment: str) -> None:
