@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lbsession {__version__}")
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="event loop (auto: uvloop when installed)")
+    parser.add_argument(
+        "--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="event loop (auto: uvloop when installed)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="start a whole lab: the balancer and N app servers, until Ctrl-C")
@@ -51,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     lb = sub.add_parser("lb", help="run the load balancer alone, in front of any HTTP/1.1 servers")
     _balancer_flags(lb)
-    lb.add_argument("--upstream", action="append", metavar="[ID=]URL", help="an upstream server, e.g. was-1=http://127.0.0.1:8001 (repeatable)")
+    lb.add_argument(
+        "--upstream",
+        action="append",
+        metavar="[ID=]URL",
+        help="an upstream server, e.g. was-1=http://127.0.0.1:8001 (repeatable)",
+    )
 
     server = sub.add_parser("server", help="run one app server (WAS)")
     server.add_argument("--config", type=Path, help="a YAML file; its `app:` section is used")
@@ -67,13 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--ready-line", action="store_true", help="print one JSON line on stdout once listening")
 
     bench = sub.add_parser("bench", help="measure req/s, latency and the balancer's CPU per request")
-    bench.add_argument("--requests", type=int, default=20000, help="requests per measured target with --tool builtin (default 20000)")
-    bench.add_argument("--duration", type=int, default=5, help="seconds of each measured wrk run, after a 1 s warm-up (default 5)")
+    bench.add_argument(
+        "--requests", type=int, default=20000, help="requests per measured target with --tool builtin (default 20000)"
+    )
+    bench.add_argument(
+        "--duration", type=int, default=5, help="seconds of each measured wrk run, after a 1 s warm-up (default 5)"
+    )
     bench.add_argument("--connections", type=int, default=50, help="concurrent keep-alive connections (default 50)")
     bench.add_argument("--servers", type=int, default=3, help="upstream servers (default 3)")
-    bench.add_argument("--strategy", default="round-robin", choices=STRATEGY_NAMES, help="balancer strategy (default round-robin)")
-    bench.add_argument("--tool", default="auto", choices=["auto", "wrk", "builtin"], help="load generator (auto: wrk when installed)")
-    bench.add_argument("--haproxy", default="auto", choices=["auto", "yes", "no"], help="also measure HAProxy in the same setup")
+    bench.add_argument(
+        "--strategy", default="round-robin", choices=STRATEGY_NAMES, help="balancer strategy (default round-robin)"
+    )
+    bench.add_argument(
+        "--tool", default="auto", choices=["auto", "wrk", "builtin"], help="load generator (auto: wrk when installed)"
+    )
+    bench.add_argument(
+        "--haproxy", default="auto", choices=["auto", "yes", "no"], help="also measure HAProxy in the same setup"
+    )
     bench.add_argument("--json", type=Path, help="also write the figures as JSON here")
     return parser
 
@@ -105,14 +122,19 @@ def _redis_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="redis://[user:password@]host:port/db or rediss:// (backend redis)")
     parser.add_argument("--redis-sentinel", action="append", metavar="HOST:PORT", help="a Sentinel (repeatable)")
     parser.add_argument("--redis-service", help="the service name the Sentinels monitor (default lbsession)")
-    parser.add_argument("--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node")
+    parser.add_argument(
+        "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"
+    )
     parser.add_argument("--redis-prefix", help="key prefix of session hashes (default lbsession:session:)")
     parser.add_argument("--redis-retry", type=float, help="seconds to keep retrying a failing Redis call (default 5)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config file named by --config and apply the flags given on top of it."""
-    get = lambda name: getattr(args, name, None)  # noqa: E731 - flags absent from a subcommand read as unset
+
+    def get(name: str) -> Any:
+        return getattr(args, name, None)  # a flag absent from this subcommand reads as unset
+
     overrides = {
         "balancer.strategy|--strategy": get("strategy"),
         "balancer.host|--host": get("host") if args.command != "server" else None,
@@ -190,7 +212,9 @@ def _print_lab(info: dict[str, Any], config: Config) -> None:
     print(f"  logs            {info['log_dir']}")
     print()
     print("Log in through the balancer, then ask who you are a few times:")
-    print(f"  curl -s -c jar -b jar -H 'Content-Type: application/json' -d '{{\"username\": \"alice\"}}' {lb}/login; echo")
+    print(
+        f"  curl -s -c jar -b jar -H 'Content-Type: application/json' -d '{{\"username\": \"alice\"}}' {lb}/login; echo"
+    )
     print(f"  for i in 1 2 3 4 5 6; do curl -s -c jar -b jar {lb}/me; echo; done")
     if info["strategy"] == "round-robin" and info["backend"] == "local":
         print("With round-robin and local sessions, some answers are 401 'login required': the bug.")
@@ -208,7 +232,10 @@ async def cmd_lb(args: argparse.Namespace) -> int:
     lb = LoadBalancer(config)
     await lb.start()
     try:
-        print(f"balancing {len(config.upstreams)} upstreams on {lb.url} ({lb.strategy.name}); admin on {lb.admin_url}", flush=True)
+        print(
+            f"balancing {len(config.upstreams)} upstreams on {lb.url} ({lb.strategy.name}); admin on {lb.admin_url}",
+            flush=True,
+        )
         await _wait_for_signal()
     finally:
         await lb.stop()
@@ -257,9 +284,12 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            raise UsageError("--loop uvloop: uvloop is not installed; pip install uvloop, or use --loop asyncio") from None
+            raise UsageError(
+                "--loop uvloop: uvloop is not installed; pip install uvloop, or use --loop asyncio"
+            ) from None
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            print(f"error: a port is already in use ({exc.strerror}); choose free ones with --port/--admin-port, or 0 for any", file=sys.stderr)
+            hint = "choose free ones with --port/--admin-port, or 0 for any"
+            print(f"error: a port is already in use ({exc.strerror}); {hint}", file=sys.stderr)
             return 2
         print(f"error: {exc}", file=sys.stderr)
         return 1

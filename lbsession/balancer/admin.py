@@ -44,7 +44,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
             text=json.dumps({"error": f"the body is not valid JSON: {exc}"}), content_type="application/json"
         ) from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "the body must be a JSON object"}), content_type="application/json")
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "the body must be a JSON object"}), content_type="application/json"
+        )
     return body
 
 

@@ -68,9 +68,9 @@ class LoadBalancer:
         self.port = self._server.sockets[0].getsockname()[1]
         await self.pool.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="lb-sweeper")
-        from lbsession.balancer.admin import create_admin_app  # aiohttp stays off the data path's imports
-
         from aiohttp import web
+
+        from lbsession.balancer.admin import create_admin_app  # aiohttp stays off the data path's imports
 
         app = create_admin_app(self)
         for extend in self.admin_extensions:
@@ -87,8 +87,9 @@ class LoadBalancer:
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + grace_s
-        while any(not c.close_if_idle() for c in list(self.clients)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # polling in-flight exchanges during shutdown only
+        # Poll, during shutdown only: each turn also asks idle clients to close.
+        while any(not c.close_if_idle() for c in list(self.clients)) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.abort()
@@ -185,7 +186,9 @@ class LoadBalancer:
         """A fresh connection to `upstream`; OSError (TimeoutError included) if it cannot be had."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.limits.connect_timeout_s):
-            _, conn = await loop.create_connection(lambda: UpstreamConnection(self, upstream), upstream.host, upstream.port)
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(self, upstream), upstream.host, upstream.port
+            )
         return conn
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -32,9 +32,7 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 # de facto Proxy-Connection. Transfer-Encoding is kept: chunked bodies pass through as they are.
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
-)
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
 # Forwarding headers the proxy writes itself; a client's own are dropped unless it is a trusted proxy.
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
 
@@ -52,8 +50,17 @@ class RequestHead:
     """A parsed request head, already split into what is forwarded and what the proxy acts on."""
 
     __slots__ = (
-        "method", "target", "http10", "keep_alive", "content_length", "chunked",
-        "host", "cookie", "forwarded", "lines", "expect_continue",
+        "chunked",
+        "content_length",
+        "cookie",
+        "expect_continue",
+        "forwarded",
+        "host",
+        "http10",
+        "keep_alive",
+        "lines",
+        "method",
+        "target",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -105,7 +112,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         if key in _SPECIAL_REQUEST:
             value = value.strip(b" \t")
             if key == b"content-length":
-                if content_length is not None and value != content_length or not value.isdigit() or len(value) > 15:
+                if (content_length is not None and value != content_length) or not value.isdigit() or len(value) > 15:
                     raise HTTPError(400, "invalid or conflicting Content-Length")
                 if content_length is None:  # identical repeats are folded into one (RFC 9110 §8.6)
                     lines.append(b"Content-Length: " + value)
@@ -160,7 +167,7 @@ _SPECIAL_REQUEST = HOP_BY_HOP | FORWARDED | {
 class ResponseHead:
     """A parsed response head: its framing, whether the connection may be reused, the lines to forward."""
 
-    __slots__ = ("status", "http10", "keep_alive", "content_length", "chunked", "lines", "status_line")
+    __slots__ = ("chunked", "content_length", "http10", "keep_alive", "lines", "status", "status_line")
 
     def __init__(self) -> None:
         self.status = 0
@@ -228,7 +235,7 @@ class ChunkedScanner:
     on with the other side is how smuggling starts.
     """
 
-    __slots__ = ("_state", "_remaining", "_line", "total", "limit", "decoded")
+    __slots__ = ("_line", "_remaining", "_state", "decoded", "limit", "total")
 
     _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
     _MAX_LINE = 4096

@@ -134,9 +134,7 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # A client may half-close after its last request and still read the answer.
         self.half_closed = True
-        if self.state == _HEAD:
-            return False  # nothing in flight: let asyncio close the transport
-        return True
+        return self.state != _HEAD  # False: nothing in flight, let asyncio close the transport
 
     def pause_writing(self) -> None:
         if self.upstream_conn is not None:
@@ -517,7 +515,12 @@ class UpstreamConnection(asyncio.Protocol):
         assert client is not None
         self.client = None
         self.state = _IDLE
-        if self.keep_alive and client.request_done and self.upstream.healthy and self.upstream.server_id in self.lb.pool.upstreams:
+        if (
+            self.keep_alive
+            and client.request_done
+            and self.upstream.healthy
+            and self.upstream.server_id in self.lb.pool.upstreams
+        ):
             self.deadline = self.lb.clock + self.lb.limits.pool_idle_s
             self.upstream.idle.append(self)
         else:
@@ -572,4 +575,3 @@ class UpstreamConnection(asyncio.Protocol):
         """Close the connection (pooled or not)."""
         if self.transport is not None:
             self.transport.close()
-

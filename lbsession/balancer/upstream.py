@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+
 from lbsession.config import HealthConfig, UpstreamConfig, parse_http_url
 from lbsession.errors import ConfigError
 
@@ -28,8 +30,19 @@ class Upstream:
     """One app server as the balancer sees it."""
 
     __slots__ = (
-        "server_id", "url", "host", "port", "healthy", "draining", "in_flight", "requests",
-        "idle", "_streak", "last_check", "last_error", "changed_at",
+        "_streak",
+        "changed_at",
+        "draining",
+        "healthy",
+        "host",
+        "idle",
+        "in_flight",
+        "last_check",
+        "last_error",
+        "port",
+        "requests",
+        "server_id",
+        "url",
     )  # fmt: skip
 
     def __init__(self, server_id: str, url: str) -> None:
@@ -95,7 +108,7 @@ class UpstreamPool:
         # is a delay rather than a window in which the balancer refuses everyone.
         self.candidates: tuple[Upstream, ...] = ()
         self._task: asyncio.Task[None] | None = None
-        self._client: Any = None  # aiohttp.ClientSession, created in start()
+        self._client: aiohttp.ClientSession | None = None  # created in start(), inside the running loop
         for upstream in upstreams:
             self.add(upstream.id, upstream.url)
 
@@ -147,8 +160,7 @@ class UpstreamPool:
 
     async def start(self) -> None:
         """Start the active health checks."""
-        import aiohttp  # the checks are off the data path, where aiohttp's convenience is worth it
-
+        # The checks are off the data path, where aiohttp's convenience is worth its cost.
         timeout = aiohttp.ClientTimeout(total=self._health.timeout_s)
         self._client = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True))
         self._task = asyncio.create_task(self._check_forever(), name="health-checks")
@@ -170,13 +182,12 @@ class UpstreamPool:
 
     async def check(self, upstream: Upstream) -> bool:
         """Run one active check of `upstream` and apply rise/fall; True if it answered 2xx."""
-        import aiohttp
-
+        assert self._client is not None, "start() the pool first"
         try:
             async with self._client.get(upstream.url + self._health.path) as response:
                 ok = 200 <= response.status < 300
                 upstream.last_check = f"HTTP {response.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ok = False
             upstream.last_check = f"{type(exc).__name__}: {exc}".strip(": ")
         if upstream.server_id not in self.upstreams:

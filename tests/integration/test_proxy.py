@@ -24,6 +24,7 @@ from tests.integration.proxy_fixtures import (
     MIB,
     Exchange,
     ProxyLab,
+    Response,
     free_port,
     get,
     header_values,
@@ -47,7 +48,7 @@ async def echo_balancer(lab: ProxyLab, **kwargs: Any) -> LoadBalancer:
     return await lab.balancer({"echo": await lab.echo()}, **kwargs)
 
 
-def echoed(response: Any) -> dict[str, Any]:
+def echoed(response: Response) -> dict[str, Any]:
     """The echo upstream's report in a RawClient response."""
     return json.loads(response.body)  # type: ignore[no-any-return]
 
@@ -61,7 +62,7 @@ async def elapsed_s(awaitable: Any) -> tuple[Any, float]:
 
 
 class RecordingStrategy(Strategy):
-    """Round-robin that remembers the client address of every request it routed."""
+    """Another strategy, remembering the client address of every request it routed."""
 
     name = "recording"
 
@@ -98,7 +99,7 @@ async def test_chunked_response_with_trailer_passes_through_unchanged(lab: Proxy
 
     async def chunked(exchange: Exchange) -> bool:
         exchange.writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n")
-        exchange.writer.write(wire[:9])  # split inside a chunk, so the scanner sees it in pieces
+        exchange.writer.write(wire[:9])  # two writes split inside a chunk: the scanner may get it in pieces
         await exchange.writer.drain()
         exchange.writer.write(wire[9:])
         return True
@@ -117,7 +118,7 @@ async def test_chunked_response_with_trailer_passes_through_unchanged(lab: Proxy
 
 
 async def test_ten_megabyte_request_body(lab: ProxyLab) -> None:
-    lb = await echo_balancer(lab, read_timeout_s=5.0)
+    lb = await echo_balancer(lab, read_timeout_s=5.0)  # a stalled upload fails in seconds, not 30
     data = payload(10 * MIB)
     session = await lab.session()
     async with session.post(lb.url + "/upload", data=io.BytesIO(data)) as response:
