@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--session-ttl", type=float, help="session lifetime in seconds (default 1800)")
     server.add_argument("--secure-cookies", action="store_true", default=None, help="mark cookies Secure (HTTPS only)")
     _redis_client_flags(server)
+    _cluster_flags(server, node=True)
     server.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
     server.add_argument("--ready-line", action="store_true", help="print one JSON line on stdout once listening")
 
@@ -116,6 +117,20 @@ def _topology_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-persist", action="store_true", default=None, help="append-only file: a restarted Redis keeps sessions"
     )
+    _cluster_flags(parser, node=False)
+
+
+def _cluster_flags(parser: argparse.ArgumentParser, *, node: bool) -> None:
+    parser.add_argument("--cluster-replication", choices=["sync", "async"], help="wait for peers' acks (sync)")
+    parser.add_argument("--cluster-membership", choices=["static", "join"], help="static peer lists, or join")
+    if not node:
+        return
+    parser.add_argument("--cluster-port", type=int, help="replication listener port (0 = any free port)")
+    parser.add_argument("--cluster-peers", help="the other nodes' replication addresses, host:port,host:port")
+    parser.add_argument("--cluster-join", metavar="HOST:PORT", help="join membership: one member to join through")
+    parser.add_argument(
+        "--cluster-secret", help="shared secret (prefer LBSESSION_APP__CLUSTER__SECRET: flags show in ps)"
+    )
 
 
 def _redis_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -156,12 +171,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "app.redis.cluster|--redis-cluster": get("redis_cluster"),
         "app.redis.key_prefix|--redis-prefix": get("redis_prefix"),
         "app.redis.retry_s|--redis-retry": get("redis_retry"),
+        "app.cluster.replication|--cluster-replication": get("cluster_replication"),
+        "app.cluster.membership|--cluster-membership": get("cluster_membership"),
+        "app.cluster.port|--cluster-port": get("cluster_port"),
+        "app.cluster.peers|--cluster-peers": _split(get("cluster_peers")),
+        "app.cluster.join|--cluster-join": get("cluster_join"),
+        "app.cluster.secret|--cluster-secret": get("cluster_secret"),
         "redis_server.ha|--redis-ha": get("redis_ha"),
         "redis_server.persist|--redis-persist": get("redis_persist"),
     }
     if get("upstream"):
         overrides["balancer.upstreams|--upstream"] = [_parse_upstream(i, u) for i, u in enumerate(args.upstream, 1)]
     return load_config(args.config, overrides)
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _parse_upstream(index: int, text: str) -> dict[str, str]:
@@ -251,6 +276,7 @@ async def cmd_server(args: argparse.Namespace) -> int:
     def ready(server: AppServer) -> None:
         if args.ready_line:
             line = {"ready": True, "id": config.id, "port": server.port, "url": server.url, "pid": os.getpid()}
+            line.update(server.store.describe())  # a cluster node adds its replication address
             print(json.dumps(line), flush=True)
         else:
             print(f"{config.id} serving on {server.url} (sessions: {config.backend})", file=sys.stderr, flush=True)

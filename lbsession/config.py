@@ -30,7 +30,9 @@ import yaml
 from lbsession.errors import ConfigError
 
 StrategyName = Literal["round-robin", "least-conn", "sticky-cookie", "ip-hash", "consistent-hash"]
-BackendName = Literal["local", "redis"]
+BackendName = Literal["local", "redis", "cluster"]
+Replication = Literal["sync", "async"]
+Membership = Literal["static", "join"]
 SameSite = Literal["Lax", "Strict", "None"]
 
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
@@ -223,6 +225,39 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """How a node of the `cluster` store replicates to its peers."""
+
+    host: str = "127.0.0.1"  # the replication listener
+    port: int = 0  # 0: any free port (reported in the ready line)
+    advertise_host: str = "127.0.0.1"  # how peers reach this node (the address they must list)
+    peers: tuple[str, ...] = ()  # host:port of the other nodes' replication listeners
+    secret: str | None = None  # shared by all nodes; authenticates every frame
+    replication: Replication = "sync"  # sync: answer the user after every live peer acked
+    membership: Membership = "static"  # static: only listed peers; join: announced through `join`
+    join: str | None = None  # join mode: one member's host:port
+    ack_timeout_s: float = 0.25  # a peer slower than this is marked down and skipped
+    async_flush_ms: float = 100.0  # async mode: changes are batched and sent this often
+    heartbeat_s: float = 1.0  # a link silent for 3 heartbeats is down
+    startup_wait_s: float = 3.0  # at start, wait this long at most for links to peers to come up
+    max_message_bytes: int = 1024 * 1024
+    tombstone_ttl_s: float = 60.0  # how long a deleted session is remembered as deleted
+
+    def problems(self) -> list[str]:
+        out = _port_problems("port", self.port)
+        out += _positive(
+            ack_timeout_s=self.ack_timeout_s, heartbeat_s=self.heartbeat_s, startup_wait_s=self.startup_wait_s
+        )
+        out += _positive(max_message_bytes=self.max_message_bytes, tombstone_ttl_s=self.tombstone_ttl_s)
+        out += _positive(async_flush_ms=self.async_flush_ms)
+        for address in (*self.peers, *([self.join] if self.join else [])):
+            out += _host_port_problems("peers", address)
+        if self.secret is not None and len(self.secret) < 16:
+            out.append("secret: must be at least 16 characters")
+        return out
+
+
+@dataclass(frozen=True)
 class AppServerConfig:
     """`lbsession server`: one app server (WAS) and its session store."""
 
@@ -232,6 +267,7 @@ class AppServerConfig:
     backend: BackendName = "local"
     session: SessionConfig = field(default_factory=SessionConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def problems(self) -> list[str]:
         out = _port_problems("port", self.port)

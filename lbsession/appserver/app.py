@@ -129,7 +129,7 @@ async def read_cart(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     """Alive, and can reach its store: what the balancer's active health check asks."""
     config, store = request.app[CONFIG], request.app[STORE]
-    facts: dict[str, Any] = {"server": config.id, "backend": store.name}
+    facts: dict[str, Any] = {"server": config.id, "backend": store.name, **store.describe()}
     try:
         facts["sessions"] = await store.count()
     except StoreUnavailable as exc:

@@ -10,6 +10,7 @@ next ones the wait for the active check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -39,6 +40,7 @@ class Upstream:
         "in_flight",
         "last_check",
         "last_error",
+        "last_health",
         "port",
         "requests",
         "server_id",
@@ -57,6 +59,7 @@ class Upstream:
         self._streak = 0  # consecutive check results against the current state
         self.last_check: str | None = None
         self.last_error: str | None = None
+        self.last_health: Any = None  # the JSON the server's last health check answered
         self.changed_at = time.time()
 
     def take_idle(self) -> UpstreamConnection | None:
@@ -86,6 +89,7 @@ class Upstream:
             "idle_connections": len(self.idle),
             "last_error": self.last_error,
             "changed_at": self.changed_at,
+            "health": self.last_health,
         }
 
 
@@ -187,6 +191,9 @@ class UpstreamPool:
             async with self._client.get(upstream.url + self._health.path) as response:
                 ok = 200 <= response.status < 300
                 upstream.last_check = f"HTTP {response.status}"
+                if response.content_type == "application/json" and (response.content_length or 0) < 65536:
+                    with contextlib.suppress(ValueError):
+                        upstream.last_health = await response.json()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ok = False
             upstream.last_check = f"{type(exc).__name__}: {exc}".strip(": ")

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from lbsession.balancer.admin import json_error, read_json
 from lbsession.balancer.balancer import LoadBalancer
 from lbsession.config import Config
 from lbsession.errors import TopologyError
-from lbsession.lab.redis import RedisTopology
+from lbsession.lab.redis import RedisTopology, free_port
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class ManagedServer:
     log_path: Path | None = None
     restarts: int = 0
     extra_args: list[str] = field(default_factory=list)
+    cluster_port: int = 0  # backend cluster: the replication listener, fixed so peers can list it
+    cluster_args: list[str] = field(default_factory=list)  # peers or join: fixed at creation, kept on restart
 
     @property
     def url(self) -> str:
@@ -60,7 +63,10 @@ class ManagedServer:
 
     def as_dict(self) -> dict[str, Any]:
         """The server as the ready file and the admin API describe it."""
-        return {"id": self.server_id, "url": self.url, "pid": self.pid, "restarts": self.restarts}
+        info: dict[str, Any] = {"id": self.server_id, "url": self.url, "pid": self.pid, "restarts": self.restarts}
+        if self.cluster_port:
+            info["cluster_address"] = f"127.0.0.1:{self.cluster_port}"
+        return info
 
 
 class Topology:
@@ -74,6 +80,9 @@ class Topology:
         self.lb: LoadBalancer | None = None
         self.redis: RedisTopology | None = None  # the Redis this lab started, if it started one
         self._next_index = 1
+        # One secret per lab authenticates the cluster's replication; it reaches the servers
+        # through their environment, since a command line is visible to every local user.
+        self._cluster_secret = config.app.cluster.secret or secrets.token_urlsafe(32)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -83,6 +92,8 @@ class Topology:
         try:
             await self._start_redis()
             servers = [self._new_server() for _ in range(self.config.servers)]
+            for server in servers:  # every first server lists all the others
+                server.cluster_args = self._peer_args([s for s in servers if s is not server])
             await asyncio.gather(*(self._spawn(s) for s in servers))
             self.lb = LoadBalancer(self.config.balancer)
             self.lb.admin_extensions.append(self._admin_routes)
@@ -178,8 +189,18 @@ class Topology:
         return server
 
     async def add_server(self) -> ManagedServer:
-        """Start one more app server and put it behind the balancer (scale-out)."""
+        """Start one more app server and put it behind the balancer (scale-out).
+
+        With the cluster store and static membership, the newcomer lists the running
+        servers but theirs are left as they were: the seed's drawback, reproduced.
+        With join membership it joins through one running member instead.
+        """
+        others = [s for s in self.servers.values() if s.pid is not None]
         server = self._new_server()
+        if self.config.app.cluster.membership == "join" and others:
+            server.cluster_args = ["--cluster-join", f"127.0.0.1:{others[0].cluster_port}"]
+        else:
+            server.cluster_args = self._peer_args(others)
         await self._spawn(server)
         self._balancer().pool.add(server.server_id, server.url)
         return server
@@ -190,6 +211,8 @@ class Topology:
         server_id = f"was-{self._next_index}"
         self._next_index += 1
         server = ManagedServer(server_id, log_path=self.log_dir / f"{server_id}.log")
+        if self.config.app.backend == "cluster":
+            server.cluster_port = free_port()
         self.servers[server_id] = server
         return server
 
@@ -204,7 +227,21 @@ class Topology:
         ]  # fmt: skip
         if session.secure:
             argv.append("--secure-cookies")
-        return argv + self._redis_args() + self.server_args + server.extra_args
+        return argv + self._redis_args() + self._cluster_args(server) + self.server_args + server.extra_args
+
+    def _peer_args(self, peers: list[ManagedServer]) -> list[str]:
+        if self.config.app.backend != "cluster":
+            return []
+        return ["--cluster-peers", ",".join(f"127.0.0.1:{p.cluster_port}" for p in peers)]
+
+    def _cluster_args(self, server: ManagedServer) -> list[str]:
+        cluster = self.config.app.cluster
+        if self.config.app.backend != "cluster":
+            return []
+        return [
+            "--cluster-port", str(server.cluster_port), "--cluster-replication", cluster.replication,
+            "--cluster-membership", cluster.membership, *server.cluster_args,
+        ]  # fmt: skip
 
     def _redis_args(self) -> list[str]:
         """How the app servers reach Redis: the lab's own, or the one configured."""
@@ -227,7 +264,7 @@ class Topology:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "LBSESSION_APP__CLUSTER__SECRET": self._cluster_secret},
                 start_new_session=True,  # Ctrl-C in a terminal reaches `run`, which stops children itself
             )
         assert server.process.stdout is not None

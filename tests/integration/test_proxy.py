@@ -634,7 +634,8 @@ async def test_admin_status_shape(lab: ProxyLab) -> None:
     assert isinstance(status["uptime_s"], float)
     [server] = status["servers"]
     assert server.keys() == {
-        "id", "url", "healthy", "draining", "in_flight", "requests", "idle_connections", "last_error", "changed_at"
+        "id", "url", "healthy", "draining", "in_flight", "requests", "idle_connections", "last_error", "changed_at",
+        "health",
     }  # fmt: skip
     assert (server["id"], server["healthy"], server["requests"], server["in_flight"]) == ("echo", True, 1, 0)
     counters = status["counters"]

@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 
 from lbsession.appserver.stores import STORES, SessionStore, store_class
+from lbsession.appserver.stores.cluster import ClusterStore
 from lbsession.appserver.stores.local import LocalStore
 from lbsession.appserver.stores.redis import RedisStore
-from lbsession.config import BACKEND_NAMES, RedisConfig
+from lbsession.config import BACKEND_NAMES, ClusterConfig, RedisConfig
 
 REDIS_URL: list[str] = [""]  # set from the session's real Redis when a redis test runs
 
@@ -76,10 +77,23 @@ async def redis_store() -> AsyncIterator[StoreUnderTest]:
         await store.close()
 
 
+@asynccontextmanager
+async def cluster_store() -> AsyncIterator[StoreUnderTest]:
+    # A single node: the contract is about the store, replication has its own tests.
+    clock = FakeClock()
+    store = ClusterStore("node-1", ClusterConfig(secret="contract-test-secret", port=0), clock=clock)
+    await store.start()
+    try:
+        yield StoreUnderTest(store=store, ttl_s=60.0, elapse=clock.advance)
+    finally:
+        await store.close()
+
+
 # One entry per registered backend.
 FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[StoreUnderTest]]] = {
     "local": local_store,
     "redis": redis_store,
+    "cluster": cluster_store,
 }
 
 

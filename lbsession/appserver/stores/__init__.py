@@ -15,6 +15,7 @@ from lbsession.config import AppServerConfig
 STORES: dict[str, str] = {
     "local": "lbsession.appserver.stores.local:LocalStore",
     "redis": "lbsession.appserver.stores.redis:RedisStore",
+    "cluster": "lbsession.appserver.stores.cluster:ClusterStore",
 }
 
 

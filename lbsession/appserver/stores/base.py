@@ -57,3 +57,7 @@ class SessionStore(ABC):
 
     async def close(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """Release connections and stop background work."""
+
+    def describe(self) -> dict[str, Any]:
+        """What /healthz shows of the store beyond its name (a cluster node shows its peers)."""
+        return {}

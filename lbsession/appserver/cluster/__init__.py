@@ -1,0 +1,1 @@
+"""Session clustering: every app server keeps every session and replicates each change to its peers."""
