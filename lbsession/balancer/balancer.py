@@ -15,8 +15,8 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from lbsession.balancer.proxy import ClientConnection, UpstreamConnection, strip_cookies
-from lbsession.balancer.strategies import Route, Strategy, create_strategy
+from lbsession.balancer.proxy import ClientConnection, UpstreamConnection
+from lbsession.balancer.strategies import Strategy, create_strategy
 from lbsession.balancer.strategies.base import ROUTE_REASONS
 from lbsession.balancer.upstream import Upstream, UpstreamPool
 from lbsession.config import BalancerConfig
@@ -149,38 +149,32 @@ class LoadBalancer:
             return False
         return any(address in net for net in self._trusted)
 
-    def upstream_head(self, req: RequestHead, peer_ip: str) -> bytes:
+    def upstream_head(self, req: RequestHead, client: ClientConnection) -> bytes:
         """The request head as the upstream gets it: hop-by-hop gone, LB cookie gone, X-Forwarded-* set."""
-        lines = [b"%s %s HTTP/1.1" % (req.method, req.target), *req.lines]
+        out = req.out
         cookie = req.cookie
-        if cookie is not None:
-            if self._private_cookies:
-                cookie = strip_cookies(cookie, self._private_cookies)
-            if cookie:
-                lines.append(b"Cookie: " + cookie)
+        if cookie is not None and self._private_cookies and any(n + b"=" in cookie for n in self._private_cookies):
+            out = req.without_cookie_lines()
+            stripped = client.stripped_cookie(cookie, self._private_cookies)
+            if stripped:
+                out += b"\r\nCookie: " + stripped
+        forwarded = client.forwarded_tail
+        if req.forwarded and self._trusted and self._is_trusted(client.client_ip):
+            forwarded = self._forwarded_by_proxy(req, client.client_ip)
+        if req.host is None:  # an HTTP/1.0 request without Host; HTTP/1.1 requires one upstream
+            return b"%s%s\r\nHost: localhost\r\n\r\n" % (out, forwarded)
+        return b"%s%s\r\nX-Forwarded-Host: %s\r\n\r\n" % (out, forwarded, req.host)
+
+    def _forwarded_by_proxy(self, req: RequestHead, peer_ip: str) -> bytes:
+        """X-Forwarded-For/-Proto when the peer is a trusted proxy: its chain, extended by its address."""
         forwarded_for = peer_ip.encode()
         proto = b"http"
-        if req.forwarded and self._trusted and self._is_trusted(peer_ip):
-            for name, value in req.forwarded:
-                if name == b"x-forwarded-for":
-                    forwarded_for = value + b", " + forwarded_for
-                elif name == b"x-forwarded-proto":
-                    proto = value
-        lines.append(b"X-Forwarded-For: " + forwarded_for)
-        lines.append(b"X-Forwarded-Proto: " + proto)
-        if req.host is not None:
-            lines.append(b"X-Forwarded-Host: " + req.host)
-        else:  # an HTTP/1.0 request without Host; HTTP/1.1 requires one upstream
-            lines.append(b"Host: localhost")
-        return b"\r\n".join(lines) + b"\r\n\r\n"
-
-    def routed(self, client: ClientConnection, route: Route) -> None:
-        """Count a routing decision."""
-        self.routes[route.reason] += 1
-
-    def responded(self, client: ClientConnection, status: int) -> None:
-        """Count a relayed response."""
-        self.statuses[status] = self.statuses.get(status, 0) + 1
+        for name, value in req.forwarded:
+            if name == b"x-forwarded-for":
+                forwarded_for = value + b", " + forwarded_for
+            elif name == b"x-forwarded-proto":
+                proto = value
+        return b"\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s" % (forwarded_for, proto)
 
     async def open_upstream(self, upstream: Upstream) -> UpstreamConnection:
         """A fresh connection to `upstream`; OSError (TimeoutError included) if it cannot be had."""

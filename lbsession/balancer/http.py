@@ -24,10 +24,11 @@ from http import HTTPStatus
 # RFC 9110 §5.6.2 token characters.
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
-# Every header line of a head at once: name, colon, visible characters, spaces and tabs.
-# No CR, LF or NUL inside a value, and no space before the colon (RFC 9112 §5.1).
-_HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
+# The header block of a head at once, each line led by its CRLF: a token, a colon, then visible
+# characters, spaces and tabs. So no CR, LF or NUL inside a value, no space before the colon
+# (RFC 9112 §5.1) and no obsolete line folding. One pass in C, whatever the number of headers.
+_FIELDS = re.compile(rb"(?:\r\n" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*)*")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
@@ -35,6 +36,19 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
 # Forwarding headers the proxy writes itself; a client's own are dropped unless it is a trusted proxy.
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+
+_HOP = rb"connection|keep-alive|proxy-connection|te|trailer|upgrade"
+_FWD = rb"x-forwarded-for|x-forwarded-proto|x-forwarded-host|forwarded"
+# The request headers the proxy acts on, found in one pass; and the ones it never forwards as they came.
+_REQUEST_SPECIAL = re.compile(
+    rb"\r\n(content-length|transfer-encoding|host|cookie|expect|" + _HOP + rb"|" + _FWD + rb"):([^\r\n]*)", re.I
+)
+_REQUEST_DROP = re.compile(rb"\r\n(?:" + _HOP + rb"|" + _FWD + rb"):[^\r\n]*", re.I)
+_CONTENT_LENGTH_LINES = re.compile(rb"\r\ncontent-length:[^\r\n]*", re.I)
+_COOKIE_LINES = re.compile(rb"\r\ncookie:[^\r\n]*", re.I)
+_RESPONSE_SPECIAL = re.compile(rb"\r\n(content-length|transfer-encoding|" + _HOP + rb"):([^\r\n]*)", re.I)
+_RESPONSE_DROP = re.compile(rb"\r\n(?:" + _HOP + rb"):[^\r\n]*", re.I)
+_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*", re.I)
 
 
 class HTTPError(Exception):
@@ -47,7 +61,7 @@ class HTTPError(Exception):
 
 
 class RequestHead:
-    """A parsed request head, already split into what is forwarded and what the proxy acts on."""
+    """A parsed request head: what the proxy acts on, and the head to forward (`out`)."""
 
     __slots__ = (
         "chunked",
@@ -58,8 +72,8 @@ class RequestHead:
         "host",
         "http10",
         "keep_alive",
-        "lines",
         "method",
+        "out",
         "target",
     )  # fmt: skip
 
@@ -73,101 +87,103 @@ class RequestHead:
         self.host: bytes | None = None
         self.cookie: bytes | None = None  # every Cookie header joined, or None
         self.forwarded: list[tuple[bytes, bytes]] = []  # the client's X-Forwarded-* (name, value)
-        self.lines: list[bytes] = []  # header lines to forward as they came
+        # The request line and header block to forward, without the final blank line; the client's
+        # hop-by-hop and forwarding headers are already gone. Usually the head exactly as it came.
+        self.out = b""
         self.expect_continue = False
 
-    def header(self, name: bytes) -> bytes | None:
-        """The first forwarded header called `name` (lower-case), or None."""
-        for line in self.lines:
-            key, _, value = line.partition(b":")
-            if key.lower() == name:
-                return value.strip(b" \t")
-        return None
+    def get(self, name: str, default: None = None, /) -> str | None:
+        """A forwarded header's value by (any-case) name, or None: what hashing strategies read."""
+        match = re.search(rb"\r\n" + re.escape(name.encode()) + rb":[ \t]*([^\r\n]*)", self.out, re.I)
+        return default if match is None else match.group(1).rstrip(b" \t").decode("latin-1")
+
+    def without_cookie_lines(self) -> bytes:
+        """`out` with its Cookie headers removed (the proxy re-adds a filtered one)."""
+        return _COOKIE_LINES.sub(b"", self.out)
 
 
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a request head (without its final blank line); raise HTTPError if it is refused."""
     end = head.find(b"\r\n")
-    request_line = head if end < 0 else head[:end]
-    match = _REQUEST_LINE.fullmatch(request_line)
+    match = _REQUEST_LINE.fullmatch(head if end < 0 else head[:end])
     if match is None:
         raise HTTPError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'")
+    block = b"" if end < 0 else head[end:]
+    if block and _FIELDS.fullmatch(block) is None:
+        raise HTTPError(400, "malformed header line (bad name, space before ':', control character or folding)")
     req = RequestHead()
     req.method, req.target, minor = match.groups()
     req.http10 = minor == b"0"
-    if end < 0:
-        block = b""
-    else:
-        block = head[end + 2 :] + b"\r\n"
-        if _HEADER_BLOCK.fullmatch(block) is None:
-            raise HTTPError(400, "malformed header line (bad name, space before ':', control character or folding)")
-    connection_tokens: list[bytes] = []
-    content_length: bytes | None = None
-    hosts = 0
-    cookies: list[bytes] = []
-    lines = req.lines
-    for line in block.split(b"\r\n")[:-1]:
-        name, _, value = line.partition(b":")
-        key = name.lower()
-        if key in _SPECIAL_REQUEST:
-            value = value.strip(b" \t")
-            if key == b"content-length":
-                if (content_length is not None and value != content_length) or not value.isdigit() or len(value) > 15:
-                    raise HTTPError(400, "invalid or conflicting Content-Length")
-                if content_length is None:  # identical repeats are folded into one (RFC 9110 §8.6)
-                    lines.append(b"Content-Length: " + value)
-                content_length = value
-            elif key == b"transfer-encoding":
-                if req.chunked or value.lower() != b"chunked" or req.http10:
-                    raise HTTPError(400, "only a single 'Transfer-Encoding: chunked' is accepted, on HTTP/1.1")
-                req.chunked = True
-                lines.append(line)
-            elif key == b"connection":
-                connection_tokens += [t.strip(b" \t").lower() for t in value.split(b",")]
-            elif key == b"host":
-                hosts += 1
-                req.host = value
-                lines.append(line)
-            elif key == b"cookie":
-                cookies.append(value)
-            elif key == b"expect":
-                req.expect_continue = value.lower() == b"100-continue"
-                lines.append(line)
-            elif key in FORWARDED:
-                req.forwarded.append((key, value))
-            # other hop-by-hop headers are dropped
-        else:
-            lines.append(line)
-    if content_length is not None:
-        if req.chunked:
-            raise HTTPError(400, "both Content-Length and Transfer-Encoding; refused (request smuggling)")
-        req.content_length = int(content_length)
-    if hosts != 1 and not req.http10:
+    drop = _read_request_specials(req, block) if block else []
+    if req.host is None and not req.http10:
         raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
-    if cookies:
-        req.cookie = b"; ".join(cookies)
-    if connection_tokens:
-        if b"close" in connection_tokens:
-            req.keep_alive = False
-        elif req.http10 and b"keep-alive" in connection_tokens:
-            req.keep_alive = True
-        extra = set(connection_tokens) - {b"close", b"keep-alive"}
-        if extra:  # headers the client named as hop-by-hop (RFC 9110 §7.6.1)
-            req.lines = [ln for ln in lines if ln.partition(b":")[0].lower() not in extra]
-    if req.http10 and b"keep-alive" not in connection_tokens:
-        req.keep_alive = False
+    if drop or req.http10:
+        block = _REQUEST_DROP.sub(b"", block) if drop else block
+        if b"content-length" in drop:  # identical repeats are folded into one (RFC 9110 §8.6)
+            block = _CONTENT_LENGTH_LINES.sub(b"", block) + b"\r\nContent-Length: %d" % req.content_length
+        extra = {
+            name for name in drop if name not in HOP_BY_HOP and name not in FORWARDED and name != b"content-length"
+        }
+        if extra:  # headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1)
+            block = b"".join(
+                b"\r\n" + line for line in block.split(b"\r\n")[1:] if line.partition(b":")[0].lower() not in extra
+            )
+        head = b"%s %s HTTP/1.1%s" % (req.method, req.target, block)
+    req.out = head
     return req
 
 
-_SPECIAL_REQUEST = HOP_BY_HOP | FORWARDED | {
-    b"content-length", b"transfer-encoding", b"host", b"cookie", b"expect"
-}  # fmt: skip
+def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
+    """Fill `req` from the headers the proxy acts on; return the names that must not be forwarded as they are."""
+    drop: list[bytes] = []
+    lengths: list[bytes] = []
+    cookies: list[bytes] = []
+    connection: list[bytes] = []
+    hosts = 0
+    for raw_name, raw_value in _REQUEST_SPECIAL.findall(block):
+        name, value = raw_name.lower(), raw_value.strip(b" \t")
+        if name == b"content-length":
+            if not value.isdigit() or len(value) > 15 or (lengths and value != lengths[0]):
+                raise HTTPError(400, "invalid or conflicting Content-Length")
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            if req.chunked or value.lower() != b"chunked" or req.http10:
+                raise HTTPError(400, "only a single 'Transfer-Encoding: chunked' is accepted, on HTTP/1.1")
+            req.chunked = True
+        elif name == b"host":
+            hosts += 1
+            req.host = value
+        elif name == b"cookie":
+            cookies.append(value)
+        elif name == b"expect":
+            req.expect_continue = value.lower() == b"100-continue"
+        elif name in FORWARDED:
+            req.forwarded.append((name, value))
+            drop.append(name)
+        else:  # hop-by-hop
+            if name == b"connection":
+                connection += [t.strip(b" \t").lower() for t in value.split(b",")]
+            drop.append(name)
+    if hosts > 1:
+        raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
+    if lengths:
+        if req.chunked:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding; refused (request smuggling)")
+        req.content_length = int(lengths[0])
+        if len(lengths) > 1:
+            drop.append(b"content-length")
+    if cookies:
+        req.cookie = b"; ".join(cookies)
+    if b"close" in connection or (req.http10 and b"keep-alive" not in connection):
+        req.keep_alive = False
+    drop += [t for t in connection if t not in (b"close", b"keep-alive") and t]
+    return drop
 
 
 class ResponseHead:
-    """A parsed response head: its framing, whether the connection may be reused, the lines to forward."""
+    """A parsed response head: its framing, whether the connection may be reused, the head to forward."""
 
-    __slots__ = ("chunked", "content_length", "http10", "keep_alive", "lines", "status", "status_line")
+    __slots__ = ("chunked", "content_length", "http10", "keep_alive", "out", "status")
 
     def __init__(self) -> None:
         self.status = 0
@@ -175,49 +191,47 @@ class ResponseHead:
         self.keep_alive = True
         self.content_length: int | None = None  # None and not chunked: the body ends at close
         self.chunked = False
-        self.lines: list[bytes] = []
-        self.status_line = b""
+        self.out = b""  # status line (as HTTP/1.1) and headers, hop-by-hop ones gone, no final blank line
+
+    def without_transfer_encoding(self) -> bytes:
+        """`out` without Transfer-Encoding, for a body the proxy decodes for an HTTP/1.0 client."""
+        return _TRANSFER_ENCODING.sub(b"", self.out)
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream's response head (without its final blank line); HTTPError(502) if malformed."""
     end = head.find(b"\r\n")
-    status_line = head if end < 0 else head[:end]
-    match = _STATUS_LINE.fullmatch(status_line)
+    match = _STATUS_LINE.fullmatch(head if end < 0 else head[:end])
     if match is None:
         raise HTTPError(502, "the upstream sent a malformed status line")
+    block = b"" if end < 0 else head[end:]
+    if block and _FIELDS.fullmatch(block) is None:
+        raise HTTPError(502, "the upstream sent a malformed header line")
     resp = ResponseHead()
-    resp.status_line = status_line
     resp.http10 = match.group(1) == b"0"
     resp.status = int(match.group(2))
-    if end >= 0:
-        block = head[end + 2 :] + b"\r\n"
-        if _HEADER_BLOCK.fullmatch(block) is None:
-            raise HTTPError(502, "the upstream sent a malformed header line")
-        connection = b""
-        for line in block.split(b"\r\n")[:-1]:
-            name, _, value = line.partition(b":")
-            key = name.lower()
-            if key == b"content-length":
-                value = value.strip(b" \t")
-                if not value.isdigit() or resp.content_length not in (None, int(value)):
-                    raise HTTPError(502, "the upstream sent an invalid Content-Length")
-                resp.content_length = int(value)
-                resp.lines.append(line)
-            elif key == b"transfer-encoding":
-                # Anything but a plain chunked coding is delimited by close (RFC 9112 §6.3).
-                resp.chunked = value.strip(b" \t").lower() == b"chunked"
-                resp.lines.append(line)
-            elif key == b"connection":
-                connection += value.lower()
-            elif key not in HOP_BY_HOP:
-                resp.lines.append(line)
-        if resp.chunked:
-            resp.content_length = None
-        if b"close" in connection or (resp.http10 and b"keep-alive" not in connection):
-            resp.keep_alive = False
-    elif resp.http10:
+    connection = b""
+    drop = False
+    for raw_name, raw_value in _RESPONSE_SPECIAL.findall(block):
+        name, value = raw_name.lower(), raw_value.strip(b" \t")
+        if name == b"content-length":
+            if not value.isdigit() or len(value) > 15 or resp.content_length not in (None, int(value)):
+                raise HTTPError(502, "the upstream sent an invalid Content-Length")
+            resp.content_length = int(value)
+        elif name == b"transfer-encoding":
+            # Anything but a plain chunked coding is delimited by close (RFC 9112 §6.3).
+            resp.chunked = value.lower() == b"chunked"
+        else:
+            drop = True
+            if name == b"connection":
+                connection += b"," + value.lower()
+    if resp.chunked:
+        resp.content_length = None
+    if b"close" in connection or (resp.http10 and b"keep-alive" not in connection):
         resp.keep_alive = False
+    if drop:
+        block = _RESPONSE_DROP.sub(b"", block)
+    resp.out = head if not (drop or resp.http10) else b"HTTP/1.1" + head[8:end] + block
     return resp
 
 
@@ -297,7 +311,7 @@ class ChunkedScanner:
             self._remaining = chunk
         elif not line:  # the blank line that ends the trailer section
             self._state = self._DONE
-        elif _HEADER_BLOCK.fullmatch(line + b"\r\n") is None:
+        elif _FIELDS.fullmatch(b"\r\n" + line) is None:
             raise HTTPError(status, "malformed trailer line")
 
 

@@ -34,7 +34,7 @@ from lbsession.balancer.http import (
     parse_response_head,
     response_has_body,
 )
-from lbsession.balancer.strategies.base import RequestFacts, Route
+from lbsession.balancer.strategies.base import RequestFacts, Route, parse_cookie_header
 from lbsession.errors import NoHealthyUpstream
 
 if TYPE_CHECKING:
@@ -56,19 +56,6 @@ _RESP_BODY = 2  # streaming the response body to the client
 _PIPELINE_HIGH_WATER = 256 * 1024  # stop reading a client that sends this far ahead
 
 
-class _HeaderLookup:
-    """Read-only header access for strategies that hash on a header; parses nothing unless asked."""
-
-    __slots__ = ("_req",)
-
-    def __init__(self, req: RequestHead) -> None:
-        self._req = req
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        value = self._req.header(name.encode())
-        return default if value is None else value.decode("latin-1")
-
-
 def strip_cookies(cookie: bytes, names: tuple[bytes, ...]) -> bytes:
     """The Cookie header without the balancer's own cookies (the app server never sees them)."""
     kept = [p for p in cookie.split(b";") if p.partition(b"=")[0].strip() not in names]
@@ -82,6 +69,7 @@ class ClientConnection(asyncio.Protocol):
         self.lb = lb
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
+        self.forwarded_tail = b""
         self.state = _HEAD
         self.pending = b""  # bytes received but not yet handled
         self.deadline = 0.0
@@ -97,6 +85,9 @@ class ClientConnection(asyncio.Protocol):
         self.retried = False
         self.reading_paused = False
         self.half_closed = False
+        self._cookie_header: bytes | None = None
+        self._cookie_dict: dict[str, str] = {}
+        self._cookie_stripped: bytes | None = None
 
     # -------------------------------------------------------------- asyncio callbacks
 
@@ -104,6 +95,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "unknown"
+        # The same for every request of this connection, so built once (see LoadBalancer.upstream_head).
+        self.forwarded_tail = b"\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: http" % self.client_ip.encode()
         self.deadline = self.lb.clock + self.lb.limits.idle_timeout_s
         self.lb.clients.add(self)
 
@@ -146,6 +139,21 @@ class ClientConnection(asyncio.Protocol):
 
     # -------------------------------------------------------------- requests
 
+    def _cookies(self, header: bytes) -> dict[str, str]:
+        """The parsed Cookie header; a browser sends the same one again and again, so the last is kept."""
+        if header != self._cookie_header:
+            self._cookie_header = header
+            self._cookie_dict = parse_cookie_header(header.decode("latin-1"))
+            self._cookie_stripped = None
+        return self._cookie_dict
+
+    def stripped_cookie(self, header: bytes, private: tuple[bytes, ...]) -> bytes:
+        """The Cookie header without the balancer's own cookies (kept for as long as the header repeats)."""
+        if header != self._cookie_header or self._cookie_stripped is None:
+            self._cookies(header)
+            self._cookie_stripped = strip_cookies(header, private)
+        return self._cookie_stripped
+
     def _next_request(self) -> None:
         """Parse and dispatch as many buffered requests as can be answered now."""
         limits = self.lb.limits
@@ -175,11 +183,11 @@ class ClientConnection(asyncio.Protocol):
     def _dispatch(self, req: RequestHead) -> None:
         lb = self.lb
         cookie = req.cookie
-        facts = RequestFacts(
-            lb.client_address(self.client_ip, req),
-            cookie.decode("latin-1") if cookie is not None else None,
-            _HeaderLookup(req),  # type: ignore[arg-type]
-        )
+        client_ip = lb.client_address(self.client_ip, req) if req.forwarded else self.client_ip
+        if cookie is None:
+            facts = RequestFacts(client_ip, None, req)
+        else:
+            facts = RequestFacts(client_ip, None, req, self._cookies(cookie))
         self.req, self.facts, self.retried = req, facts, False
         self.request_done = not req.chunked and req.content_length == 0
         self.body_left = req.content_length
@@ -189,7 +197,7 @@ class ClientConnection(asyncio.Protocol):
         except NoHealthyUpstream as exc:
             self._reply(503, str(exc))
             return
-        self.upstream_head = lb.upstream_head(req, self.client_ip)
+        self.upstream_head = lb.upstream_head(req, self)
         self._start_exchange(route)
 
     def _start_exchange(self, route: Route) -> None:
@@ -197,7 +205,7 @@ class ClientConnection(asyncio.Protocol):
         self.route = route
         upstream.in_flight += 1  # type: ignore[misc]
         upstream.requests += 1  # type: ignore[attr-defined]
-        self.lb.routed(self, route)
+        self.lb.routes[route.reason] += 1
         conn = upstream.take_idle()  # type: ignore[attr-defined]
         if conn is not None:
             self._send(conn, reused=True)
@@ -444,65 +452,72 @@ class UpstreamConnection(asyncio.Protocol):
                     self._fail(502, "the upstream switched protocols unasked")
                     return
                 if not client.req.http10:  # HTTP/1.0 has no 1xx (RFC 9110 §15.2)
-                    client.transport.write(b"\r\n".join((resp.status_line, *resp.lines)) + b"\r\n\r\n")  # type: ignore[union-attr]
+                    client.transport.write(resp.out + b"\r\n\r\n")  # type: ignore[union-attr]
                 self.buffer = rest
                 continue
-            if rest and not response_has_body(client.req.method, resp.status):
+            has_body = response_has_body(client.req.method, resp.status)
+            if rest and not has_body:
                 # Bytes after a response that has no body: a broken server. Relaying them would answer
                 # the client's next request with this one's leftovers; drop them and the connection.
                 resp.keep_alive = False
                 rest = b""
-            self._start_body(client, client.req, resp)
-            if rest:
-                self._relay_body(rest)
+            head = self._start_body(client, client.req, resp, has_body)
+            if self.body_left or self.scanner is not None or self.until_close:
+                if rest:
+                    self._relay_body(rest, head)  # one write for the head and what came of the body
+                else:
+                    client.transport.write(head)  # type: ignore[union-attr]
+            else:
+                client.transport.write(head)  # type: ignore[union-attr]
+                self._finish()
 
-    def _start_body(self, client: ClientConnection, req: RequestHead, resp: ResponseHead) -> None:
-        has_body = response_has_body(req.method, resp.status)
+    def _start_body(self, client: ClientConnection, req: RequestHead, resp: ResponseHead, has_body: bool) -> bytes:
+        """Set up the relay of the response body; return the head to send the client."""
         decode = has_body and resp.chunked and req.http10  # an HTTP/1.0 client cannot read chunked
         self.until_close = has_body and not resp.chunked and resp.content_length is None
         self.body_left = (resp.content_length or 0) if has_body else 0
         self.scanner = ChunkedScanner(1 << 62, decode=decode) if has_body and resp.chunked else None
         client_keep = req.keep_alive and not self.until_close and not decode and not client.half_closed
-        lines = resp.lines
-        if decode:
-            lines = [ln for ln in lines if ln.partition(b":")[0].lower() != b"transfer-encoding"]
+        out = resp.without_transfer_encoding() if decode else resp.out
         route = client.route
-        extra = [b"Set-Cookie: " + route.set_cookie.encode()] if route is not None and route.set_cookie else []
-        connection = b"Connection: keep-alive" if req.http10 and client_keep else b"Connection: close"
-        if not client_keep or req.http10:
-            extra.append(connection)
-        head = b"\r\n".join((b"HTTP/1.1" + resp.status_line[8:], *lines, *extra)) + b"\r\n\r\n"
-        client.transport.write(head)  # type: ignore[union-attr]
-        self.lb.responded(client, resp.status)
+        if route is not None and route.set_cookie:
+            out += b"\r\nSet-Cookie: " + route.set_cookie.encode()
+        if req.http10:
+            out += b"\r\nConnection: keep-alive" if client_keep else b"\r\nConnection: close"
+        elif not client_keep:
+            out += b"\r\nConnection: close"
+        statuses = self.lb.statuses
+        statuses[resp.status] = statuses.get(resp.status, 0) + 1
         self.state = _RESP_BODY
         self.client_keep = client_keep
         self.keep_alive = resp.keep_alive and not self.until_close
-        if not (self.scanner or self.until_close or self.body_left):
-            self._finish()
+        return out + b"\r\n\r\n"
 
-    def _relay_body(self, data: bytes) -> None:
+    def _relay_body(self, data: bytes, head: bytes = b"") -> None:
+        """Relay body bytes (after `head`, when the head is still to be sent) and finish at the body's end."""
         client = self.client
         assert client is not None and client.transport is not None
         if self.until_close:
-            client.transport.write(data)
+            client.transport.write(head + data)
             return
         scanner = self.scanner
         if scanner is not None:
             try:
                 used = scanner.feed(data, status=502)
             except HTTPError:
+                if head:  # nothing was sent yet: the client can still get a clean 502
+                    self.state = _RESP_HEAD
                 self._fail(502, "the upstream sent a malformed chunked body")
                 return
             if scanner.decoded is not None:
-                if scanner.decoded:
-                    client.transport.write(b"".join(scanner.decoded))
-                    scanner.decoded.clear()
+                client.transport.write(head + b"".join(scanner.decoded))
+                scanner.decoded.clear()
             else:
-                client.transport.write(data if used == len(data) else data[:used])
+                client.transport.write(head + data if used == len(data) else head + data[:used])
             done = scanner.done
         else:
             used = min(len(data), self.body_left)
-            client.transport.write(data if used == len(data) else data[:used])
+            client.transport.write(head + data if used == len(data) else head + data[:used])
             self.body_left -= used
             done = not self.body_left
         if done:

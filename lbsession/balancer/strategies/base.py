@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
 
 from lbsession.errors import NoHealthyUpstream
 
@@ -36,16 +35,28 @@ class UpstreamView(Protocol):
     def draining(self) -> bool: ...
 
 
+class HeaderSource(Protocol):
+    """Where a strategy reads a request header: `get(lower-case name)`; a dict will do in tests."""
+
+    def get(self, name: str, default: None = None, /) -> str | None: ...
+
+
 class RequestFacts:
     """The facts of one request a strategy may route on: client address, cookies, headers."""
 
     __slots__ = ("_cookie_header", "_cookies", "_headers", "client_ip")
 
-    def __init__(self, client_ip: str, cookie_header: str | None = None, headers: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        client_ip: str,
+        cookie_header: str | None = None,
+        headers: HeaderSource | None = None,
+        cookies: dict[str, str] | None = None,
+    ) -> None:
         self.client_ip = client_ip
         self._cookie_header = cookie_header
-        self._headers = headers or {}
-        self._cookies: dict[str, str] | None = None
+        self._headers: HeaderSource = headers if headers is not None else {}
+        self._cookies = cookies  # already parsed (the proxy reuses a connection's last parse), or None
 
     def cookie(self, name: str) -> str | None:
         """The value of cookie `name`, or None; parsed once, on first use."""
@@ -69,9 +80,12 @@ def parse_cookie_header(value: str) -> dict[str, str]:
     return cookies
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A strategy's answer: where the request goes, why, and the Set-Cookie value to add."""
+class Route(NamedTuple):
+    """A strategy's answer: where the request goes, why, and the Set-Cookie value to add.
+
+    A NamedTuple rather than a frozen dataclass: one is made per request, and a tuple is
+    built at a third of the cost.
+    """
 
     upstream: UpstreamView
     reason: RouteReason
@@ -95,6 +109,12 @@ class Strategy(ABC):
 
 def accepting_new(upstreams: Sequence[UpstreamView]) -> Sequence[UpstreamView]:
     """The upstreams that take new clients: healthy and not draining (HAProxy's weight 0 drain)."""
+    for upstream in upstreams:
+        if upstream.draining:
+            break
+    else:
+        if upstreams:
+            return upstreams  # the usual case: nobody is draining, and no list is built per request
     fresh = [u for u in upstreams if not u.draining]
     if not fresh:
         raise NoHealthyUpstream("no healthy upstream accepts new clients")
