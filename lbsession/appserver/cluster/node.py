@@ -44,6 +44,7 @@ class PeerLink:
         self._last_heard = 0.0
         self._task: asyncio.Task[None] | None = None
         self.settled = asyncio.Event()  # set once the link is up or the peer refused us
+        self._retired_bytes = 0
 
     def start(self) -> None:
         """Keep a connection to the peer open, reconnecting with backoff, until `stop`."""
@@ -80,8 +81,8 @@ class PeerLink:
 
     @property
     def bytes_sent(self) -> int:
-        """Bytes written on the current connection."""
-        return self._channel.bytes_sent if self._channel is not None else 0
+        """Bytes written on this link, over all its connections."""
+        return self._retired_bytes + (self._channel.bytes_sent if self._channel is not None else 0)
 
     async def _run(self) -> None:
         delay = 0.05
@@ -129,6 +130,7 @@ class PeerLink:
 
     def _lost(self, why: str) -> None:
         if self._channel is not None:
+            self._retired_bytes += self._channel.bytes_sent
             self._channel.close()
             self._channel = None
         if self.state == "up":
@@ -358,6 +360,11 @@ class ClusterNode:
             self.members.add(address)
             self._link(address)
 
+    @property
+    def bytes_sent(self) -> int:
+        """Replication bytes this node has written on its links (the N-squared cost, in bytes)."""
+        return sum(link.bytes_sent for link in self.links.values())
+
     def describe(self) -> dict[str, Any]:
         """The node, its membership and its peers' states, for /healthz and the balancer's /status."""
         return {
@@ -365,5 +372,5 @@ class ClusterNode:
             "membership": self.config.membership,
             "replication": self.config.replication,
             "peers": [link.as_dict() for link in self.links.values()],
-            "counters": dict(self.counters),
+            "counters": {**self.counters, "bytes_sent": self.bytes_sent},
         }

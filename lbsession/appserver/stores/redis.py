@@ -150,6 +150,10 @@ class RedisStore(SessionStore):
 
         return await self._call("count", attempt)
 
+    def describe(self) -> dict[str, Any]:
+        """Where the store is and how many round trips it made (the benchmark reads this)."""
+        return {"redis": self.where, "round_trips": self.round_trips}
+
     async def _call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt`, retrying transient errors with backoff for up to `retry_s`."""
         if self._client is None:
