@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +144,8 @@ def _redis_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-retry", type=float, help="seconds to keep retrying a failing Redis call (default 5)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Load the config file named by --config and apply the flags given on top of it."""
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the config file named by --config, then `LBSESSION_*` variables, then the flags given."""
 
     def get(name: str) -> Any:
         return getattr(args, name, None)  # a flag absent from this subcommand reads as unset
@@ -182,7 +182,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     }
     if get("upstream"):
         overrides["balancer.upstreams|--upstream"] = [_parse_upstream(i, u) for i, u in enumerate(args.upstream, 1)]
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, environ)
 
 
 def _split(text: str | None) -> list[str] | None:
