@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from lbsession.lab.redis import RedisProcess, find_redis_binary
+from tests.fuzzing import FUZZ_COUNTS
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +32,12 @@ def run_in_own_loop(coro: Coroutine[Any, Any, Any]) -> Any:
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how many inputs the fuzz tests tried (issue: print it, so a run shows its strength)."""
+    if FUZZ_COUNTS:
+        terminalreporter.section("fuzzing")
+        for what, count in sorted(FUZZ_COUNTS.items()):
+            terminalreporter.write_line(f"{count:6d} {what}")
+        terminalreporter.write_line(f"{sum(FUZZ_COUNTS.values()):6d} inputs in all")
