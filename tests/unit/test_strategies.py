@@ -453,3 +453,57 @@ def test_request_facts_reads_cookies_and_headers() -> None:
     assert (facts.cookie("LBSERVER"), facts.cookie("a"), facts.cookie("missing")) == ("x.y", "1", None)
     assert (facts.header("x-user"), facts.header("x-missing")) == ("alice", None)
     assert RequestFacts("10.0.0.9").cookie("a") is None
+
+
+# --------------------------------------------------------------------------- sticky pins with a max age
+
+
+class ManualClock:
+    """Wall-clock seconds that move only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_pin_with_a_max_age_carries_its_issue_time_under_the_signature() -> None:
+    clock = ManualClock()
+    sticky = StickyCookieStrategy(b"k" * 32, max_age_s=600, clock=clock)
+    pool = [FakeUpstream("was-1"), FakeUpstream("was-2")]
+    first = sticky.choose(RequestFacts("10.0.0.1"), pool)
+    value = first.set_cookie.split(";")[0].split("=", 1)[1]
+    server, stamp, _tag = value.split(".")
+    assert server == first.upstream.server_id and int(stamp, 16) == int(clock.now)
+    assert "Max-Age=600" in first.set_cookie
+
+    forged_stamp = f"{server}.{int(clock.now) + 10**6:x}.{_tag}"  # pushing the expiry out breaks the tag
+    assert sticky.server_of(forged_stamp) is None
+
+
+def test_an_expired_pin_is_refused_and_counted_apart_from_forgeries() -> None:
+    clock = ManualClock()
+    sticky = StickyCookieStrategy(b"k" * 32, max_age_s=600, clock=clock)
+    pool = [FakeUpstream("was-1"), FakeUpstream("was-2")]
+    cookie = sticky.choose(RequestFacts("10.0.0.1"), pool).set_cookie.split(";")[0]
+
+    clock.now += 200
+    assert sticky.choose(RequestFacts("10.0.0.1", cookie), pool).reason == "pinned"
+    clock.now += 500  # 700 s old: a replay of an old pin
+    replayed = sticky.choose(RequestFacts("10.0.0.1", cookie), pool)
+    assert replayed.reason == "expired-cookie"
+    assert replayed.set_cookie is not None  # a fresh pin replaces it
+
+
+def test_an_active_users_pin_slides_at_half_its_life() -> None:
+    clock = ManualClock()
+    sticky = StickyCookieStrategy(b"k" * 32, max_age_s=600, clock=clock)
+    pool = [FakeUpstream("was-1"), FakeUpstream("was-2")]
+    cookie = sticky.choose(RequestFacts("10.0.0.1"), pool).set_cookie.split(";")[0]
+    clock.now += 100
+    assert sticky.choose(RequestFacts("10.0.0.1", cookie), pool).set_cookie is None
+    clock.now += 250  # past half of 600 s
+    refreshed = sticky.choose(RequestFacts("10.0.0.1", cookie), pool)
+    assert refreshed.reason == "pinned" and refreshed.set_cookie is not None
+    assert refreshed.set_cookie.split(";")[0] != cookie

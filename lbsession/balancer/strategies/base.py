@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol, get_args
 
 from lbsession.errors import NoHealthyUpstream
 
 if TYPE_CHECKING:
     from lbsession.config import BalancerConfig
 
-RouteReason = Literal["new", "pinned", "rehashed", "redispatched", "forged-cookie", "retried"]
-ROUTE_REASONS: tuple[RouteReason, ...] = ("new", "pinned", "rehashed", "redispatched", "forged-cookie", "retried")
+RouteReason = Literal["new", "pinned", "rehashed", "redispatched", "forged-cookie", "expired-cookie", "retried"]
+ROUTE_REASONS: tuple[RouteReason, ...] = get_args(RouteReason)
 
 
 class UpstreamView(Protocol):

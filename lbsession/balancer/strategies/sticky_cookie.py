@@ -14,7 +14,8 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from lbsession.balancer.strategies.base import RequestFacts, Route, Strategy, UpstreamView
 from lbsession.balancer.strategies.round_robin import RoundRobinStrategy
@@ -36,6 +37,7 @@ class StickyCookieStrategy(Strategy):
         max_age_s: int | None = None,
         secure: bool = False,
         redispatch: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.cookie_name = cookie_name
         self.private_cookies = (cookie_name,)  # the proxy strips these before the app server sees them
@@ -44,8 +46,10 @@ class StickyCookieStrategy(Strategy):
         self._attributes = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
         if max_age_s is not None:
             self._attributes += f"; Max-Age={max_age_s}"
+        self._max_age_s = max_age_s
+        self._clock = clock
         self._balance = RoundRobinStrategy()
-        self._verified: dict[str, str] = {}  # cookie value -> server id, only for values that verified
+        self._verified: dict[str, tuple[str, int | None]] = {}  # value -> (server id, issued), genuine ones only
 
     @classmethod
     def from_config(cls, config: BalancerConfig) -> StickyCookieStrategy:
@@ -59,33 +63,69 @@ class StickyCookieStrategy(Strategy):
         secret = (sticky.secret or secrets.token_urlsafe(32)).encode()
         return cls(secret, sticky.cookie_name, sticky.max_age_s, sticky.secure, sticky.redispatch)
 
-    def cookie_value(self, server_id: str) -> str:
-        """The signed cookie value that pins a client to `server_id`."""
-        tag = hmac.new(self._secret, b"lbserver:" + server_id.encode(), hashlib.sha256).digest()[:16]
-        return f"{server_id}.{base64.urlsafe_b64encode(tag).rstrip(b'=').decode()}"
+    def cookie_value(self, server_id: str, issued: int | None = None) -> str:
+        """The signed cookie value that pins a client to `server_id`.
+
+        With a max age, the value carries its issue time (`<id>.<time>.<tag>`) under the
+        signature, so a pin copied or replayed after it expired is refused, not honoured.
+        """
+        if self._max_age_s is None:
+            signed = f"lbserver:{server_id}"
+            prefix = server_id
+        else:
+            issued = int(self._clock()) if issued is None else issued
+            signed = f"lbserver:{server_id}:{issued:x}"
+            prefix = f"{server_id}.{issued:x}"
+        tag = hmac.new(self._secret, signed.encode(), hashlib.sha256).digest()[:16]
+        return f"{prefix}.{base64.urlsafe_b64encode(tag).rstrip(b'=').decode()}"
 
     def server_of(self, value: str) -> str | None:
-        """The server id a cookie value pins to, or None when it is forged or malformed."""
-        server_id = self._verified.get(value)
-        if server_id is None:
-            claimed = value.rpartition(".")[0]
-            # Genuine values are ASCII (RFC 6265 cookie-octets); compare_digest raises on non-ASCII str.
-            if not claimed or not value.isascii() or not hmac.compare_digest(self.cookie_value(claimed), value):
+        """The server id a cookie value pins to, or None when it is forged, malformed or expired."""
+        pin = self._verify(value)
+        return None if pin is None or self._stale(pin[1]) else pin[0]
+
+    def _verify(self, value: str) -> tuple[str, int | None] | None:
+        """(server id, issue time) of a genuine value, or None."""
+        pin = self._verified.get(value)
+        if pin is not None:
+            return pin
+        # Genuine values are ASCII (RFC 6265 cookie-octets); compare_digest raises on non-ASCII str.
+        if not value.isascii():
+            return None
+        if self._max_age_s is None:
+            claimed, issued = value.rpartition(".")[0], None
+        else:
+            claimed, _, stamp = value.rpartition(".")[0].rpartition(".")
+            if not stamp or not all(c in "0123456789abcdef" for c in stamp) or len(stamp) > 12:
                 return None
-            if len(self._verified) < 4096:  # only genuine values are cached, so this stays small
-                self._verified[value] = claimed
-            server_id = claimed
-        return server_id
+            issued = int(stamp, 16)
+        if not claimed or not hmac.compare_digest(self.cookie_value(claimed, issued), value):
+            return None
+        if len(self._verified) < 4096:  # only genuine values are cached, so this stays small
+            self._verified[value] = (claimed, issued)
+        return claimed, issued
+
+    def _stale(self, issued: int | None) -> bool:
+        if issued is None or self._max_age_s is None:
+            return False
+        age = self._clock() - issued
+        return not -60 <= age <= self._max_age_s  # a minute of clock skew between balancers is fine
 
     def choose(self, facts: RequestFacts, upstreams: Sequence[UpstreamView]) -> Route:
         value = facts.cookie(self.cookie_name)
         if value is None:
             return self._pin(facts, upstreams, "new")
-        server_id = self.server_of(value)
-        if server_id is None:
+        pin = self._verify(value)
+        if pin is None:
             return self._pin(facts, upstreams, "forged-cookie")
+        server_id, issued = pin
+        if self._stale(issued):
+            return self._pin(facts, upstreams, "expired-cookie")
         for upstream in upstreams:
             if upstream.server_id == server_id:
+                if issued is not None and self._clock() - issued > self._max_age_s / 2:  # type: ignore[operator]
+                    # Past half its life: re-issue, so an active user's pin slides (HAProxy's maxidle).
+                    return Route(upstream, "pinned", self._set_cookie(server_id))
                 return Route(upstream, "pinned")
         if not self._redispatch:
             raise NoHealthyUpstream(f"server {server_id} is down and redispatch is off")
@@ -93,5 +133,7 @@ class StickyCookieStrategy(Strategy):
 
     def _pin(self, facts: RequestFacts, upstreams: Sequence[UpstreamView], reason: str) -> Route:
         upstream = self._balance.choose(facts, upstreams).upstream
-        cookie = f"{self.cookie_name}={self.cookie_value(upstream.server_id)}{self._attributes}"
-        return Route(upstream, reason, cookie)  # type: ignore[arg-type]
+        return Route(upstream, reason, self._set_cookie(upstream.server_id))  # type: ignore[arg-type]
+
+    def _set_cookie(self, server_id: str) -> str:
+        return f"{self.cookie_name}={self.cookie_value(server_id)}{self._attributes}"
