@@ -4,6 +4,8 @@
     lbsession lb       the balancer alone, in front of any HTTP/1.1 servers
     lbsession server   one app server (WAS)
     lbsession bench    measure the balancer's throughput, latency and CPU per request
+    lbsession scenario run one lab scenario (configs/scenarios/) and report what it measured
+    lbsession matrix   every strategy x every store, and every claim's scenario, in one table
 
 Exit status: 0 success, 2 a usage or configuration mistake (with a one-line
 `error:` that says how to fix it), 1 a failure at run time.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -93,7 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--haproxy", default="auto", choices=["auto", "yes", "no"], help="also measure HAProxy in the same setup"
     )
     bench.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    _lab_parsers(sub)
     return parser
+
+
+def _lab_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    scenario = sub.add_parser("scenario", help="run one scenario and report re-logins, load, latency, verdict")
+    scenario.add_argument("name", metavar="NAME|FILE", help="a claim id (C6), a file of configs/scenarios, or a path")
+    scenario.add_argument(
+        "--target", metavar="ADMIN_URL", help="run against a running `lbsession run` (e.g. http://127.0.0.1:8081)"
+    )
+    scenario.add_argument(
+        "--lb", metavar="URL", help="with --target: the balancer's public URL, if not the one it reports (containers)"
+    )
+    matrix = sub.add_parser("matrix", help="every strategy x store, then every claim's scenario, in one table")
+    matrix.add_argument("--only", action="append", metavar="CLAIM|NAME", help="run only these (repeatable)")
+    matrix.add_argument("--scenarios", type=Path, help="the scenario directory (default configs/scenarios)")
+    for parser in (scenario, matrix):
+        parser.add_argument("--seed", type=int, help="the seed of the population and its order (default: the file's)")
+        parser.add_argument("--users", type=int, help="how many virtual users (default: the file's)")
+        parser.add_argument("--duration", type=float, help="seconds of traffic; the faults' times scale along")
+        parser.add_argument("--out", type=Path, metavar="DIR", help="also write the results as JSON and Markdown here")
 
 
 def _balancer_flags(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +127,7 @@ def _balancer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-host", help="admin listen address (default 127.0.0.1: the admin API can kill servers)")
     parser.add_argument("--admin-port", type=int, help="admin port (default 8081; 0 = any free port)")
     parser.add_argument("--sticky-secret", help="HMAC key for the sticky cookie (default: random per start)")
+    parser.add_argument("--max-connections", type=int, help="client connections at once; more get a 503 (default 8192)")
 
 
 def _topology_flags(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +181,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         "balancer.admin_host|--admin-host": get("admin_host"),
         "balancer.admin_port|--admin-port": get("admin_port"),
         "balancer.sticky.secret|--sticky-secret": get("sticky_secret"),
+        "balancer.limits.max_connections|--max-connections": get("max_connections"),
         "app.backend|--backend": get("backend"),
         "servers|--servers": get("servers") if args.command == "run" else None,
         "app.id|--id": get("server_id"),
@@ -228,7 +253,9 @@ def _print_lab(info: dict[str, Any], config: Config) -> None:
     lb = info["lb"]
     print(f"lbsession lab: strategy {info['strategy']}, backend {info['backend']}, {len(info['servers'])} app servers")
     print(f"  load balancer   {lb}")
+    print(f"  dashboard       {info['admin']}/")
     print(f"  admin status    {info['admin']}/status")
+    print(f"  metrics         {info['admin']}/metrics (Prometheus)")
     for server in info["servers"]:
         print(f"  {server['id']:<15} {server['url']}  (pid {server['pid']})")
     redis = info.get("redis")
@@ -292,11 +319,58 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     return await run_bench(args)
 
 
+async def cmd_scenario(args: argparse.Namespace) -> int:
+    """`lbsession scenario`: one scenario; exit status 1 when it measured something else than it expected."""
+    from lbsession.config import parse_http_url
+    from lbsession.lab.report import FAIL, ProgressBar, format_run, to_markdown, write_reports
+    from lbsession.lab.runner import run_scenario
+    from lbsession.lab.scenario import find_scenario, load_scenario
+
+    if args.lb is not None and args.target is None:
+        raise UsageError("--lb goes with --target: it names the public URL of the running lab's balancer")
+    for flag, url in (("--target", args.target), ("--lb", args.lb)):
+        if url is not None:
+            try:
+                parse_http_url(url)
+            except ValueError as exc:
+                raise UsageError(f"{flag}: {exc}") from None
+    scenario = load_scenario(find_scenario(args.name))
+    scenario = scenario.with_overrides(seed=args.seed, users=args.users, duration_s=args.duration)
+    progress = ProgressBar(sys.stderr)
+    report = await run_scenario(scenario, target=args.target, lb_url=args.lb, on_progress=progress)
+    progress.finish(f"{scenario.label} {scenario.name}: {report.verdict} ({report.setup_s + report.wall_s:.1f} s)")
+    print(format_run(report))
+    if args.out:
+        title = f"{scenario.label} {scenario.name}"
+        for path in write_reports(args.out, scenario.name, report.as_dict(), to_markdown([report], title)):
+            print(f"wrote {path}")
+    return 1 if report.verdict == FAIL else 0
+
+
+async def cmd_matrix(args: argparse.Namespace) -> int:
+    """`lbsession matrix`: the whole table; exit status 1 unless every verdict is PASS."""
+    from lbsession.lab.matrix import load_directory, matrix_document, matrix_plan, run_matrix
+    from lbsession.lab.report import PASS, ProgressBar, format_matrix, to_markdown, write_reports
+
+    overrides = {"seed": args.seed, "users": args.users, "duration_s": args.duration}
+    plan = [s.with_overrides(**overrides) for s in matrix_plan(load_directory(args.scenarios), args.only or ())]
+    reports, wall_s = await run_matrix(plan, progress=ProgressBar(sys.stderr))
+    print(format_matrix(reports))
+    print(f"\n{len(reports)} runs in {wall_s:.1f} s")
+    document = matrix_document(reports, wall_s, overrides)
+    if args.out:
+        for path in write_reports(args.out, "matrix", document, to_markdown(reports, "lbsession matrix")):
+            print(f"wrote {path}")
+    return 0 if document["verdict"] == PASS else 1
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "run": cmd_run,
     "lb": cmd_lb,
     "server": cmd_server,
     "bench": cmd_bench,
+    "scenario": cmd_scenario,
+    "matrix": cmd_matrix,
 }
 
 
@@ -318,10 +392,22 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     return factory
 
 
+def _raise_file_limit() -> None:
+    """Raise the open-files soft limit to the hard one, as HAProxy does: each client is a descriptor."""
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `lbsession` command; return its exit status."""
     args = build_parser().parse_args(argv)
-    default_level = "warning" if args.command == "server" else "info"
+    if args.command in ("lb", "run"):
+        _raise_file_limit()
+    # A scenario's progress bar and tables would drown in the lab's info lines.
+    default_level = "warning" if args.command in ("server", "scenario", "matrix") else "info"
     logging.basicConfig(
         level=(args.log_level or default_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

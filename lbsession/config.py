@@ -51,6 +51,15 @@ def parse_http_url(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _port_problems(name: str, port: int) -> list[str]:
     return [] if 0 <= port <= 65535 else [f"{name}: {port} is not a TCP port (0-65535, 0 = any free port)"]
 
@@ -143,6 +152,10 @@ class LimitsConfig:
     pool_idle_s: float = 15.0  # idle upstream connections; below aiohttp's 75 s keep-alive
     max_head_bytes: int = 32768
     max_body_bytes: int = 64 * 1024 * 1024
+    # Client connections at once; past it a new one gets a 503 at once rather than a place in an
+    # unbounded queue (HAProxy's maxconn queues instead). Each may hold an upstream connection too,
+    # so keep it under half the file descriptors (the balancer raises its soft limit to the hard one).
+    max_connections: int = 8192
 
     def problems(self) -> list[str]:
         return _positive(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -159,6 +172,9 @@ class BalancerConfig:
     strategy: StrategyName = "round-robin"
     upstreams: tuple[UpstreamConfig, ...] = ()
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
+    drain_timeout_s: float = 30.0  # a drained server keeps its pinned clients this long
+    admin_allow: tuple[str, ...] = ()  # CIDRs besides loopback that may use the admin API
+    admin_token: str | None = None  # required for changes when set; an exposed admin listener must set it
     sticky: StickyConfig = field(default_factory=StickyConfig)
     hash: HashConfig = field(default_factory=HashConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -166,11 +182,19 @@ class BalancerConfig:
 
     def problems(self) -> list[str]:
         out = _port_problems("port", self.port) + _port_problems("admin_port", self.admin_port)
-        for cidr in self.trusted_proxies:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                out.append(f"trusted_proxies: {cidr!r} is not an address or CIDR like 10.0.0.0/8")
+        if not _is_loopback(self.admin_host) and not self.admin_token:
+            out.append(
+                f"admin_host: {self.admin_host!r} exposes the admin API, which can kill servers: set "
+                "balancer.admin_token (LBSESSION_BALANCER__ADMIN_TOKEN), or bind it to 127.0.0.1"
+            )
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            out.append("admin_token: must be at least 16 characters")
+        for key, cidrs in (("trusted_proxies", self.trusted_proxies), ("admin_allow", self.admin_allow)):
+            for cidr in cidrs:
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    out.append(f"{key}: {cidr!r} is not an address or CIDR like 10.0.0.0/8")
         ids = [u.id for u in self.upstreams]
         out += [f"upstreams: id {i!r} appears twice" for i in sorted({i for i in ids if ids.count(i) > 1})]
         return out
@@ -331,7 +355,7 @@ def load_config(
             dotted, _, label = key.partition("|")
             _set_path(data, sources, dotted, value, label or dotted)
     problems: list[str] = []
-    config: Config = _build(Config, data, "", sources, problems)
+    config: Config = build_dataclass(Config, data, "", sources, problems)
     if problems:
         raise ConfigError(problems)
     return config
@@ -412,8 +436,13 @@ def _source(sources: dict[str, str], where: str) -> str:
     return "defaults"
 
 
-def _build(cls: type, data: Any, where: str, sources: dict[str, str], problems: list[str]) -> Any:
-    """Turn a dict into the dataclass `cls`, appending every problem found to `problems`."""
+def build_dataclass(cls: type, data: Any, where: str, sources: dict[str, str], problems: list[str]) -> Any:
+    """Turn a dict into the dataclass `cls`, appending every problem found to `problems`.
+
+    The one validating builder: config files and scenario files (lbsession.lab.scenario) both
+    go through it, so a mistake reads the same in either. `sources` maps key paths to where
+    they came from (a file, a variable, a flag), for the messages.
+    """
 
     def report(key: str, message: str) -> None:
         path = f"{where}.{key}" if where else key
@@ -470,7 +499,7 @@ def _coerce(hint: Any, value: Any, where: str, sources: dict[str, str], problems
         return all(ok for ok, _ in results), tuple(v for _, v in results)
     if dataclasses.is_dataclass(hint):
         before = len(problems)
-        obj = _build(hint, value, where, sources, problems)  # type: ignore[arg-type]
+        obj = build_dataclass(hint, value, where, sources, problems)  # type: ignore[arg-type]
         return len(problems) == before, obj
     if hint is bool:
         return (True, value) if isinstance(value, bool) else bad(f"{value!r} is not true or false")

@@ -8,6 +8,7 @@
     GET  /cart                              read it (needs login)
     GET  /healthz                           200 {"server", "backend", "sessions"}; 503 when the store is down
     GET  /headers                           the request headers as this server received them (what the LB forwarded)
+    GET  /metrics                           Prometheus metrics: requests, re-logins, store calls (lbsession.metrics)
 
 Every response, errors and 404s included, carries `X-Served-By: <server id>`:
 the lab counts requests per server and follows a user across servers by it.
@@ -26,10 +27,12 @@ from typing import Any
 
 from aiohttp import web
 
+from lbsession.appserver.lab_control import add_lab_routes
 from lbsession.appserver.session import get_session, session_middleware
 from lbsession.appserver.stores import SessionStore, create_store
 from lbsession.config import AppServerConfig
 from lbsession.errors import StoreUnavailable
+from lbsession.metrics import AppMetrics
 
 CONFIG = web.AppKey("lbsession_config", AppServerConfig)
 STORE = web.AppKey("lbsession_store", SessionStore)
@@ -40,7 +43,10 @@ _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 def create_app(config: AppServerConfig, store: SessionStore) -> web.Application:
     """The aiohttp application of one app server; the caller owns the store's start and close."""
-    app = web.Application(middlewares=[session_middleware(store, config.session, server_id=config.id)])
+    metrics = AppMetrics(config, store)  # outermost, so it sees the session layer's 503s too
+    app = web.Application(
+        middlewares=[metrics.middleware, session_middleware(metrics.store, config.session, server_id=config.id)]
+    )
     app[CONFIG] = config
     app[STORE] = store
 
@@ -57,6 +63,8 @@ def create_app(config: AppServerConfig, store: SessionStore) -> web.Application:
     app.router.add_get("/cart", read_cart)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/headers", echo_headers)
+    app.router.add_get("/metrics", metrics.handle)
+    add_lab_routes(app, store)  # only with a lab token: see lbsession.appserver.lab_control
     return app
 
 

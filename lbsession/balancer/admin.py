@@ -2,25 +2,42 @@
 
     GET    /status                    strategy, servers, counters (JSON)
     POST   /servers                   {"id", "url"}: add an upstream
-    POST   /servers/{id}/drain        {"draining": true|false}: no new clients (default true)
+    POST   /servers/{id}/drain        {"draining": true|false, "timeout_s": 30}: no new clients; pinned
+                                      ones until timeout_s (default drain_timeout_s), then redispatched
     DELETE /servers/{id}              remove an upstream
     PUT    /strategy                  {"strategy": name}: switch the routing strategy
+    GET    /metrics                   Prometheus metrics (lbsession.metrics)
+    GET    /, /dashboard/..., /events the live dashboard and its event stream (lbsession.dashboard.routes)
 
 `lbsession run` adds routes that manage its own processes (kill, restart, add);
 see lbsession.lab.topology.
 
 Errors are JSON `{"error": "..."}` with a 4xx status that says what was wrong.
+
+Who may use it (every route, the dashboard included): clients on loopback, and those in
+`balancer.admin_allow`. A request that changes anything must also be JSON
+(`Content-Type: application/json`, even with an empty `{}` body): a web page on another
+site can make a browser send a plain POST to 127.0.0.1 without asking, but not a JSON one
+(that needs a CORS preflight, which this API never grants), so a page visited in the
+lab's browser cannot kill its servers. With `balancer.admin_token` set, which an admin
+listener bound beyond loopback requires, changes also need `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from lbsession.config import STRATEGY_NAMES
+from lbsession.dashboard.routes import add_dashboard_routes
 from lbsession.errors import ConfigError
+from lbsession.metrics import balancer_metrics_handler
 
 if TYPE_CHECKING:
     from lbsession.balancer.balancer import LoadBalancer
@@ -50,15 +67,51 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def admin_guard(lb: LoadBalancer) -> Middleware:
+    """The middleware that keeps the admin API to its allowed clients, and changes to JSON and the token."""
+    allowed = [ipaddress.ip_network(cidr, strict=False) for cidr in lb.config.admin_allow]
+    token = lb.config.admin_token
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not _client_allowed(request.remote, allowed):
+            return json_error(403, "the admin API answers loopback clients only; allow more with balancer.admin_allow")
+        if request.method in _SAFE_METHODS:
+            return await handler(request)
+        if request.content_type != "application/json":
+            return json_error(415, "changes must be sent as JSON (Content-Type: application/json), even an empty {}")
+        if token is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+                return json_error(401, "this admin API needs Authorization: Bearer <balancer.admin_token>")
+        return await handler(request)
+
+    return guard
+
+
+def _client_allowed(remote: str | None, allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False  # a Unix socket or an unknown peer: not an address we were asked to trust
+    return address.is_loopback or any(address in network for network in allowed)
+
+
 def create_admin_app(lb: LoadBalancer) -> web.Application:
     """The admin application for `lb`."""
-    app = web.Application()
+    app = web.Application(middlewares=[admin_guard(lb)])
     app[LB_KEY] = lb
     app.router.add_get("/status", _status)
     app.router.add_post("/servers", _add_server)
     app.router.add_post("/servers/{id}/drain", _drain)
     app.router.add_delete("/servers/{id}", _remove)
     app.router.add_put("/strategy", _set_strategy)
+    app.router.add_get("/metrics", balancer_metrics_handler(lb))
+    add_dashboard_routes(app, lb)
     return app
 
 
@@ -87,7 +140,11 @@ async def _drain(request: web.Request) -> web.Response:
         return json_error(404, f"no server {server_id!r}; known: {', '.join(lb.pool.upstreams) or 'none'}")
     if not isinstance(draining, bool):
         return json_error(400, '"draining" must be true or false')
-    return web.json_response(lb.pool.drain(server_id, draining).as_dict())
+    timeout_s = body.get("timeout_s", lb.config.drain_timeout_s)
+    is_seconds = isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s >= 0
+    if timeout_s is not None and not is_seconds:
+        return json_error(400, '"timeout_s" must be a number of seconds >= 0, or null to keep pinned clients forever')
+    return web.json_response(lb.pool.drain(server_id, draining, timeout_s).as_dict())
 
 
 async def _remove(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from lbsession.balancer.events import EventBus
 from lbsession.balancer.proxy import ClientConnection, UpstreamConnection
 from lbsession.balancer.strategies import Strategy, create_strategy
 from lbsession.balancer.strategies.base import ROUTE_REASONS
@@ -36,7 +37,8 @@ class LoadBalancer:
         self.config = config
         self.limits = config.limits
         self.strategy: Strategy = create_strategy(config)
-        self.pool = UpstreamPool(config.upstreams, config.health)
+        self.events = EventBus()  # the admin's /events and dashboard; idle unless someone subscribes
+        self.pool = UpstreamPool(config.upstreams, config.health, on_change=self.events.server_changed)
         self.clock = time.monotonic()  # coarse "now", advanced by the sweeper
         self.clients: set[ClientConnection] = set()
         self.upstream_conns: set[UpstreamConnection] = set()
@@ -44,6 +46,7 @@ class LoadBalancer:
         self.statuses: dict[int, int] = {}  # responses relayed from upstreams, by status
         self.errors: dict[int, int] = {}  # responses the balancer made itself, by status
         self.retries = 0
+        self.shed = 0  # connections refused with a 503 at the connection limit
         self.started_at = time.time()
         self.port = config.port
         self.admin_port = config.admin_port
@@ -124,6 +127,7 @@ class LoadBalancer:
 
     def _use_strategy(self, strategy: Strategy) -> None:
         self.strategy = strategy
+        self.events.strategy_changed(strategy.name)
         names = getattr(strategy, "private_cookies", ())
         self._private_cookies = tuple(n.encode() for n in names)
 
@@ -218,8 +222,10 @@ class LoadBalancer:
                 "requests": sum(self.routes.values()) - self.routes["retried"],
                 "routes": dict(self.routes),
                 "forged_cookies": self.routes["forged-cookie"],
+                "expired_cookies": self.routes["expired-cookie"],
                 "redispatches": self.routes["redispatched"],
                 "retries": self.retries,
+                "shed_connections": self.shed,
                 "responses": {str(k): v for k, v in sorted(self.statuses.items())},
                 "lb_errors": {str(k): v for k, v in sorted(self.errors.items())},
             },

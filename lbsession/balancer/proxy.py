@@ -54,6 +54,9 @@ _RESP_HEAD = 1  # waiting for the response head
 _RESP_BODY = 2  # streaming the response body to the client
 
 _PIPELINE_HIGH_WATER = 256 * 1024  # stop reading a client that sends this far ahead
+OVERLOADED = error_response(
+    503, "the balancer is at its connection limit; retry shortly", close=True, extra=b"Retry-After: 1\r\n"
+)
 
 
 def strip_cookies(cookie: bytes, names: tuple[bytes, ...]) -> bytes:
@@ -82,7 +85,8 @@ class ClientConnection(asyncio.Protocol):
         self.body_left = 0
         self.scanner: ChunkedScanner | None = None
         self.request_done = True
-        self.retried = False
+        self.retried = False  # tried once more on another upstream after a failed connect
+        self.resent = False  # resent once on a fresh connection after a stale pooled one
         self.reading_paused = False
         self.half_closed = False
         self._cookie_header: bytes | None = None
@@ -98,6 +102,12 @@ class ClientConnection(asyncio.Protocol):
         # The same for every request of this connection, so built once (see LoadBalancer.upstream_head).
         self.forwarded_tail = b"\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: http" % self.client_ip.encode()
         self.deadline = self.lb.clock + self.lb.limits.idle_timeout_s
+        if len(self.lb.clients) >= self.lb.limits.max_connections:
+            self.lb.shed += 1  # overloaded: say so at once; a queue would only make everyone wait
+            self.state = _CLOSED
+            transport.write(OVERLOADED)  # type: ignore[attr-defined]
+            transport.close()
+            return
         self.lb.clients.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -127,7 +137,14 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # A client may half-close after its last request and still read the answer.
         self.half_closed = True
-        return self.state != _HEAD  # False: nothing in flight, let asyncio close the transport
+        if self.state in (_BODY, _CONNECT) and not self.request_done:
+            # The rest of the body can never arrive: end the exchange now rather than at a timeout.
+            conn, self.upstream_conn = self.upstream_conn, None
+            if conn is not None:
+                conn.abandon()
+            self._release_route()
+            self._refuse(400, "the client closed its side before the request body was complete")
+        return self.state not in (_HEAD, _CLOSED)  # False: nothing in flight, let asyncio close the transport
 
     def pause_writing(self) -> None:
         if self.upstream_conn is not None:
@@ -188,7 +205,7 @@ class ClientConnection(asyncio.Protocol):
             facts = RequestFacts(client_ip, None, req)
         else:
             facts = RequestFacts(client_ip, None, req, self._cookies(cookie))
-        self.req, self.facts, self.retried = req, facts, False
+        self.req, self.facts, self.retried, self.resent = req, facts, False, False
         self.request_done = not req.chunked and req.content_length == 0
         self.body_left = req.content_length
         self.scanner = ChunkedScanner(lb.limits.max_body_bytes) if req.chunked else None
@@ -321,15 +338,17 @@ class ClientConnection(asyncio.Protocol):
             return
         req = self.req
         resendable = req is not None and not req.chunked and not req.content_length  # a sent body is gone
-        if status == 502 and conn.reused and not conn.got_bytes and resendable and not self.retried:
+        if status == 502 and conn.reused and not conn.got_bytes and resendable and not self.resent:
             # A pooled keep-alive connection the server had just closed: nothing was processed,
             # so resend on a fresh connection to the same server (what browsers do too).
-            self.retried = True
+            # A separate budget from the retry elsewhere: if the server has in fact died, the fresh
+            # connect fails too, and that request still deserves its try on another server.
+            self.resent = True
             self.lb.retries += 1
             assert route is not None
             self._start_exchange(Route(route.upstream, "retried", route.set_cookie))
             return
-        self._reply(status, why)
+        self._reply(status, why, server_id=route.upstream.server_id if route is not None else None)
         self._read_next()
 
     # -------------------------------------------------------------- endings
@@ -339,9 +358,11 @@ class ClientConnection(asyncio.Protocol):
             self.route.upstream.in_flight -= 1  # type: ignore[misc]
             self.route = None
 
-    def _reply(self, status: int, reason: str, close: bool = False) -> None:
+    def _reply(self, status: int, reason: str, close: bool = False, server_id: str | None = None) -> None:
         """Answer the current request from the balancer itself (502/503/504, 4xx)."""
         self.lb.errors[status] = self.lb.errors.get(status, 0) + 1
+        if self.lb.events.active:
+            self.lb.events.request_answered(self, status, "lb", server_id)
         req = self.req
         close = close or not self.request_done or req is None or not req.keep_alive or self.half_closed
         if self.transport is not None and not self.transport.is_closing():
@@ -486,8 +507,11 @@ class UpstreamConnection(asyncio.Protocol):
             out += b"\r\nConnection: keep-alive" if client_keep else b"\r\nConnection: close"
         elif not client_keep:
             out += b"\r\nConnection: close"
-        statuses = self.lb.statuses
+        lb = self.lb
+        statuses = lb.statuses
         statuses[resp.status] = statuses.get(resp.status, 0) + 1
+        if lb.events.active:  # the only cost of the event stream while nobody watches it
+            lb.events.request_answered(client, resp.status, "upstream")
         self.state = _RESP_BODY
         self.client_keep = client_keep
         self.keep_alive = resp.keep_alive and not self.until_close

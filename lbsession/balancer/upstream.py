@@ -33,6 +33,7 @@ class Upstream:
     __slots__ = (
         "_streak",
         "changed_at",
+        "drained",
         "draining",
         "healthy",
         "host",
@@ -53,6 +54,7 @@ class Upstream:
         self.host, self.port = parse_http_url(url)
         self.healthy = True  # assumed up until a check says otherwise, as HAProxy does at start
         self.draining = False
+        self.drained = False  # drained past its timeout: out of the rotation, pinned clients too
         self.in_flight = 0
         self.requests = 0
         self.idle: list[UpstreamConnection] = []  # keep-alive connections ready for reuse, newest last
@@ -84,6 +86,7 @@ class Upstream:
             "url": self.url,
             "healthy": self.healthy,
             "draining": self.draining,
+            "drained": self.drained,
             "in_flight": self.in_flight,
             "requests": self.requests,
             "idle_connections": len(self.idle),
@@ -113,6 +116,7 @@ class UpstreamPool:
         self.candidates: tuple[Upstream, ...] = ()
         self._task: asyncio.Task[None] | None = None
         self._client: aiohttp.ClientSession | None = None  # created in start(), inside the running loop
+        self._drain_timers: dict[str, asyncio.TimerHandle] = {}
         for upstream in upstreams:
             self.add(upstream.id, upstream.url)
 
@@ -131,17 +135,39 @@ class UpstreamPool:
     def remove(self, server_id: str) -> Upstream:
         """Take an upstream out; in-flight requests finish, pooled connections close."""
         upstream = self.upstreams.pop(server_id)
+        self._cancel_drain_timer(server_id)
         upstream.healthy = False
         upstream.close_idle()
         self._changed(upstream, "removed")
         return upstream
 
-    def drain(self, server_id: str, draining: bool = True) -> Upstream:
-        """Stop (or resume) sending new clients to an upstream; pinned clients still reach it."""
+    def drain(self, server_id: str, draining: bool = True, timeout_s: float | None = None) -> Upstream:
+        """Stop (or resume) sending new clients to an upstream.
+
+        Its pinned clients still reach it, as with HAProxy's drain, until `timeout_s`; then it
+        leaves the rotation and they are redispatched. Requests in flight always finish.
+        """
         upstream = self.upstreams[server_id]
         upstream.draining = draining
+        upstream.drained = False
+        self._cancel_drain_timer(server_id)
+        if draining and timeout_s is not None:
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._drain_expired, upstream)
+            self._drain_timers[server_id] = timer
         self._changed(upstream, "draining" if draining else "undrained")
         return upstream
+
+    def _drain_expired(self, upstream: Upstream) -> None:
+        self._drain_timers.pop(upstream.server_id, None)
+        if self.upstreams.get(upstream.server_id) is upstream and upstream.draining:
+            upstream.drained = True
+            upstream.close_idle()
+            self._changed(upstream, "drained")
+
+    def _cancel_drain_timer(self, server_id: str) -> None:
+        timer = self._drain_timers.pop(server_id, None)
+        if timer is not None:
+            timer.cancel()
 
     def mark_down(self, upstream: Upstream, error: str) -> None:
         """Passive health: a failed connect takes the upstream out of rotation at once."""
@@ -154,7 +180,7 @@ class UpstreamPool:
 
     def _changed(self, upstream: Upstream, what: str) -> None:
         upstream.changed_at = time.time()
-        self.healthy = tuple(u for u in self.upstreams.values() if u.healthy)
+        self.healthy = tuple(u for u in self.upstreams.values() if u.healthy and not u.drained)
         self.candidates = self.healthy or tuple(self.upstreams.values())
         log.info("upstream %s (%s): %s", upstream.server_id, upstream.url, what)
         if self._on_change is not None:
@@ -171,6 +197,8 @@ class UpstreamPool:
 
     async def stop(self) -> None:
         """Stop the checks and close every pooled connection."""
+        for server_id in list(self._drain_timers):
+            self._cancel_drain_timer(server_id)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -18,6 +18,7 @@ import contextlib
 import importlib.resources
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -58,10 +59,29 @@ def find_redis_binary(explicit: str | None = None) -> Path:
 
 
 def free_port() -> int:
-    """A TCP port free on loopback right now (Redis cannot bind port 0 and report it back)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port free on loopback now, for a server that must know its port before it starts.
+
+    Not from port 0: that hands out a number from the ephemeral range, which the kernel also
+    gives to outgoing connections as their source port, so between the choice and the bind
+    some connection may take it (a cluster node's links start before its listener). A port
+    below the ephemeral range is never handed out that way.
+    """
+    low = _ephemeral_low()
+    while True:
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken: draw again
+            return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 @dataclass

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
+from lbsession.appserver.lab_control import LAB_TOKEN_ENV, LAB_TOKEN_HEADER, REPLICATION_PATH
 from lbsession.balancer.admin import json_error, read_json
 from lbsession.balancer.balancer import LoadBalancer
 from lbsession.config import Config
@@ -83,6 +85,9 @@ class Topology:
         # One secret per lab authenticates the cluster's replication; it reaches the servers
         # through their environment, since a command line is visible to every local user.
         self._cluster_secret = config.app.cluster.secret or secrets.token_urlsafe(32)
+        # Unlocks the app servers' fault-injection route (lbsession.appserver.lab_control); only this
+        # process knows it, so clients reaching the servers through the balancer cannot use the route.
+        self._lab_token = secrets.token_urlsafe(32)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -205,6 +210,28 @@ class Topology:
         self._balancer().pool.add(server.server_id, server.url)
         return server
 
+    async def cut_peer(self, server_id: str, peer_id: str | None, *, cut: bool = True) -> dict[str, Any]:
+        """Stop (cut=False: resume) replication from a cluster server to one peer, or to all its peers."""
+        server = self._server(server_id)
+        if self.config.app.backend != "cluster":
+            raise TopologyError(f"the backend is {self.config.app.backend}, not cluster: nothing replicates")
+        if server.pid is None:
+            raise TopologyError(f"{server_id} is not running")
+        peer = None if peer_id is None else f"127.0.0.1:{self._server(peer_id).cluster_port}"
+        url, headers = server.url + REPLICATION_PATH, {LAB_TOKEN_HEADER: self._lab_token}
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http,
+                http.post(url, json={"peer": peer, "cut": cut}, headers=headers) as response,
+            ):
+                body = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise TopologyError(f"{server_id} did not take the cut: {type(exc).__name__}: {exc}") from None
+        if response.status != 200:
+            raise TopologyError(f"{server_id}: {body.get('error', response.status)}")
+        log.info("%s replication from %s to %s", "cut" if cut else "healed", server_id, peer_id or "every peer")
+        return {"id": server_id, "peer": peer_id, "cut": cut, **body}
+
     # ------------------------------------------------------------------ processes
 
     def _new_server(self) -> ManagedServer:
@@ -264,7 +291,12 @@ class Topology:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "LBSESSION_APP__CLUSTER__SECRET": self._cluster_secret},
+                env={
+                    **os.environ,
+                    "PYTHONUNBUFFERED": "1",
+                    "LBSESSION_APP__CLUSTER__SECRET": self._cluster_secret,
+                    LAB_TOKEN_ENV: self._lab_token,
+                },
                 start_new_session=True,  # Ctrl-C in a terminal reaches `run`, which stops children itself
             )
         assert server.process.stdout is not None
@@ -317,6 +349,18 @@ class Topology:
         app.router.add_post("/servers/{id}/restart", self._post_restart)
         app.router.add_post("/redis/primary/kill", self._post_kill_redis)
         app.router.add_post("/redis/{name}/restart", self._post_restart_redis)
+        app.router.add_post("/servers/{id}/cluster/cut", self._post_cut)
+        app.router.add_post("/servers/{id}/cluster/heal", self._post_cut)
+
+    async def _post_cut(self, request: web.Request) -> web.Response:
+        peer = (await read_json(request)).get("peer")
+        if peer is not None and not isinstance(peer, str):
+            return json_error(400, 'give {"peer": "was-2"}, or no body to cut every peer')
+        cut = request.path.endswith("/cut")
+        try:
+            return web.json_response(await self.cut_peer(request.match_info["id"], peer, cut=cut))
+        except TopologyError as exc:
+            return json_error(404 if "no managed" in str(exc) else 409, str(exc))
 
     async def _post_kill_redis(self, request: web.Request) -> web.Response:
         if self.redis is None:

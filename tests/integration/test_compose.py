@@ -29,13 +29,15 @@ import yaml
 
 from lbsession.cli import build_parser, config_from_args
 from lbsession.lab.redis import find_redis_binary, free_port
+from lbsession.lab.scenario import load_scenario
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-PROFILES = sorted({p for service in SERVICES.values() for p in service.get("profiles", [])})
+# The profiles that each bring up one fix; `lab` is the scenario runner that goes with any of them.
+PROFILES = sorted({p for service in SERVICES.values() for p in service.get("profiles", [])} - {"lab"})
 HOSTS = {"lb", "was1", "was2", "was3", "redis", "redis-replica", "sentinel1", "sentinel2", "sentinel3", "0.0.0.0"}
 
 
@@ -76,10 +78,12 @@ def test_cross_references_hold():
 
 
 def test_every_profile_the_readme_names_exists():
-    named = set(re.findall(r"--profile ([a-z-]+)", (ROOT / "README.md").read_text()))
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"--profile ([a-z-]+)", readme))
     assert named, "the README documents the compose profiles"
     assert named <= set(PROFILES), named - set(PROFILES)
     assert set(PROFILES) <= named, f"undocumented profiles: {set(PROFILES) - named}"
+    assert "docker compose run --rm lab" in readme
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in SERVICES.items() if is_lbsession(s)))
@@ -87,6 +91,11 @@ def test_every_lbsession_command_is_one_lbsession_accepts(name):
     service = SERVICES[name]
     args = build_parser().parse_args([interpolate(str(a)) for a in service["command"]])
     environ = {k: interpolate(str(v)) for k, v in service.get("environment", {}).items()}
+    if args.command == "scenario":
+        scenario = load_scenario(ROOT / args.name.removeprefix("/app/"))  # the image copies configs/ to /app
+        assert scenario.population.addresses == "shared", "per-user 127.0.0.x sources cannot reach another container"
+        assert not scenario.faults, "compose's balancer owns no processes: faults are docker compose kill"
+        return
     config = config_from_args(args, environ)
     if args.command == "server":
         assert config.app.id == name.split("-")[0]  # was2-redis is was2
@@ -108,7 +117,7 @@ class LocalProfile:
         self.services = in_profile(profile)
         self.workdir = workdir
         self.ports: dict[str, int] = {}
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def local(self, token: str, *, host: bool = False) -> str:
         """A compose token as it must be locally: host:port and bare ports remapped; a bare host if `host`."""
@@ -143,7 +152,7 @@ class LocalProfile:
         else:
             argv = [str(find_redis_binary()), *command[1:], "--dir", str(self.workdir)]
         with open(self.workdir / f"{name}.log", "wb") as log:  # the child keeps its own copy of the descriptor
-            self.processes.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=self.workdir))
+            self.processes[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=self.workdir)
 
     async def wait_healthy(self, name: str) -> None:
         """Wait for what the service's compose healthcheck checks."""
@@ -151,6 +160,9 @@ class LocalProfile:
         health_url = service.get("environment", {}).get("LBSESSION_HEALTH_URL")
         async with asyncio.timeout(30):
             while not await self._healthy(service, health_url):
+                if self.processes[name].poll() is not None:
+                    log = (self.workdir / f"{name}.log").read_text(errors="replace")[-1500:]
+                    pytest.fail(f"{name} exited with status {self.processes[name].returncode}:\n{log}")
                 await asyncio.sleep(0.05)
 
     async def _healthy(self, service: dict[str, Any], health_url: str | None) -> bool:
@@ -182,8 +194,16 @@ class LocalProfile:
             started.update(ready)
         return f"http://127.0.0.1:{self.ports['8080']}"
 
+    def run_lab(self) -> subprocess.CompletedProcess[str]:
+        """The `lab` service's command against this profile, remapped, shortened to two seconds."""
+        lab = SERVICES["lab"]
+        command = [self.local(str(a)).replace("/app/", str(ROOT) + "/") for a in lab["command"]]
+        env = {**os.environ, **{k: self.local(str(v)) for k, v in lab.get("environment", {}).items()}}
+        argv = [sys.executable, "-m", "lbsession", *command, "--duration", "2"]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
     def down(self) -> None:
-        for process in self.processes:
+        for process in self.processes.values():
             process.kill()
             process.wait()
 
@@ -205,8 +225,11 @@ async def test_each_profile_runs_as_local_processes_and_shows_its_claim(profile,
     lab = LocalProfile(profile, tmp_path)
     try:
         statuses = await statuses_after_login(await lab.up())
+        scenario = await asyncio.to_thread(lab.run_lab)
     finally:
         lab.down()
+    assert scenario.returncode == 0, scenario.stdout + scenario.stderr
+    assert "compose-lab" in scenario.stdout
     if profile == "bug":
         assert 401 in statuses and 200 in statuses  # logged in on one server, a stranger to the others
     else:

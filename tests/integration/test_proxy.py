@@ -634,8 +634,8 @@ async def test_admin_status_shape(lab: ProxyLab) -> None:
     assert isinstance(status["uptime_s"], float)
     [server] = status["servers"]
     assert server.keys() == {
-        "id", "url", "healthy", "draining", "in_flight", "requests", "idle_connections", "last_error", "changed_at",
-        "health",
+        "id", "url", "healthy", "draining", "drained", "in_flight", "requests", "idle_connections", "last_error",
+        "changed_at", "health",
     }  # fmt: skip
     assert (server["id"], server["healthy"], server["requests"], server["in_flight"]) == ("echo", True, 1, 0)
     counters = status["counters"]
@@ -660,7 +660,9 @@ async def test_admin_add_server(lab: ProxyLab) -> None:
     async with session.post(lb.admin_url + "/servers", json={"id": "c", "url": "ftp://127.0.0.1:1"}) as response:
         assert response.status == 400
         assert "must start with http://" in (await response.json())["error"]
-    async with session.post(lb.admin_url + "/servers", data=b"{not json") as response:
+    async with session.post(
+        lb.admin_url + "/servers", data=b"{not json", headers={"Content-Type": "application/json"}
+    ) as response:
         assert response.status == 400
         assert "not valid JSON" in (await response.json())["error"]
     served = set()
@@ -681,21 +683,21 @@ async def test_admin_drain_sends_no_new_clients(lab: ProxyLab) -> None:
                 servers.append((await response.json())["server"])
         return servers
 
-    async with session.post(lb.admin_url + "/servers/a/drain") as response:
+    async with session.post(lb.admin_url + "/servers/a/drain", json={}) as response:
         assert response.status == 200
         assert (await response.json())["draining"] is True
     assert await serving() == ["b"] * 4
     async with session.post(lb.admin_url + "/servers/a/drain", json={"draining": False}) as response:
         assert response.status == 200
     assert sorted(await serving()) == ["a", "a", "b", "b"]
-    async with session.post(lb.admin_url + "/servers/zz/drain") as response:
+    async with session.post(lb.admin_url + "/servers/zz/drain", json={}) as response:
         assert response.status == 404
 
 
 async def test_admin_drain_all_gives_503(lab: ProxyLab) -> None:
     lb = await echo_balancer(lab)
     session = await lab.session()
-    async with session.post(lb.admin_url + "/servers/echo/drain") as response:
+    async with session.post(lb.admin_url + "/servers/echo/drain", json={}) as response:
         assert response.status == 200
     async with session.get(lb.url + "/") as response:
         assert response.status == 503
@@ -705,10 +707,10 @@ async def test_admin_drain_all_gives_503(lab: ProxyLab) -> None:
 async def test_admin_remove_server(lab: ProxyLab) -> None:
     lb = await lab.balancer({"a": await lab.echo("a"), "b": await lab.echo("b")})
     session = await lab.session()
-    async with session.delete(lb.admin_url + "/servers/zz") as response:
+    async with session.delete(lb.admin_url + "/servers/zz", json={}) as response:
         assert response.status == 404
         assert "known: a, b" in (await response.json())["error"]
-    async with session.delete(lb.admin_url + "/servers/a") as response:
+    async with session.delete(lb.admin_url + "/servers/a", json={}) as response:
         assert response.status == 200
     assert list(lb.pool.upstreams) == ["b"]
     for _ in range(3):

@@ -148,22 +148,22 @@ async def test_sticky_users_of_a_killed_server_are_redispatched_and_must_log_in_
 async def test_admin_api_kills_restarts_and_adds_managed_servers(start_lab):
     lab: Topology = await start_lab("round-robin", servers=2)
     async with aiohttp.ClientSession(base_url=lab.lb.admin_url) as admin:
-        async with admin.post("/servers/was-1/kill") as r:
+        async with admin.post("/servers/was-1/kill", json={}) as r:
             assert r.status == 200
             assert (await r.json())["signal"] == "SIGKILL"
         assert lab.servers["was-1"].pid is None
-        async with admin.post("/servers/was-1/kill") as r:
+        async with admin.post("/servers/was-1/kill", json={}) as r:
             assert r.status == 409  # not running
-        async with admin.post("/servers/was-1/restart") as r:
+        async with admin.post("/servers/was-1/restart", json={}) as r:
             assert r.status == 200
             assert (await r.json())["pid"] is not None
         assert lab.lb.pool.upstreams["was-1"].healthy
-        async with admin.post("/topology/servers") as r:
+        async with admin.post("/topology/servers", json={}) as r:
             assert r.status == 201
             added = await r.json()
         async with admin.get("/status") as r:
             status = await r.json()
-        async with admin.post("/servers/nope/kill") as r:
+        async with admin.post("/servers/nope/kill", json={}) as r:
             assert r.status == 404
             assert "was-1" in (await r.json())["error"]
     assert added["id"] == "was-3"

@@ -45,6 +45,7 @@ class PeerLink:
         self._task: asyncio.Task[None] | None = None
         self.settled = asyncio.Event()  # set once the link is up or the peer refused us
         self._retired_bytes = 0
+        self.cut = False  # the lab's "cut a peer" fault: changes are not sent here (heartbeats still are)
 
     def start(self) -> None:
         """Keep a connection to the peer open, reconnecting with backoff, until `stop`."""
@@ -59,7 +60,7 @@ class PeerLink:
 
     def send(self, change: dict[str, Any]) -> asyncio.Future[None] | None:
         """Send a change; a future resolved by the peer's ack, or None when the link is not up."""
-        if self.state != "up" or self._channel is None:
+        if self.cut or self.state != "up" or self._channel is None:
             return None
         self._next_id += 1
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -143,7 +144,15 @@ class PeerLink:
 
     def as_dict(self) -> dict[str, Any]:
         """The link as /healthz shows it."""
-        return {"address": self.address, "state": self.state, "last_error": self.last_error}
+        return {"address": self.address, "state": self.state, "last_error": self.last_error, "cut": self.cut}
+
+    def set_cut(self, cut: bool) -> None:
+        """Stop (or resume) sending changes to this peer: the lab's network partition of one direction."""
+        healed = self.cut and not cut
+        self.cut = cut
+        if healed and self._channel is not None:
+            # Reconnect: a new link starts with a snapshot, so anti-entropy fills the gap the cut left.
+            self._channel.close()
 
 
 class ClusterNode:
@@ -162,6 +171,7 @@ class ClusterNode:
         self._handlers: set[asyncio.Task[None]] = set()
         self._queue: list[dict[str, Any]] = []  # async mode: changes waiting for the next flush
         self._flusher: asyncio.Task[None] | None = None
+        self.on_ack_wait: Callable[[float], None] | None = None  # metrics: seconds a sync write waited for acks
 
     async def start(self) -> None:
         """Listen, pull a snapshot from a live peer, then link to every peer."""
@@ -208,7 +218,10 @@ class ClusterNode:
         self.counters["changes_sent"] += len(futures)
         if not futures:
             return
+        started = time.monotonic()
         done, late = await asyncio.wait(futures.values(), timeout=self.config.ack_timeout_s)
+        if self.on_ack_wait is not None:
+            self.on_ack_wait(time.monotonic() - started)
         self.counters["acks"] += sum(1 for f in done if f.exception() is None)
         for link, future in futures.items():
             if future in late:
@@ -223,6 +236,22 @@ class ClusterNode:
             for change in batch:
                 if link.send(change) is not None:
                     self.counters["changes_sent"] += 1
+
+    def cut(self, address: str | None = None) -> list[dict[str, Any]]:
+        """Stop replicating to one peer (to all when None): the lab's "cut a cluster peer" fault."""
+        return self._set_cut(address, True)
+
+    def heal(self, address: str | None = None) -> list[dict[str, Any]]:
+        """Resume replicating to a cut peer (all when None); the reconnect's snapshot catches it up."""
+        return self._set_cut(address, False)
+
+    def _set_cut(self, address: str | None, cut: bool) -> list[dict[str, Any]]:
+        if address is not None and address not in self.links:
+            raise ValueError(f"{address} is not a peer of this node; its peers: {', '.join(self.links) or 'none'}")
+        for link in self.links.values():
+            if address is None or link.address == address:
+                link.set_cut(cut)
+        return [link.as_dict() for link in self.links.values()]
 
     def _link(self, address: str) -> None:
         if address != self.address and address not in self.links:

@@ -1,0 +1,161 @@
+"""`lbsession matrix`: every strategy x every store, then every claim's own scenario, in one table.
+
+The first part is the grid: the standard population (configs/scenarios/standard.yaml)
+on each of the 5 strategies x 3 stores, without a fault. Three cells are claims of
+the seed and have files of their own, with the same population: C1 (round-robin +
+local), C2 (sticky-cookie + local) and C3 (ip-hash + local). Every other cell is
+checked against the theory: a session survives a change of server when the store
+is shared or replicated; with local memory only a strategy that keeps a user on
+one server avoids the re-login.
+
+The second part is every other scenario file with a claim (C4..C12, then B1..),
+each with its own topology, population, faults and expectations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from lbsession import __version__
+from lbsession.config import BACKEND_NAMES, STRATEGY_NAMES, BackendName, StrategyName
+from lbsession.errors import ConfigError, LBSessionError
+from lbsession.lab.metrics import METRICS
+from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport
+from lbsession.lab.runner import run_scenario
+from lbsession.lab.scenario import Expectation, Scenario, load_scenario, scenario_dirs
+
+SCHEMA_ID = "lbsession-matrix/1"
+CELL_CLAIMS = ("C1", "C2", "C3")  # the seed's claims that are a cell of the grid
+PINNING = ("sticky-cookie", "ip-hash", "consistent-hash")  # strategies that keep a user on one server
+ERROR = "ERROR"
+
+
+def theory(strategy: str, backend: str) -> tuple[Expectation, ...]:
+    """What the seed predicts for a cell of the grid: re-logins, or none."""
+    if backend != "local" or strategy in PINNING:
+        return (Expectation("relogins", "==", 0),)
+    return (Expectation("relogins", ">", 0),)
+
+
+def load_directory(directory: Path | None = None) -> list[Scenario]:
+    """Every scenario file of `directory` (default: the first configs/scenarios found), all validated."""
+    directory = directory or next((d for d in scenario_dirs() if d.is_dir()), None)
+    if directory is None or not directory.is_dir():
+        raise ConfigError(f"no scenario directory: looked in {', '.join(str(d) for d in scenario_dirs())}")
+    scenarios: list[Scenario] = []
+    problems: list[str] = []
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            scenarios.append(load_scenario(path))
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return scenarios
+
+
+def matrix_plan(scenarios: Sequence[Scenario], only: Sequence[str] = ()) -> list[Scenario]:
+    """The runs of the matrix, in order: the grid, then the claims; `only` keeps those it names."""
+    standard = next((s for s in scenarios if s.name == "standard"), None)
+    if standard is None:
+        raise ConfigError("the scenario directory has no standard.yaml, the grid's population")
+    grid = [_cell(standard, scenarios, strategy, backend) for backend in BACKEND_NAMES for strategy in STRATEGY_NAMES]
+    claims = sorted((s for s in scenarios if s.claim and s.claim not in CELL_CLAIMS), key=_claim_order)
+    plan = grid + claims
+    if only:
+        plan = [s for s in plan if any(_selects(word, s) for word in only)]
+        if not plan:
+            raise ConfigError(f"--only {' '.join(only)}: selects no run; give claim ids (C6) or scenario names")
+    return plan
+
+
+def _cell(standard: Scenario, scenarios: Sequence[Scenario], strategy: str, backend: str) -> Scenario:
+    for s in scenarios:
+        if s.claim in CELL_CLAIMS and (s.topology.balancer.strategy, s.topology.app.backend) == (strategy, backend):
+            return s
+    topology = standard.topology
+    topology = dataclasses.replace(
+        topology,
+        balancer=dataclasses.replace(topology.balancer, strategy=cast(StrategyName, strategy)),
+        app=dataclasses.replace(topology.app, backend=cast(BackendName, backend)),
+    )
+    expect = theory(strategy, backend)
+    title = f"{strategy} + {backend}: {'re-logins' if expect[0].op == '>' else 'no re-login'}, by the theory"
+    return dataclasses.replace(
+        standard, name=f"grid-{strategy}-{backend}", title=title, topology=topology, expect=expect
+    )
+
+
+def _claim_order(scenario: Scenario) -> tuple[bool, int]:
+    claim = scenario.claim or "C0"
+    return claim[0] != "C", int(claim[1:])  # the seed's claims first, then those beyond it
+
+
+def _selects(word: str, scenario: Scenario) -> bool:
+    if re.fullmatch(r"[CcBb]\d{1,2}", word):
+        return (scenario.claim or "").upper() == word.upper()
+    return word in scenario.name
+
+
+async def run_matrix(plan: Sequence[Scenario], *, progress: ProgressBar | None = None) -> tuple[list[RunReport], float]:
+    """Run every scenario of `plan` in turn, each on its own topology; return the reports and the wall time."""
+    started = time.monotonic()
+    reports: list[RunReport] = []
+    for index, scenario in enumerate(plan, 1):
+        run_started = time.monotonic()
+        try:
+            report = await run_scenario(scenario, on_progress=progress)
+        except LBSessionError as exc:  # one lab that cannot start must not cost the other runs
+            report = failed_run(scenario, str(exc))
+        reports.append(report)
+        if progress is not None:
+            took = time.monotonic() - run_started
+            line = f"[{index:2}/{len(plan)}] {scenario.label:<4} {report.verdict:<5} {scenario.name} ({took:.1f} s)"
+            progress.finish(line)
+    return reports, time.monotonic() - started
+
+
+def failed_run(scenario: Scenario, error: str) -> RunReport:
+    """The report of a run whose lab could not be started or reached."""
+    report = RunReport(
+        scenario=scenario,
+        strategy=scenario.topology.balancer.strategy,
+        backend=scenario.topology.app.backend,
+        target=None,
+        metrics=dict.fromkeys(METRICS),
+        per_server={},
+        routes={},
+        faults=[],
+        setup_s=0.0,
+        wall_s=0.0,
+        servers=scenario.topology.servers,
+        notes=[f"the run did not happen: {error}"],
+    )
+    report.verdict = ERROR
+    return report
+
+
+def matrix_document(reports: Sequence[RunReport], wall_s: float, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The matrix as JSON, as lbsession/lab/matrix.schema.json describes it."""
+    claims: dict[str, str] = {}
+    for report in reports:
+        claim = report.scenario.claim
+        if claim is not None:
+            claims[claim] = FAIL if claims.get(claim, PASS) != PASS else report.verdict
+    judged = [r.verdict for r in reports if r.verdict != "-"]
+    return {
+        "schema": SCHEMA_ID,
+        "lbsession_version": __version__,
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_s": round(wall_s, 3),
+        "overrides": overrides,
+        "verdict": PASS if all(v == PASS for v in judged) else FAIL,
+        "claims": claims,
+        "runs": [r.as_dict() for r in reports],
+    }

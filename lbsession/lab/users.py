@@ -1,0 +1,260 @@
+"""Virtual users: a seeded population of browser-like clients, each with its own cookie jar.
+
+A user logs in, then visits the site until the run ends: a visit is a few reads
+of /me and cart writes in a seeded order, each followed by a think time. A 401
+after a successful login is a re-login, the very bug of the lab: the user logs
+in again, as a person would, and carries on. Every response is recorded with
+the server that answered (X-Served-By), its status and its latency.
+
+The same seed gives the same population (addresses, heavy users, users behind
+the NAT, users who tamper with their cookie) and the same order of arrival and
+of requests; only the timings of a real network are left to chance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from yarl import URL
+
+if TYPE_CHECKING:
+    from lbsession.lab.scenario import Population, Steps
+
+NAT_ADDRESS = "127.0.100.1"  # where users behind the NAT come from; apart from the distinct addresses
+REQUEST_TIMEOUT_S = 15.0  # above the Redis store's 5 s retry: a failover is a stall, not a client timeout
+JITTER = 0.2  # think times vary by +-20%, so users do not march in lockstep
+
+
+def distinct_address(index: int) -> str:
+    """User `index`'s own loopback address: 127.0.0.2, 127.0.0.3, ... (Linux routes all of 127/8 locally)."""
+    return f"127.0.{index // 250}.{index % 250 + 2}"
+
+
+@dataclass(frozen=True)
+class UserPlan:
+    """Everything the seed decides about one user."""
+
+    index: int  # the user's number; names and addresses follow it
+    position: int  # the order of arrival
+    name: str
+    source_ip: str | None  # None: the system's choice, 127.0.0.1
+    start_s: float
+    think_s: float
+    heavy: bool
+    behind_nat: bool
+    tamper_at_s: float | None  # when the user forges its sticky cookie, if ever
+    seed: int  # of the user's own random stream: its visits and think times
+
+
+def plan_population(population: Population, steps: Steps, seed: int, duration_s: float) -> list[UserPlan]:
+    """The users, in their order of arrival; the same seed always gives the same plans."""
+    rng = random.Random(seed)
+    count = population.users
+    heavy = set(rng.sample(range(count), population.heavy_users))
+    nat = set(rng.sample(range(count), population.nat_users))
+    tamper = set(rng.sample(range(count), population.tamper_users))
+    order = list(range(count))
+    rng.shuffle(order)
+    plans = []
+    for position, index in enumerate(order):
+        if population.addresses == "shared":
+            source_ip = None
+        else:
+            source_ip = NAT_ADDRESS if index in nat else distinct_address(index)
+        think_s = steps.think_ms / 1000 / (population.heavy_weight if index in heavy else 1.0)
+        plans.append(
+            UserPlan(
+                index=index,
+                position=position,
+                name=f"user-{index:03d}",
+                source_ip=source_ip,
+                start_s=population.ramp_s * position / count,
+                think_s=think_s,
+                heavy=index in heavy,
+                behind_nat=index in nat,
+                tamper_at_s=duration_s / 2 if index in tamper else None,
+                seed=rng.getrandbits(64),
+            )
+        )
+    return plans
+
+
+@dataclass(slots=True)
+class Record:
+    """One request as the user saw it."""
+
+    user: int
+    action: str  # login | me | cart | cart-read | logout
+    started_s: float  # on the run's clock
+    latency_s: float
+    status: int  # 0: no response (connection refused, reset, timeout)
+    server: str | None  # X-Served-By
+    relogin: bool = False  # a 401 after a successful login
+
+    @property
+    def ok(self) -> bool:
+        """Answered, and not with a server error."""
+        return 0 < self.status < 500
+
+    @property
+    def ended_s(self) -> float:
+        """When the answer (or the error) arrived, on the run's clock."""
+        return self.started_s + self.latency_s
+
+
+class VirtualUser:
+    """One user: a cookie jar, optionally its own source address, and its plan."""
+
+    def __init__(
+        self,
+        plan: UserPlan,
+        steps: Steps,
+        lb_url: str,
+        clock: Callable[[], float],
+        records: list[Record],
+        *,
+        sticky_cookie: str = "LBSERVER",
+        server_ids: list[str] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.steps = steps
+        self.lb_url = lb_url
+        self.clock = clock
+        self.records = records
+        self.sticky_cookie = sticky_cookie
+        self.server_ids = server_ids or []  # whom a forged cookie may claim
+        self.logged_in = False
+        self.relogins = 0
+        self.tampered = 0
+        self.cookie_checks = 0
+        self.cookie_matches = 0
+        self.sample_cookie: str | None = None
+        self.cart_acked = 0  # cart writes acknowledged since the last login
+        self.cart_seen: int | None = None  # items in the cart at the end, when it could be read
+        self._rng = random.Random(plan.seed)
+        self._http: aiohttp.ClientSession | None = None
+
+    async def run(self, deadline: Callable[[], float]) -> None:
+        """Arrive at the planned time, then log in and visit until `deadline()` on the run's clock."""
+        await self._sleep_until(self.plan.start_s)
+        connector = aiohttp.TCPConnector(local_addr=(self.plan.source_ip, 0) if self.plan.source_ip else None)
+        # unsafe=True: keep cookies set by an IP-address host (127.0.0.1), as browsers do.
+        self._http = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+        )
+        try:
+            await self._browse(deadline)
+            if self.steps.cart_writes and self.logged_in:
+                await self._read_cart()
+            if self.steps.logout and self.logged_in:
+                await self._send("logout", "POST", "/logout")
+        finally:
+            await self._http.close()
+
+    async def _browse(self, deadline: Callable[[], float]) -> None:
+        while self.clock() < deadline():
+            if not self.logged_in:
+                await self._login()
+                await self._think(deadline)
+                continue
+            for batch in self._visit():
+                if self.clock() >= deadline() or not self.logged_in:
+                    break
+                self._maybe_tamper()
+                await asyncio.gather(*(self._act(action) for action in batch))
+                await self._think(deadline)
+
+    def _visit(self) -> list[tuple[str, ...]]:
+        """One visit's requests in a seeded order; a tuple of several is sent at once."""
+        steps = self.steps
+        parallel = steps.cart_parallel and steps.cart_writes > 1
+        batches: list[tuple[str, ...]] = [("me",)] * steps.reads
+        batches += [] if parallel else [("cart",)] * steps.cart_writes
+        self._rng.shuffle(batches)
+        if parallel:
+            batches.insert(self._rng.randrange(len(batches) + 1), ("cart",) * steps.cart_writes)
+        return batches
+
+    async def _login(self) -> None:
+        record, _ = await self._send("login", "POST", "/login", json={"username": self.plan.name})
+        if record.status == 200:
+            self.logged_in = True
+            self.cart_acked = 0  # a new session: its cart starts empty
+
+    async def _act(self, action: str) -> None:
+        if action == "me":
+            record, _ = await self._send("me", "GET", "/me")
+        else:
+            record, _ = await self._send("cart", "POST", "/cart", json={"item": f"{self.plan.name}-{self.cart_acked}"})
+            self.cart_acked += record.status == 200
+        if record.status == 401 and self.logged_in:
+            record.relogin = True  # logged in a moment ago, asked to log in again: the bug
+            self.relogins += 1
+            self.logged_in = False
+
+    async def _read_cart(self) -> None:
+        record, body = await self._send("cart-read", "GET", "/cart")
+        if record.status == 200 and isinstance(body, dict) and isinstance(body.get("cart"), list):
+            self.cart_seen = len(body["cart"])
+
+    async def _send(self, action: str, method: str, path: str, **kwargs: Any) -> tuple[Record, Any]:
+        assert self._http is not None
+        started = self.clock()
+        status, server, body = 0, None, None
+        try:
+            async with self._http.request(method, self.lb_url + path, allow_redirects=False, **kwargs) as response:
+                status, server = response.status, response.headers.get("X-Served-By")
+                if response.content_type == "application/json":
+                    body = await response.json()
+                else:
+                    await response.read()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            status = 0  # no answer: the request counts as failed, and the user carries on
+        record = Record(self.plan.index, action, started, self.clock() - started, status, server)
+        self.records.append(record)
+        self._check_cookie(server)
+        return record, body
+
+    def _cookie(self) -> str | None:
+        assert self._http is not None
+        for morsel in self._http.cookie_jar:
+            if morsel.key == self.sticky_cookie:
+                return morsel.value
+        return None
+
+    def _check_cookie(self, server: str | None) -> None:
+        """Does the balancer's cookie name the server that answered? (C12: it is readable.)"""
+        value = self._cookie() if server is not None else None
+        if value is None:
+            return
+        self.sample_cookie = self.sample_cookie or value
+        self.cookie_checks += 1
+        self.cookie_matches += value.rpartition(".")[0] == server
+
+    def _maybe_tamper(self) -> None:
+        """Once, claim another server with our own tag: a forgery the signature must expose."""
+        due = self.plan.tamper_at_s
+        value = self._cookie()
+        if self.tampered or due is None or self.clock() < due or value is None or self._http is None:
+            return
+        pinned, _, tag = value.rpartition(".")
+        others = sorted(set(self.server_ids) - {pinned})
+        if not others:
+            return
+        forged = f"{self._rng.choice(others)}.{tag}"
+        self._http.cookie_jar.update_cookies({self.sticky_cookie: forged}, URL(self.lb_url))
+        self.tampered += 1
+
+    async def _think(self, deadline: Callable[[], float]) -> None:
+        pause = self.plan.think_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
+        await asyncio.sleep(max(0.0, min(pause, deadline() - self.clock())))
+
+    async def _sleep_until(self, at_s: float) -> None:
+        await asyncio.sleep(max(0.0, at_s - self.clock()))

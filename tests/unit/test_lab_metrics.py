@@ -1,0 +1,169 @@
+"""The measurements and reports of a run, computed from hand-made records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from lbsession.lab.matrix import failed_run, matrix_document
+from lbsession.lab.metrics import METRICS, AppliedFault, RunData, UserOutcome, compute_metrics, longest_stall
+from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport, format_matrix, format_run, to_markdown
+from lbsession.lab.scenario import Expectation, Scenario
+from lbsession.lab.users import Record
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "lbsession" / "lab" / "matrix.schema.json").read_text())
+
+
+def rec(user: int, t: float, status: int, server: str | None, *, action: str = "me", relogin: bool = False,
+        latency: float = 0.002) -> Record:  # fmt: skip
+    return Record(user, action, t, latency, status, server, relogin)
+
+
+def data(records: list[Record], users: int = 2, faults: list[AppliedFault] | None = None, **kwargs) -> RunData:
+    outcomes = [UserOutcome(i, relogins=sum(r.relogin for r in records if r.user == i)) for i in range(users)]
+    return RunData(records, outcomes, faults or [], ["was-1", "was-2", "was-3"], kwargs.get("routes", {}),
+                   kwargs.get("before"), kwargs.get("after"))  # fmt: skip
+
+
+def kill(at: float, server: str = "was-1") -> AppliedFault:
+    return AppliedFault(at, "kill-server", server, f"kill-server {server}", applied_s=at)
+
+
+def test_relogins_users_and_errors_are_counted():
+    records = [
+        rec(0, 0.0, 200, "was-1", action="login"),
+        rec(0, 0.1, 401, "was-2", relogin=True),
+        rec(0, 0.2, 200, "was-3", action="login"),
+        rec(1, 0.0, 200, "was-1", action="login"),
+        rec(1, 0.1, 503, "was-2"),
+        rec(1, 0.2, 0, None),
+    ]
+    m = compute_metrics(data(records))
+    assert list(m) == list(METRICS)  # every metric, in the documented order
+    assert (m["requests"], m["logins"], m["relogins"], m["relogin_users"]) == (6, 3, 1, 1)
+    assert (m["relogin_user_share"], m["errors_5xx"], m["errors_network"]) == (0.5, 1, 1)
+    assert m["victim_users"] is None and m["moved_share"] is None  # no fault, nothing to say
+
+
+def test_balance_counts_an_idle_server_as_part_of_the_imbalance():
+    records = [rec(0, i / 10, 200, "was-1") for i in range(6)] + [rec(1, i / 10, 200, "was-2") for i in range(3)]
+    m = compute_metrics(data(records))
+    assert m["imbalance"] == pytest.approx(6 / 3)  # mean over was-1, was-2 and the idle was-3
+    assert m["hottest_share"] == pytest.approx(6 / 9, abs=1e-3)
+    assert m["cv"] == pytest.approx(0.816, abs=1e-3)
+
+
+def test_the_longest_stall_runs_from_the_first_failure_to_the_next_good_answer():
+    records = [
+        rec(0, 1.0, 200, "was-1", latency=0.01),
+        rec(0, 1.1, 503, "was-1", latency=0.5),
+        rec(0, 1.7, 0, None, latency=0.2),
+        rec(0, 2.0, 200, "was-2", latency=0.3),  # good again at 2.3: 1.2 s after the failures began
+        rec(1, 1.0, 200, "was-2", latency=0.9),  # one slow request
+    ]
+    assert longest_stall(records) == pytest.approx(1.2)
+    assert longest_stall([]) is None
+
+
+def test_victims_of_a_killed_server_and_bystanders():
+    records = [
+        rec(0, 0.5, 200, "was-1"),  # user 0 is on was-1: a victim
+        rec(1, 0.5, 200, "was-2"),  # user 1 is not
+        rec(2, 0.5, 200, "was-1"),  # user 2 is a victim that is never asked again
+        rec(0, 1.5, 401, "was-2", relogin=True),
+        rec(0, 1.6, 200, "was-2", action="login"),
+        rec(1, 1.5, 401, "was-3", relogin=True),
+        rec(2, 1.5, 200, "was-3"),
+    ]
+    m = compute_metrics(data(records, users=3, faults=[kill(1.0)]))
+    assert (m["relogins_before_fault"], m["relogins_after_fault"]) == (0, 2)
+    assert (m["victim_users"], m["victim_relogin_share"], m["bystander_relogins"]) == (2, 0.5, 1)
+    assert m["moved_share"] == 1.0  # all three answered elsewhere at the end
+
+
+def test_added_servers_cookies_carts_and_reconfiguration():
+    added = AppliedFault(1.0, "add-server", None, "add-server", applied_s=1.0, result={"id": "was-4"})
+    records = [rec(0, 0.5, 200, "was-1"), rec(0, 1.5, 401, "was-4", relogin=True), rec(1, 1.5, 200, "was-4")]
+    run = data(records, faults=[added], routes={"forged-cookie": 2})
+    run.users[0].tampered, run.users[1].tampered = 1, 1
+    run.users[0].cookie_checks, run.users[0].cookie_matches = 4, 4
+    run.users[1].cart_acked, run.users[1].cart_seen = 5, 3
+    run.topology_before = {"servers": [{"id": "was-1", "pid": 10, "restarts": 0}]}
+    run.topology_after = {"servers": [{"id": "was-1", "pid": 10, "restarts": 0}, {"id": "was-4", "pid": 11}]}
+    m = compute_metrics(run)
+    assert (m["requests_on_added"], m["relogins_on_added"]) == (2, 1)
+    assert (m["tampered"], m["forged_cookies"], m["tamper_detected_share"], m["cookie_names_server"]) == (2, 2, 1, 1)
+    assert (m["cart_writes"], m["lost_updates"]) == (5, 2)
+    assert m["reconfigured_servers"] == 0
+
+
+def make_report(verdict_metric: int = 3, *, claim: str = "C1") -> RunReport:
+    scenario = Scenario(name="c01-test", claim=claim, title="a test", expect=(Expectation("relogins", ">", 0),))
+    records = [rec(0, 0.1, 401, "was-2", relogin=verdict_metric > 0), rec(1, 0.1, 200, "was-1")]
+    report = RunReport(scenario, "round-robin", "local", None, compute_metrics(data(records, faults=[kill(1.0)])),
+                       {"was-1": 1, "was-2": 1, "was-3": 0}, {"new": 2}, [kill(1.0)], 0.4, 2.0, 3,
+                       sample_cookie="was-1.abc")  # fmt: skip
+    report.evaluate(scenario.expect)
+    return report
+
+
+def test_verdicts_tables_and_markdown():
+    good, bad = make_report(), make_report(0, claim="C2")
+    assert (good.verdict, bad.verdict) == (PASS, FAIL)
+    text = format_run(good)
+    assert "C1  c01-test  [PASS]" in text and "relogins > 0: 1" in text and "was-1.abc" in text
+    table = format_matrix([good, bad])
+    assert table.splitlines()[0].split()[:3] == ["claim", "scenario", "strategy"]
+    assert "C2   FAIL  c01-test: relogins > 0: 0" in table
+    markdown = to_markdown([good, bad], "lbsession matrix")
+    assert (
+        markdown.startswith("# lbsession matrix\n")
+        and "| C1 | c01-test | a test | relogins > 0: 1 | PASS |" in markdown
+    )
+
+
+def test_a_failed_fault_fails_the_run():
+    report = make_report()
+    report.faults[0].error = "POST /servers/was-1/kill answered 409: was-1 is not running"
+    report.evaluate(report.scenario.expect)
+    assert report.verdict == FAIL and "was-1 is not running" in report.notes[0]
+
+
+def test_the_matrix_document_follows_its_schema():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    documented = SCHEMA["$defs"]["run"]["properties"]["metrics"]["properties"]
+    assert {name: d["description"] for name, d in documented.items()} == METRICS  # one vocabulary, one meaning
+    error = failed_run(Scenario(name="broken", claim="C3"), "valkey-server not found")
+    document = matrix_document([make_report(), make_report(0, claim="C2"), error], 12.5, {"seed": 3})
+    document["overrides"] = {"seed": 3, "users": None, "duration_s": None}
+    jsonschema.validate(document, SCHEMA)
+    assert (document["verdict"], document["claims"]) == (FAIL, {"C1": PASS, "C2": FAIL, "C3": "ERROR"})
+
+
+class FakeTerminal:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_the_progress_bar_draws_only_on_a_terminal_but_always_says_how_it_ended(tty):
+    from lbsession.lab.report import Progress
+
+    stream = FakeTerminal(tty)
+    bar = ProgressBar(stream)  # type: ignore[arg-type]
+    bar(Progress("C6 c06", 1.5, 3.0, 120, 4, 1))
+    bar.finish("C6 PASS")
+    assert ("[##############" in stream.text) is tty
+    assert stream.text.endswith("C6 PASS\n")
