@@ -222,12 +222,13 @@ def _parse_upstream(index: int, text: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- commands
 
 
-async def _wait_for_signal() -> None:
+def _stop_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM; installed before anyone is told we are up, so none is missed."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -236,13 +237,14 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     topology = Topology(config)
+    stop = _stop_signals()
     await topology.start()
     try:
         info = topology.ready_info()
         _print_lab(info, config)
         if args.ready_file:
             write_ready_file(args.ready_file, info)
-        await _wait_for_signal()
+        await stop.wait()
         print("\nstopping the lab...", file=sys.stderr)
     finally:
         await topology.stop()
@@ -284,14 +286,32 @@ async def cmd_lb(args: argparse.Namespace) -> int:
     lb = LoadBalancer(config)
     await lb.start()
     try:
+        # Before the ready line: whoever reads it may signal at once, and SIGHUP's default is to terminate.
+        stop = _stop_signals()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, args, lb)
         print(
             f"balancing {len(config.upstreams)} upstreams on {lb.url} ({lb.strategy.name}); admin on {lb.admin_url}",
             flush=True,
         )
-        await _wait_for_signal()
+        await stop.wait()
     finally:
         await lb.stop()
     return 0
+
+
+def _reload(args: argparse.Namespace, lb: Any) -> None:
+    """SIGHUP: read the config again; a mistake leaves the running config as it is, and says why."""
+    try:
+        config = config_from_args(args).balancer
+        if not config.upstreams:
+            raise ConfigError("no upstreams in the new configuration")
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused, the running configuration stays: %s", problem)
+        return
+    for change in lb.reload(config):
+        log.warning("reload: %s changed, which takes a restart; the running value stays", change)
+    log.info("reloaded: %d upstreams, strategy %s", len(config.upstreams), lb.strategy.name)
 
 
 async def cmd_server(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ deadline, and closes everything.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -124,6 +125,28 @@ class LoadBalancer:
     def set_strategy(self, name: str) -> None:
         """Switch the routing strategy at run time (sticky pins are honoured only by sticky-cookie)."""
         self._use_strategy(create_strategy(self.config, name))
+
+    def reload(self, config: BalancerConfig) -> list[str]:
+        """Apply a new, already validated config; return the changes that need a restart instead.
+
+        Upstreams, the strategy and its settings, health checks, limits and trusted proxies
+        change at once (requests in flight finish as they began); listeners stay as they are.
+        """
+        fixed = ("host", "port", "admin_host", "admin_port", "admin_allow", "admin_token")
+        needs_restart = [key for key in fixed if getattr(config, key) != getattr(self.config, key)]
+        config = dataclasses.replace(config, **{key: getattr(self.config, key) for key in fixed})
+        wanted = {u.id: u.url for u in config.upstreams}
+        for server_id, upstream in list(self.pool.upstreams.items()):
+            if wanted.get(server_id) != upstream.url:
+                self.pool.remove(server_id)
+        for server_id, url in wanted.items():
+            if server_id not in self.pool.upstreams:
+                self.pool.add(server_id, url)
+        self.pool.set_health(config.health)
+        self.config, self.limits = config, config.limits
+        self._trusted = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
+        self._use_strategy(create_strategy(config))
+        return needs_restart
 
     def _use_strategy(self, strategy: Strategy) -> None:
         self.strategy = strategy

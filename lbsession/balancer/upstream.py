@@ -169,6 +169,10 @@ class UpstreamPool:
         if timer is not None:
             timer.cancel()
 
+    def set_health(self, health: HealthConfig) -> None:
+        """Use new health-check settings from the next check on (a config reload)."""
+        self._health = health
+
     def mark_down(self, upstream: Upstream, error: str) -> None:
         """Passive health: a failed connect takes the upstream out of rotation at once."""
         upstream.last_error = error

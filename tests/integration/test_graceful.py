@@ -125,3 +125,60 @@ async def test_past_the_connection_limit_a_client_gets_a_503_at_once_not_a_queue
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert b"Retry-After: 1" in answer and b"connection limit" in answer
     assert lb.status()["counters"]["shed_connections"] == 1
+
+
+async def test_sighup_reloads_the_config_and_a_broken_one_leaves_the_running_config(tmp_path):
+    runners = []
+    for name in ("a", "b"):
+
+        async def hello(request: web.Request, name: str = name) -> web.Response:
+            return web.Response(text=name)
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+    url_a, url_b = (f"http://127.0.0.1:{r.addresses[0][1]}" for r in runners)
+    config = tmp_path / "lb.yaml"
+    config.write_text(f"balancer:\n  strategy: round-robin\n  upstreams: [{{id: a, url: '{url_a}'}}]\n")
+    lb = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lbsession", "lb", "--config", str(config), "--port", "0", "--admin-port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        line = (await asyncio.wait_for(lb.stdout.readline(), 30)).decode()
+        admin = line.rsplit("admin on ", 1)[1].strip()
+
+        async def status() -> dict:
+            async with aiohttp.ClientSession() as http, http.get(admin + "/status") as r:
+                return await r.json()
+
+        config.write_text(
+            f"balancer:\n  strategy: ip-hash\n  upstreams: [{{id: a, url: '{url_a}'}}, {{id: b, url: '{url_b}'}}]\n"
+        )
+        lb.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            current = await status()
+            while [s["id"] for s in current["servers"]] != ["a", "b"]:
+                await asyncio.sleep(0.02)
+                current = await status()
+        assert current["strategy"] == "ip-hash"
+
+        config.write_text("balancer:\n  strategy: nope\n  upstreams: []\n")  # a mistake
+        lb.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            while b"reload refused" not in (said := await lb.stderr.readline()):
+                assert said, "the balancer exited instead of refusing the reload"
+        after = await status()
+        async with aiohttp.ClientSession() as http, http.get(line.split(" on ")[1].split(" ")[0] + "/") as r:
+            served = (r.status, await r.text())
+    finally:
+        lb.terminate()
+        await lb.wait()
+        for runner in runners:
+            await runner.cleanup()
+    assert b"balancer.strategy: 'nope' is not valid" in said
+    assert [s["id"] for s in after["servers"]] == ["a", "b"] and after["strategy"] == "ip-hash"
+    assert served[0] == 200 and served[1] in ("a", "b")
