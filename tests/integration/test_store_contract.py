@@ -5,6 +5,10 @@ Each backend is built by one entry of FACTORIES: an async context manager that
 yields a StoreUnderTest and cleans up after. Registering a store without adding
 a factory here fails the suite, so a new backend cannot go untested.
 
+A backend that can be deployed in more than one way (Redis: one server, or a
+Redis Cluster) adds a case per further deployment to VARIANTS, with its own
+factory: those cases run the whole contract too, on top of the registered names.
+
 Time: a backend with an injectable clock (`local`) advances it; one that can
 only expire in real time (Redis) uses a short `ttl_s` and sleeps past it, which
 is deterministic there because an expired key is never returned.
@@ -16,7 +20,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -26,8 +30,6 @@ from lbsession.appserver.stores.cluster import ClusterStore
 from lbsession.appserver.stores.local import LocalStore
 from lbsession.appserver.stores.redis import RedisStore
 from lbsession.config import BACKEND_NAMES, ClusterConfig, RedisConfig
-
-REDIS_URL: list[str] = [""]  # set from the session's real Redis when a redis test runs
 
 
 @dataclass
@@ -53,7 +55,7 @@ class FakeClock:
 
 
 @asynccontextmanager
-async def local_store() -> AsyncIterator[StoreUnderTest]:
+async def local_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
     clock = FakeClock()
     store = LocalStore(clock=clock)
     await store.start()
@@ -64,9 +66,24 @@ async def local_store() -> AsyncIterator[StoreUnderTest]:
 
 
 @asynccontextmanager
-async def redis_store() -> AsyncIterator[StoreUnderTest]:
+async def redis_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
     # A real server (tests/conftest.py); a key prefix of its own isolates each test.
-    config = RedisConfig(url=REDIS_URL[0], key_prefix=f"test:{uuid.uuid4().hex}:", retry_s=1.0)
+    async with started_redis_store(RedisConfig(url=request.getfixturevalue("redis_server").url)) as under_test:
+        yield under_test
+
+
+@asynccontextmanager
+async def redis_cluster_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
+    # A real three-primary Redis Cluster (tests/conftest.py), reached through one node as a user
+    # gives it; each session id hashes to its own slot, so a test's sessions spread over the nodes.
+    url = request.getfixturevalue("redis_cluster").url
+    async with started_redis_store(RedisConfig(url=url, cluster=True)) as under_test:
+        yield under_test
+
+
+@asynccontextmanager
+async def started_redis_store(config: RedisConfig) -> AsyncIterator[StoreUnderTest]:
+    config = replace(config, key_prefix=f"test:{uuid.uuid4().hex}:", retry_s=1.0)
     store = RedisStore(config)
     await store.start()
     try:
@@ -78,7 +95,7 @@ async def redis_store() -> AsyncIterator[StoreUnderTest]:
 
 
 @asynccontextmanager
-async def cluster_store() -> AsyncIterator[StoreUnderTest]:
+async def cluster_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
     # A single node: the contract is about the store, replication has its own tests.
     clock = FakeClock()
     store = ClusterStore("node-1", ClusterConfig(secret="contract-test-secret", port=0), clock=clock)
@@ -89,23 +106,25 @@ async def cluster_store() -> AsyncIterator[StoreUnderTest]:
         await store.close()
 
 
-# One entry per registered backend.
-FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[StoreUnderTest]]] = {
+# One entry per registered backend, and one per variant. A factory asks `request` for the servers it needs.
+FACTORIES: dict[str, Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[StoreUnderTest]]] = {
     "local": local_store,
     "redis": redis_store,
+    "redis-cluster": redis_cluster_store,
     "cluster": cluster_store,
 }
+# Further deployments of a registered backend: case -> the registered name whose class it builds.
+VARIANTS: dict[str, str] = {"redis-cluster": "redis"}
 
 
-@pytest.fixture(params=sorted(STORES))
+@pytest.fixture(params=[*sorted(STORES), *sorted(VARIANTS)])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
     name = request.param
-    if name == "redis":
-        REDIS_URL[:] = [request.getfixturevalue("redis_server").url]
     factory = FACTORIES.get(name)
     if factory is None:
         pytest.fail(f"store {name!r} is registered in STORES but has no factory in {__name__}.FACTORIES; add one")
-    async with factory() as under_test:
+    async with factory(request) as under_test:
+        assert isinstance(under_test.store, store_class(VARIANTS.get(name, name)))
         yield under_test
 
 
@@ -128,6 +147,12 @@ def test_registry_names_match_the_config_literal() -> None:
 @pytest.mark.parametrize("name", sorted(STORES))
 def test_every_registered_store_has_a_factory(name: str) -> None:
     assert name in FACTORIES, f"store {name!r} is registered in STORES but has no factory in FACTORIES; add one"
+
+
+@pytest.mark.parametrize("case", sorted(VARIANTS))
+def test_every_variant_deploys_a_registered_store_and_has_a_factory(case: str) -> None:
+    assert VARIANTS[case] in STORES, f"variant {case!r} deploys {VARIANTS[case]!r}, which is not in STORES"
+    assert case in FACTORIES, f"variant {case!r} has no factory in FACTORIES; add one"
 
 
 @pytest.mark.parametrize("name", sorted(STORES))

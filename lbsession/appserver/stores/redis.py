@@ -22,6 +22,13 @@ which after a Sentinel failover is the dead primary (redis-py issues #3560,
 `retry_s`, each attempt asking Sentinel afresh for the primary. A user sees a
 delay of a few seconds, not a logout; past the bound the app server answers
 503 "session store unavailable", never 401.
+
+Redis Cluster: redis-py's cluster retry is off too (it would repeat a hung node's
+timeout ten times within one attempt), and an attempt re-reads the slot map when
+redis-py has dropped it. A primary with no replica that dies leaves its slots
+unserved, and the other nodes refuse every key (cluster-require-full-coverage):
+each call is StoreUnavailable until it is back, and `count()`, which scans every
+primary, fails rather than count the survivors' keys alone.
 """
 
 from __future__ import annotations
@@ -119,7 +126,8 @@ class RedisStore(SessionStore):
             self._client = self._sentinel.master_for(config.service_name, retry=Retry(NoBackoff(), 0))
         elif config.cluster:
             assert config.url is not None  # __init__ checked: no sentinels means a URL
-            self._client = RedisCluster.from_url(config.url, **options)
+            # Its own retry off as well: by default 10 more tries, each up to timeout_s on a hung node.
+            self._client = RedisCluster.from_url(config.url, retry=Retry(NoBackoff(), 0), **options)
         else:
             assert config.url is not None
             self._client = aioredis.from_url(config.url, retry=Retry(NoBackoff(), 0), **options)
@@ -166,7 +174,14 @@ class RedisStore(SessionStore):
         return {"redis": self.where, "round_trips": self.round_trips}
 
     async def _call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run `attempt`, retrying transient errors with backoff for up to `retry_s`."""
+        """Run `attempt`, retrying transient errors with backoff for up to `retry_s`.
+
+        On Redis Cluster the slot map is read first: redis-py (8.1) sends a command issued
+        before it has the map to an arbitrary node, so many concurrent first commands all
+        meet MOVED, and its fifth MOVED closes every connection under the others' feet
+        (AttributeError from inside redis-py). `initialize()` makes them wait for the map,
+        and is a no-op once it is read.
+        """
         if self._client is None:
             raise StoreUnavailable("the redis store is not started")
         deadline = time.monotonic() + self.config.retry_s
@@ -174,6 +189,8 @@ class RedisStore(SessionStore):
         while True:
             self.round_trips += 1
             try:
+                if self.config.cluster:
+                    await self._client.initialize()  # see _call's docstring
                 return await attempt()
             except (*TRANSIENT, RedisClusterException) as exc:
                 if time.monotonic() + delay > deadline:
