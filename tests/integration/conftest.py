@@ -96,6 +96,14 @@ class User:
         await self.http.close()
 
 
+async def logged_in_users(lab: Topology, users: Callable[..., User], count: int) -> list[User]:
+    """`count` users, user0..userN, each logged in through the lab's balancer."""
+    people = [users(lab.lb.url) for _ in range(count)]
+    for n, person in enumerate(people):
+        await person.login(f"user{n}")
+    return people
+
+
 @pytest.fixture
 async def users() -> AsyncIterator[Callable[..., User]]:
     """Make users on demand; all are closed at the end of the test."""

@@ -10,15 +10,9 @@ import pytest
 
 from lbsession.appserver.cluster.protocol import Channel, connection_key
 from lbsession.lab.topology import Topology
+from tests.integration.conftest import logged_in_users
 
 pytestmark = pytest.mark.integration
-
-
-async def logged_in_users(lab: Topology, users, count: int):
-    people = [users(lab.lb.url) for _ in range(count)]
-    for n, person in enumerate(people):
-        await person.login(f"user{n}")
-    return people
 
 
 async def health(server_url: str) -> dict:

@@ -8,15 +8,9 @@ import time
 import pytest
 
 from lbsession.lab.topology import Topology
+from tests.integration.conftest import logged_in_users
 
 pytestmark = pytest.mark.integration
-
-
-async def logged_in_users(lab: Topology, users, count: int):
-    people = [users(lab.lb.url) for _ in range(count)]
-    for n, person in enumerate(people):
-        await person.login(f"user{n}")
-    return people
 
 
 async def test_round_robin_with_redis_keeps_everyone_logged_in_on_every_server(start_lab, users):
@@ -56,27 +50,22 @@ async def test_a_server_added_at_run_time_serves_logged_in_users_with_nothing_re
     assert after == before  # same processes, same command lines: the others were not touched
 
 
-async def test_redis_without_replica_or_persistence_restarted_logs_everyone_out(start_lab, users):
-    lab: Topology = await start_lab("round-robin", backend="redis")
+@pytest.mark.parametrize(
+    ("persist", "status"),
+    [
+        (False, 401),  # the seed's warning: the session server's memory was every session
+        (True, 200),  # an append-only file brings them back with it
+    ],
+)
+async def test_a_restarted_redis_logs_everyone_out_unless_it_persists(start_lab, users, persist, status):
+    lab: Topology = await start_lab("round-robin", backend="redis", redis_server={"persist": persist})
     people = await logged_in_users(lab, users, 5)
 
     await lab.redis.kill_primary()
     await lab.redis.restart("redis-1")
     replies = [await p.me() for p in people]
 
-    # The seed's warning: the session server's memory was every session.
-    assert [r.status for r in replies] == [401] * len(people)
-
-
-async def test_redis_with_persistence_restarted_keeps_everyone_logged_in(start_lab, users):
-    lab: Topology = await start_lab("round-robin", backend="redis", redis_server={"persist": True})
-    people = await logged_in_users(lab, users, 5)
-
-    await lab.redis.kill_primary()
-    await lab.redis.restart("redis-1")
-    replies = [await p.me() for p in people]
-
-    assert [r.status for r in replies] == [200] * len(people)
+    assert [r.status for r in replies] == [status] * len(people)
 
 
 async def test_redis_down_for_good_is_a_503_with_the_reason_never_a_401(start_lab, users):
