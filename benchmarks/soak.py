@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -79,25 +80,33 @@ class Lab:
         return pids
 
 
-async def user_loop(lb: str, name: str, stop_at: float, tally: dict[str, int]) -> None:
+def count_error(tally: Counter[str], status: int, body: bytes) -> None:
+    """Count a 5xx, by status and the first words of its reason, so a soak says what went wrong."""
+    if status >= 500:
+        tally["errors"] += 1
+        tally[f"error: {status} {body[:80].decode(errors='replace').strip()}"] += 1
+
+
+async def user_loop(lb: str, name: str, stop_at: float, tally: Counter[str]) -> None:
     """One virtual user: log in, read and write, log out and in again every 50 requests."""
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         while time.monotonic() < stop_at:
             async with http.post(lb + "/login", json={"username": name}) as r:
                 tally["requests"] += 1
-                tally["errors"] += r.status >= 500
+                count_error(tally, r.status, await r.read())
             for n in range(50):
                 if time.monotonic() >= stop_at:
                     return
                 try:
                     method, path = ("POST", "/cart") if n % 10 == 9 else ("GET", "/me")
                     async with http.request(method, lb + path, json={"item": "x"} if method == "POST" else None) as r:
-                        await r.read()
+                        body = await r.read()
                         tally["requests"] += 1
-                        tally["errors"] += r.status >= 500
+                        count_error(tally, r.status, body)
                         tally["relogins"] += r.status == 401
-                except aiohttp.ClientError:
+                except aiohttp.ClientError as exc:
                     tally["errors"] += 1
+                    tally[f"error: {type(exc).__name__}"] += 1
             async with http.post(lb + "/logout") as r:
                 tally["requests"] += 1
 
@@ -106,7 +115,7 @@ async def soak(store: str, users: int, duration_s: float) -> None:
     """One soak run against one store; prints its figures."""
     strategy = "sticky-cookie" if store == "local" else "round-robin"
     async with Lab("--strategy", strategy, "--backend", store) as lab:
-        tally = {"requests": 0, "errors": 0, "relogins": 0}
+        tally: Counter[str] = Counter()
         warm_up = min(10.0, duration_s / 5)
         loops = [user_loop(lab.info["lb"], f"user{n}", time.monotonic() + duration_s, tally) for n in range(users)]
         running = asyncio.gather(*loops)
@@ -116,6 +125,9 @@ async def soak(store: str, users: int, duration_s: float) -> None:
         after = {name: rss_mib(pid) for name, pid in lab.pids().items()}
     print(f"\n{store} ({strategy}), {users} users, {duration_s:g} s: {tally['requests']} requests, "
           f"{tally['errors']} errors, {tally['relogins']} re-logins")  # fmt: skip
+    for kind, count in sorted(tally.items()):
+        if kind.startswith("error: "):
+            print(f"  {count} x {kind.removeprefix('error: ')}")
     print(f"  {'process':<14}{'RSS start MiB':>14}{'RSS end MiB':>13}{'change':>9}")
     for name in before:
         print(f"  {name:<14}{before[name]:14.1f}{after[name]:13.1f}{after[name] - before[name]:+9.1f}")
