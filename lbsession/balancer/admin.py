@@ -9,8 +9,8 @@
     GET    /metrics                   Prometheus metrics (lbsession.metrics)
     GET    /, /dashboard/..., /events the live dashboard and its event stream (lbsession.dashboard.routes)
 
-`lbsession run` adds routes that manage its own processes (kill, restart, add);
-see lbsession.lab.topology.
+`lbsession run` adds routes that manage its own processes (kill, restart, add),
+see lbsession.lab.topology, and that play scenarios against them, see lbsession.lab.live.
 
 Errors are JSON `{"error": "..."}` with a 4xx status that says what was wrong.
 

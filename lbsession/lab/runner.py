@@ -76,9 +76,10 @@ async def drive(
     on_progress: ProgressCallback | None = None,
     target: str | None = None,
     lb_url: str | None = None,
+    token: str | None = None,
 ) -> RunReport:
     """Play the population and the fault timeline against the lab whose admin API is at `admin_url`."""
-    admin = AdminClient(admin_url)
+    admin = AdminClient(admin_url, token)  # token None: LBSESSION_BALANCER__ADMIN_TOKEN's, if set
     try:
         status_before = await admin.status()
         topology_before = await admin.topology()
@@ -107,7 +108,7 @@ async def drive(
         wall_s=wall_s,
         servers=len(servers),
         sample_cookie=next((u.sample_cookie for u in users if u.sample_cookie), None),
-        notes=_mismatches(scenario, status_before["strategy"], str(backend)) if target else [],
+        notes=mismatch_notes(scenario, status_before["strategy"], str(backend)) if target else [],
     )
     report.evaluate(scenario.expect)
     return report
@@ -201,7 +202,7 @@ def _outcome(user: VirtualUser) -> UserOutcome:
     )
 
 
-def _mismatches(scenario: Scenario, strategy: str, backend: str) -> list[str]:
+def mismatch_notes(scenario: Scenario, strategy: str, backend: str) -> list[str]:
     """Against a running lab, say where it differs from the topology the scenario was written for."""
     wanted = scenario.topology
     notes = []

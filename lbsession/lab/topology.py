@@ -33,6 +33,7 @@ from lbsession.balancer.admin import json_error, read_json
 from lbsession.balancer.balancer import LoadBalancer
 from lbsession.config import Config
 from lbsession.errors import TopologyError
+from lbsession.lab.live import LiveScenarios
 from lbsession.lab.redis import RedisTopology, free_port
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Topology:
         # Unlocks the app servers' fault-injection route (lbsession.appserver.lab_control); only this
         # process knows it, so clients reaching the servers through the balancer cannot use the route.
         self._lab_token = secrets.token_urlsafe(32)
+        self.scenarios = LiveScenarios(self)  # scenarios played against this lab from its admin API
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,6 +114,7 @@ class Topology:
 
     async def stop(self) -> None:
         """Stop the balancer and every child (SIGTERM, then SIGKILL after a grace period)."""
+        await self.scenarios.cancel()  # its users would hold the balancer's grace period up
         if self.lb is not None:
             await self.lb.stop(grace_s=2.0)
         await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
@@ -342,7 +345,7 @@ class Topology:
     # ------------------------------------------------------------------ admin API
 
     def _admin_routes(self, app: web.Application) -> None:
-        """Add process control to the balancer's admin API (kill, restart, add)."""
+        """Add process control to the balancer's admin API (kill, restart, add), and scenario runs."""
         app.router.add_get("/topology", self._get_topology)
         app.router.add_post("/topology/servers", self._post_add)
         app.router.add_post("/servers/{id}/kill", self._post_kill)
@@ -351,6 +354,7 @@ class Topology:
         app.router.add_post("/redis/{name}/restart", self._post_restart_redis)
         app.router.add_post("/servers/{id}/cluster/cut", self._post_cut)
         app.router.add_post("/servers/{id}/cluster/heal", self._post_cut)
+        self.scenarios.add_routes(app)
 
     async def _post_cut(self, request: web.Request) -> web.Response:
         peer = (await read_json(request)).get("peer")

@@ -121,3 +121,27 @@ async def test_switching_strategy_from_the_page_changes_routing(start_lab, page:
     assert len({server for _, server in stuck}) == 1  # every request on the login server
     await expect(page.locator(".lb text.big").first).to_have_text("sticky-cookie", timeout=WAIT_MS)
     await screenshot(page, "dashboard-sticky")
+
+
+async def test_a_scenario_run_from_the_page_counts_its_re_logins_up_to_a_verdict(start_lab, page: Page) -> None:
+    lab: Topology = await start_lab("round-robin")
+    await open_dashboard(page, lab)
+    await page.select_option("#scenario-select", "c01-round-robin-local")
+    await expect(page.locator("#scenario-fit")).to_be_hidden()  # the lab is what C1 was written for
+
+    await page.click("#scenario-run")
+
+    status = page.locator("#scenario-status")
+    await page.wait_for_function(  # while it runs, the page's re-login counter rises from 0
+        "document.getElementById('scenario-status').dataset.state === 'running'"
+        " && Number(document.getElementById('scenario-relogins').textContent) > 0",
+        timeout=WAIT_MS,
+    )
+    seen_running = await number(page, "#scenario-relogins")
+    await expect(status).to_have_attribute("data-state", "done", timeout=WAIT_MS)
+    await expect(page.locator("#scenario-verdict")).to_have_text("PASS")
+    assert await number(page, "#scenario-relogins") >= seen_running > 0
+    await expect(page.locator("#scenario-checks li.pass")).to_have_count(2)  # C1's two expectations
+    await expect(page.locator("#scenario-run")).to_be_enabled()
+    assert await number(page, "#count-relogin") > 0  # its requests travelled through the diagram too
+    await screenshot(page, "dashboard-scenario")

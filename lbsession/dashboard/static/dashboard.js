@@ -3,6 +3,7 @@
 // Plain browser JavaScript modules, no build step: what is served is what runs.
 import { MAX_CLIENTS, outcome, state } from "./model.js";
 import { animate, backendName, logEvent, render, renderClients, renderTallies } from "./diagram.js";
+import { startScenarios } from "./scenarios.js";
 
 const STATUS_EVERY_MS = 1000;
 const TOPOLOGY_EVERY_MS = 2000;
@@ -256,6 +257,7 @@ function start() {
   wireControls();
   connectEvents();
   pollTopology().then(pollStatus);
+  startScenarios(api, toast);
   setInterval(pollStatus, STATUS_EVERY_MS);
   pollTopology.timer = setInterval(pollTopology, TOPOLOGY_EVERY_MS);
 }
