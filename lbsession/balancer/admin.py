@@ -21,6 +21,8 @@ site can make a browser send a plain POST to 127.0.0.1 without asking, but not a
 (that needs a CORS preflight, which this API never grants), so a page visited in the
 lab's browser cannot kill its servers. With `balancer.admin_token` set, which an admin
 listener bound beyond loopback requires, changes also need `Authorization: Bearer <token>`.
+Without a token, requests must also be addressed to 127.0.0.1 or localhost (the Host header),
+so that a page whose domain was re-pointed at 127.0.0.1 (DNS rebinding) gets nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from yarl import URL
 
 from lbsession.config import STRATEGY_NAMES
 from lbsession.dashboard.routes import add_dashboard_routes
@@ -80,6 +83,10 @@ def admin_guard(lb: LoadBalancer) -> Middleware:
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not _client_allowed(request.remote, allowed):
             return json_error(403, "the admin API answers loopback clients only; allow more with balancer.admin_allow")
+        if token is None and _host_name(request.host) not in _LOOPBACK_NAMES:
+            # DNS rebinding: a page whose domain now resolves to 127.0.0.1 is same-origin with us and may
+            # send JSON; it still names its own domain in Host. With a token, the token decides instead.
+            return json_error(403, "without balancer.admin_token, the admin API answers only to 127.0.0.1 or localhost")
         if request.method in _SAFE_METHODS:
             return await handler(request)
         if request.content_type != "application/json":
@@ -91,6 +98,17 @@ def admin_guard(lb: LoadBalancer) -> Middleware:
         return await handler(request)
 
     return guard
+
+
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8081" is "::1")."""
+    try:
+        return URL(f"http://{host}").host or ""
+    except ValueError:
+        return ""
 
 
 def _client_allowed(remote: str | None, allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:

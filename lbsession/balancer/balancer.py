@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ class LoadBalancer:
     """A reverse proxy that routes each request to an upstream chosen by a strategy."""
 
     def __init__(self, config: BalancerConfig) -> None:
+        config = _with_sticky_secret(config)
         self.config = config
         self.limits = config.limits
         self.strategy: Strategy = create_strategy(config)
@@ -132,6 +134,9 @@ class LoadBalancer:
         Upstreams, the strategy and its settings, health checks, limits and trusted proxies
         change at once (requests in flight finish as they began); listeners stay as they are.
         """
+        if config.sticky.secret is None:  # keep the random key of this run: a new one would void every pin
+            sticky = dataclasses.replace(config.sticky, secret=self.config.sticky.secret)
+            config = dataclasses.replace(config, sticky=sticky)
         fixed = ("host", "port", "admin_host", "admin_port", "admin_allow", "admin_token")
         needs_restart = [key for key in fixed if getattr(config, key) != getattr(self.config, key)]
         config = dataclasses.replace(config, **{key: getattr(self.config, key) for key in fixed})
@@ -160,13 +165,11 @@ class LoadBalancer:
         """The client's address: the socket's, or X-Forwarded-For's when the peer is a trusted proxy."""
         if not self._trusted or not self._is_trusted(peer_ip):
             return peer_ip
-        for name, value in req.forwarded:
-            if name == b"x-forwarded-for":
-                # Walk right to left past our own proxies; the first untrusted hop is the client.
-                for hop in reversed(value.decode("latin-1").split(",")):
-                    hop = hop.strip()
-                    if hop and not self._is_trusted(hop):
-                        return hop
+        # Walk right to left past our own proxies; the first untrusted hop is the client.
+        for hop in reversed(_forwarded_for(req).decode("latin-1").split(",")):
+            hop = hop.strip()
+            if hop and not self._is_trusted(hop):
+                return hop
         return peer_ip
 
     def _is_trusted(self, ip: str) -> bool:
@@ -194,13 +197,9 @@ class LoadBalancer:
 
     def _forwarded_by_proxy(self, req: RequestHead, peer_ip: str) -> bytes:
         """X-Forwarded-For/-Proto when the peer is a trusted proxy: its chain, extended by its address."""
-        forwarded_for = peer_ip.encode()
-        proto = b"http"
-        for name, value in req.forwarded:
-            if name == b"x-forwarded-for":
-                forwarded_for = value + b", " + forwarded_for
-            elif name == b"x-forwarded-proto":
-                proto = value
+        chain = _forwarded_for(req)
+        forwarded_for = chain + b", " + peer_ip.encode() if chain else peer_ip.encode()
+        proto = next((value for name, value in req.forwarded if name == b"x-forwarded-proto"), b"http")
         return b"\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s" % (forwarded_for, proto)
 
     async def open_upstream(self, upstream: Upstream) -> UpstreamConnection:
@@ -253,6 +252,29 @@ class LoadBalancer:
                 "lb_errors": {str(k): v for k, v in sorted(self.errors.items())},
             },
         }
+
+
+def _forwarded_for(req: RequestHead) -> bytes:
+    """Every X-Forwarded-For line as one list, in order (RFC 9110 §5.3: repeated lines are one field)."""
+    return b", ".join(value for name, value in req.forwarded if name == b"x-forwarded-for")
+
+
+def _with_sticky_secret(config: BalancerConfig) -> BalancerConfig:
+    """The config with a sticky secret: the configured one, or a random one for this run.
+
+    Drawn once here rather than by each new sticky strategy, so switching strategies back and
+    forth or reloading the config keeps every client's pin valid for as long as the balancer runs.
+    """
+    if config.sticky.secret is not None:
+        return config
+    if config.strategy == "sticky-cookie":
+        log.warning(
+            "sticky.secret is not set: signing %s cookies with a random key, so they will not "
+            "survive a restart of the balancer; set sticky.secret to keep them",
+            config.sticky.cookie_name,
+        )
+    secret = secrets.token_urlsafe(32)
+    return dataclasses.replace(config, sticky=dataclasses.replace(config.sticky, secret=secret))
 
 
 def _url_host(host: str) -> str:

@@ -176,8 +176,15 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
         req.cookie = b"; ".join(cookies)
     if b"close" in connection or (req.http10 and b"keep-alive" not in connection):
         req.keep_alive = False
+    if _FRAMING_NAMES.intersection(connection):
+        # Dropping these as hop-by-hop would forward a body with no framing: the upstream would read
+        # the body as the next request (request smuggling). No honest client asks for it.
+        raise HTTPError(400, "the Connection header must not name Content-Length, Transfer-Encoding or Host")
     drop += [t for t in connection if t not in (b"close", b"keep-alive") and t]
     return drop
+
+
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
 class ResponseHead:
@@ -231,7 +238,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
         resp.keep_alive = False
     if drop:
         block = _RESPONSE_DROP.sub(b"", block)
-    resp.out = head if not (drop or resp.http10) else b"HTTP/1.1" + head[8:end] + block
+    status_rest = head[8:] if end < 0 else head[8:end]  # a head may be a status line alone
+    resp.out = head if not (drop or resp.http10) else b"HTTP/1.1" + status_rest + block
     return resp
 
 

@@ -77,6 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self.pending = b""  # bytes received but not yet handled
         self.deadline = 0.0
         self.head_started = False
+        self.head_scanned = 0  # how far the buffered, incomplete head was searched already
         self.req: RequestHead | None = None
         self.facts: RequestFacts | None = None
         self.route: Route | None = None
@@ -89,6 +90,8 @@ class ClientConnection(asyncio.Protocol):
         self.resent = False  # resent once on a fresh connection after a stale pooled one
         self.reading_paused = False
         self.half_closed = False
+        self.paused_upstream: UpstreamConnection | None = None  # whose reading our full buffer paused
+        self.paused_by_upstream = False  # our reading paused because the upstream's buffer is full
         self._cookie_header: bytes | None = None
         self._cookie_dict: dict[str, str] = {}
         self._cookie_stripped: bytes | None = None
@@ -147,12 +150,17 @@ class ClientConnection(asyncio.Protocol):
         return self.state not in (_HEAD, _CLOSED)  # False: nothing in flight, let asyncio close the transport
 
     def pause_writing(self) -> None:
-        if self.upstream_conn is not None:
-            self.upstream_conn.transport.pause_reading()  # type: ignore[union-attr]
+        # The client reads slower than the upstream sends: stop reading the upstream. Remember which
+        # connection, since the exchange may end (and the connection be pooled) before we resume.
+        conn = self.upstream_conn
+        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.pause_reading()
+            self.paused_upstream = conn
 
     def resume_writing(self) -> None:
-        if self.upstream_conn is not None and not self.upstream_conn.transport.is_closing():  # type: ignore[union-attr]
-            self.upstream_conn.transport.resume_reading()  # type: ignore[union-attr]
+        conn, self.paused_upstream = self.paused_upstream, None
+        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.resume_reading()
 
     # -------------------------------------------------------------- requests
 
@@ -178,14 +186,19 @@ class ClientConnection(asyncio.Protocol):
             data = self.pending
             if data[:2] == b"\r\n":  # RFC 9112 §2.2: ignore blank lines before a request line
                 data = self.pending = data.lstrip(b"\r\n")
-            end = data.find(b"\r\n\r\n")
+                self.head_scanned = 0
+            # Search on from where the last, partial, look stopped: a head trickled in byte by byte
+            # must not be rescanned from its start each time (quadratic work for the event loop).
+            end = data.find(b"\r\n\r\n", self.head_scanned)
             if end < 0 or end > limits.max_head_bytes:
+                self.head_scanned = max(0, len(data) - 3)
                 if len(data) > limits.max_head_bytes:
                     self._refuse(431, f"request head larger than {limits.max_head_bytes} bytes")
                 elif data and not self.head_started:
                     self.head_started = True
                     self.deadline = self.lb.clock + limits.header_timeout_s
                 return
+            self.head_scanned = 0
             try:
                 req = parse_request_head(data[:end])
                 if req.content_length > limits.max_body_bytes:
@@ -321,8 +334,8 @@ class ClientConnection(asyncio.Protocol):
         """If the exchange is over, resume reading and answer any request already pipelined."""
         if self.state != _HEAD:
             return
-        if self.reading_paused:
-            self.reading_paused = False
+        if self.reading_paused or self.paused_by_upstream:  # a pause of the last exchange ends with it
+            self.reading_paused = self.paused_by_upstream = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         if self.pending:
             self._next_request()
@@ -426,6 +439,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Not yet attached: give it until the connect timeout, or the sweeper would close it as expired.
+        self.deadline = self.lb.clock + self.lb.limits.connect_timeout_s
         self.lb.upstream_conns.add(self)
 
     def reusable(self) -> bool:
@@ -554,6 +569,9 @@ class UpstreamConnection(asyncio.Protocol):
         assert client is not None
         self.client = None
         self.state = _IDLE
+        if client.paused_upstream is self:  # paused for this client's sake: never pool it paused
+            client.paused_upstream = None
+            self.transport.resume_reading()  # type: ignore[union-attr]
         if (
             self.keep_alive
             and client.request_done
@@ -588,12 +606,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._fail(502, f"{self.upstream.server_id} closed the connection before the response was complete")
 
     def pause_writing(self) -> None:
-        if self.client is not None and self.client.transport is not None:
-            self.client.transport.pause_reading()
+        # The upstream reads the request body slower than the client sends it: stop reading the client.
+        client = self.client
+        if client is not None and client.transport is not None:
+            client.transport.pause_reading()
+            client.paused_by_upstream = True
 
     def resume_writing(self) -> None:
-        if self.client is not None and self.client.transport is not None and not self.client.reading_paused:
-            self.client.transport.resume_reading()
+        client = self.client
+        if client is not None and client.transport is not None and client.paused_by_upstream:
+            client.paused_by_upstream = False
+            if not client.reading_paused:
+                client.transport.resume_reading()
 
     def check_timeouts(self, now: float) -> None:
         """Called by the sweeper: 504 for a silent upstream, close idle pooled connections."""

@@ -53,6 +53,7 @@ class ManagedServer:
     extra_args: list[str] = field(default_factory=list)
     cluster_port: int = 0  # backend cluster: the replication listener, fixed so peers can list it
     cluster_args: list[str] = field(default_factory=list)  # peers or join: fixed at creation, kept on restart
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)  # kill/restart one at a time
 
     @property
     def url(self) -> str:
@@ -171,20 +172,27 @@ class Topology:
     async def kill_server(self, server_id: str) -> ManagedServer:
         """SIGKILL an app server: no shutdown, its in-memory sessions are gone."""
         server = self._server(server_id)
+        async with server.lock:
+            await self._kill(server)
+        return server
+
+    async def _kill(self, server: ManagedServer) -> None:
         if server.process is None or server.process.returncode is not None:
-            raise TopologyError(f"{server_id} is not running")
+            raise TopologyError(f"{server.server_id} is not running")
         server.process.kill()
         await server.process.wait()
-        log.info("killed %s (SIGKILL)", server_id)
-        return server
+        log.info("killed %s (SIGKILL)", server.server_id)
 
     async def restart_server(self, server_id: str) -> ManagedServer:
         """Start a stopped or killed server again on its old port (a running one is killed first)."""
         server = self._server(server_id)
-        if server.pid is not None:
-            await self.kill_server(server_id)
-        server.restarts += 1
-        await self._spawn(server)
+        # One change at a time per server: two restarts at once (a double click) would start two
+        # processes on one port and lose track of the one that won.
+        async with server.lock:
+            if server.pid is not None:
+                await self._kill(server)
+            server.restarts += 1
+            await self._spawn(server)
         lb = self._balancer()
         if server_id in lb.pool.upstreams:
             upstream = lb.pool.upstreams[server_id]
@@ -281,7 +289,8 @@ class Topology:
         if self.redis is not None:
             args = self.redis.app_server_args()
         else:
-            args = ["--redis-url", redis.url] if redis.url else ["--redis-service", redis.service_name]
+            # A configured URL may carry a password: it reaches the servers through their environment.
+            args = [] if redis.url else ["--redis-service", redis.service_name]
             args += [arg for address in redis.sentinels for arg in ("--redis-sentinel", address)]
             args += ["--redis-cluster"] if redis.cluster else []
         return [*args, "--redis-prefix", redis.key_prefix, "--redis-retry", f"{redis.retry_s:g}"]
@@ -299,6 +308,7 @@ class Topology:
                     "PYTHONUNBUFFERED": "1",
                     "LBSESSION_APP__CLUSTER__SECRET": self._cluster_secret,
                     LAB_TOKEN_ENV: self._lab_token,
+                    **({"LBSESSION_REDIS_URL": self.config.app.redis.url} if self.config.app.redis.url else {}),
                 },
                 start_new_session=True,  # Ctrl-C in a terminal reaches `run`, which stops children itself
             )

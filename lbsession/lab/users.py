@@ -236,7 +236,8 @@ class VirtualUser:
             return
         self.sample_cookie = self.sample_cookie or value
         self.cookie_checks += 1
-        self.cookie_matches += value.rpartition(".")[0] == server
+        # `<server>.<tag>`, or `<server>.<issued>.<tag>` when the pin has a max age.
+        self.cookie_matches += value.startswith(f"{server}.")
 
     def _maybe_tamper(self) -> None:
         """Once, claim another server with our own tag: a forgery the signature must expose."""
@@ -244,11 +245,11 @@ class VirtualUser:
         value = self._cookie()
         if self.tampered or due is None or self.clock() < due or value is None or self._http is None:
             return
-        pinned, _, tag = value.rpartition(".")
+        pinned = next((s for s in self.server_ids if value.startswith(f"{s}.")), None)
         others = sorted(set(self.server_ids) - {pinned})
-        if not others:
+        if pinned is None or not others:
             return
-        forged = f"{self._rng.choice(others)}.{tag}"
+        forged = self._rng.choice(others) + value[len(pinned) :]  # another server, our own signature
         self._http.cookie_jar.update_cookies({self.sticky_cookie: forged}, URL(self.lb_url))
         self.tampered += 1
 

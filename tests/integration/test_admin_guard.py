@@ -93,3 +93,15 @@ def test_an_exposed_admin_listener_without_a_token_does_not_start():
 def test_only_loopback_and_allowed_networks_may_use_it(remote, allowed, expected):
     networks = [ipaddress.ip_network(n) for n in allowed]
     assert _client_allowed(remote, networks) is expected
+
+
+async def test_without_a_token_only_loopback_names_may_be_addressed(lb):
+    async with aiohttp.ClientSession() as http:
+        for host, expected in (("evil.example:8081", 403), ("localhost:1", 200), ("127.0.0.1", 200), ("[::1]:80", 200)):
+            async with http.get(lb.admin_url + "/status", headers={"Host": host}) as r:
+                assert r.status == expected, host
+        async with http.put(
+            lb.admin_url + "/strategy", json={"strategy": "ip-hash"}, headers={"Host": "evil.example"}
+        ) as r:
+            assert r.status == 403
+            assert "127.0.0.1 or localhost" in (await r.json())["error"]

@@ -86,7 +86,7 @@ async def test_a_viewer_that_does_not_read_loses_events_not_requests(start_lab) 
     viewer.setblocking(False)
     try:
         await loop.sock_connect(viewer, ("127.0.0.1", lab.lb.admin_port))
-        await loop.sock_sendall(viewer, b"GET /events HTTP/1.1\r\nHost: admin\r\n\r\n")
+        await loop.sock_sendall(viewer, b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await until_subscribed(lab)
 
         async def hammer(http: aiohttp.ClientSession) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,19 @@ async def _until_fast_again(results: list, mark: int) -> None:
         if len(recent) == 100 and all(seconds < 0.2 for _, seconds in recent):
             return
         await asyncio.sleep(0.05)
+
+
+async def test_a_configured_redis_url_reaches_the_servers_but_never_their_command_lines(start_lab, users, redis_server):
+    # The session's Redis has no password; one in the URL is sent with AUTH only if the server asks.
+    url = f"redis://:not-on-any-command-line@127.0.0.1:{redis_server.port}/0"
+    lab: Topology = await start_lab("round-robin", backend="redis", app={"redis": {"url": url}})
+    assert lab.redis is None  # the lab used the configured Redis rather than starting one
+    people = await logged_in_users(lab, users, 3)
+
+    replies = [await p.me() for p in people for _ in range(3)]
+
+    assert all(r.status == 200 for r in replies), replies
+    for server in lab.servers.values():
+        argv = " ".join(lab.server_argv(server))
+        assert "not-on-any-command-line" not in argv
+        assert "not-on-any-command-line" not in Path(f"/proc/{server.pid}/cmdline").read_text()

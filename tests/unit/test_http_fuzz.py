@@ -165,3 +165,19 @@ def test_a_corrupt_chunked_body_is_refused_never_misread(garbage: bytes) -> None
         assert exc.status in (400, 413)
         return
     assert used <= len(garbage)
+
+
+def test_a_connection_header_cannot_strip_the_framing() -> None:
+    for named in ("transfer-encoding", "Content-Length", "host"):
+        head = f"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive, {named}"
+        try:
+            parse_request_head(head.encode())
+        except HTTPError as exc:
+            assert exc.status == 400 and "must not name" in exc.reason
+        else:
+            raise AssertionError(f"Connection: {named} was accepted")
+
+
+def test_an_http10_status_line_alone_is_forwarded_whole() -> None:
+    assert parse_response_head(b"HTTP/1.0 204 No Content").out == b"HTTP/1.1 204 No Content"
+    assert parse_response_head(b"HTTP/1.0 204").out == b"HTTP/1.1 204"

@@ -507,3 +507,19 @@ def test_an_active_users_pin_slides_at_half_its_life() -> None:
     refreshed = sticky.choose(RequestFacts("10.0.0.1", cookie), pool)
     assert refreshed.reason == "pinned" and refreshed.set_cookie is not None
     assert refreshed.set_cookie.split(";")[0] != cookie
+
+
+def test_a_runs_random_sticky_key_survives_strategy_switches_and_reloads() -> None:
+    from lbsession.balancer.balancer import LoadBalancer
+    from lbsession.config import BalancerConfig, UpstreamConfig
+
+    config = BalancerConfig(strategy="sticky-cookie", upstreams=(UpstreamConfig("a", "http://127.0.0.1:9"),))
+    assert config.sticky.secret is None
+    lb = LoadBalancer(config)
+    pin = lb.strategy.cookie_value("a")  # type: ignore[attr-defined]
+
+    lb.set_strategy("round-robin")
+    lb.set_strategy("sticky-cookie")
+    assert lb.strategy.server_of(pin) == "a"  # type: ignore[attr-defined]
+    lb.reload(config)  # the file still sets no secret
+    assert lb.strategy.server_of(pin) == "a"  # type: ignore[attr-defined]

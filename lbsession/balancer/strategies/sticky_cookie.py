@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +20,6 @@ from lbsession.balancer.strategies.base import RequestFacts, Route, Strategy, Up
 from lbsession.balancer.strategies.round_robin import RoundRobinStrategy
 from lbsession.config import BalancerConfig
 from lbsession.errors import NoHealthyUpstream
-
-log = logging.getLogger(__name__)
 
 
 class StickyCookieStrategy(Strategy):
@@ -54,12 +51,8 @@ class StickyCookieStrategy(Strategy):
     @classmethod
     def from_config(cls, config: BalancerConfig) -> StickyCookieStrategy:
         sticky = config.sticky
-        if sticky.secret is None:
-            log.warning(
-                "sticky.secret is not set: signing %s cookies with a random key, so they will not "
-                "survive a restart of the balancer; set sticky.secret to keep them",
-                sticky.cookie_name,
-            )
+        # The balancer draws one random key per run when none is configured (see LoadBalancer);
+        # a strategy built on its own, as in tests, gets one of its own.
         secret = (sticky.secret or secrets.token_urlsafe(32)).encode()
         return cls(secret, sticky.cookie_name, sticky.max_age_s, sticky.secure, sticky.redispatch)
 
