@@ -287,6 +287,8 @@ class StoreCollector(Collector):
             "refused": "Replication connections refused (not in the static peers list)",
             "forged_frames": "Replication frames that failed authentication",
             "bytes_sent": "Replication bytes written to peers",
+            "oversize": "Changes or sessions too big for one replication frame, kept local",
+            "handshakes_dropped": "Replication connections closed before authenticating (timeout or too many)",
         }  # fmt: skip
         for key, text in help_texts.items():
             if isinstance(counters.get(key), int):

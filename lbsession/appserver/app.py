@@ -38,6 +38,9 @@ CONFIG = web.AppKey("lbsession_config", AppServerConfig)
 STORE = web.AppKey("lbsession_store", SessionStore)
 
 MAX_TEXT_CHARS = 64
+# The cart travels whole with every change (cluster replication) and every load (Redis), so normal use
+# must not grow it without bound: 100 items of 64 characters stay far below the cluster's frame limit.
+MAX_CART_ITEMS = 100
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
@@ -121,6 +124,8 @@ async def add_to_cart(request: web.Request) -> web.Response:
     if "user" not in session:
         raise _json_error(request, web.HTTPUnauthorized, "login required")
     item = _text_field(request, await _read_body(request, example='{"item": "apple"}'), "item")
+    if len(session.get("cart", [])) >= MAX_CART_ITEMS:
+        raise _json_error(request, web.HTTPBadRequest, f"the cart is full ({MAX_CART_ITEMS} items); remove some")
     cart = [*session.get("cart", []), item]
     session["cart"] = cart
     return _reply(request, {"cart": cart})

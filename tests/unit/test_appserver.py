@@ -290,6 +290,18 @@ async def test_cart_needs_login(client: aiohttp.ClientSession, server: AppServer
     assert await server.store.count() == 0
 
 
+async def test_the_cart_holds_at_most_100_items(client: aiohttp.ClientSession) -> None:
+    await login(client)
+    for n in range(100):
+        async with client.post("/cart", json={"item": f"item-{n}"}) as resp:
+            assert resp.status == 200
+    async with client.post("/cart", json={"item": "one-too-many"}) as resp:
+        assert resp.status == 400
+        assert await resp.json() == {"error": "the cart is full (100 items); remove some", "server": SERVER_ID}
+    async with client.get("/cart") as resp:
+        assert (await resp.json())["cart"] == [f"item-{n}" for n in range(100)]  # unchanged
+
+
 async def test_only_changed_attributes_are_saved() -> None:
     store = RecordingStore()
     async with (

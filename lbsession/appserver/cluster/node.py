@@ -16,143 +16,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from lbsession.appserver.cluster.protocol import Channel, ProtocolError
+from lbsession.appserver.cluster.link import PeerLink
+from lbsession.appserver.cluster.protocol import Channel, MessageTooLarge, ProtocolError
 from lbsession.appserver.cluster.table import SessionTable
 from lbsession.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_BATCH = 200  # sessions per snapshot frame, to stay under the frame size limit
-
-
-class PeerLink:
-    """This node's outbound connection to one peer: sends changes, collects acks, heartbeats."""
-
-    def __init__(self, node: ClusterNode, address: str) -> None:
-        self.node = node
-        self.address = address
-        self.state = "connecting"  # connecting | up | down | refused
-        self.last_error: str | None = None
-        self._channel: Channel | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
-        self._next_id = 0
-        self._last_heard = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self.settled = asyncio.Event()  # set once the link is up or the peer refused us
-        self._retired_bytes = 0
-        self.cut = False  # the lab's "cut a peer" fault: changes are not sent here (heartbeats still are)
-
-    def start(self) -> None:
-        """Keep a connection to the peer open, reconnecting with backoff, until `stop`."""
-        self._task = asyncio.create_task(self._run(), name=f"cluster-link-{self.address}")
-
-    async def stop(self) -> None:
-        """Close the link."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._lost("stopped")
-
-    def send(self, change: dict[str, Any]) -> asyncio.Future[None] | None:
-        """Send a change; a future resolved by the peer's ack, or None when the link is not up."""
-        if self.cut or self.state != "up" or self._channel is None:
-            return None
-        self._next_id += 1
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending[self._next_id] = future
-        self._channel.send({"type": "change", "id": self._next_id, "change": change})
-        return future
-
-    def announce(self, address: str) -> None:
-        """Tell the peer about a new member (join membership)."""
-        if self.state == "up" and self._channel is not None:
-            self._channel.send({"type": "member", "addr": address})
-
-    def mark_down(self, why: str) -> None:
-        """Give up on a slow or silent peer; the link reconnects in the background."""
-        log.warning("cluster peer %s is down: %s", self.address, why)
-        self.last_error = why
-        if self._channel is not None:
-            self._channel.close()  # the reader sees the close and reconnects
-
-    @property
-    def bytes_sent(self) -> int:
-        """Bytes written on this link, over all its connections."""
-        return self._retired_bytes + (self._channel.bytes_sent if self._channel is not None else 0)
-
-    async def _run(self) -> None:
-        delay = 0.05
-        while True:
-            try:
-                self._channel = await self.node.open_channel(self.address, "replicate")
-                # Anti-entropy: whatever the peer missed while this link was down, it gets now
-                # (a merge is idempotent, so sending what it already has costs only bytes).
-                await self.node.send_snapshot(self._channel)
-                self.state, self.last_error, delay = "up", None, 0.05
-                self._last_heard = time.monotonic()
-                self.settled.set()
-                log.info("cluster link to %s is up", self.address)
-                await asyncio.gather(self._read_acks(), self._heartbeat())
-            except PermissionError as exc:  # the peer refused us: not in its list
-                self.state, self.last_error = "refused", str(exc)
-                self.settled.set()
-                log.warning("cluster peer %s refused this node: %s", self.address, exc)
-                delay = 2.0
-            except (OSError, ProtocolError, TimeoutError) as exc:
-                self.state = "down" if self.state != "connecting" else "connecting"
-                self.last_error = f"{type(exc).__name__}: {exc}"
-            self._lost(self.last_error or "closed")
-            await asyncio.sleep(delay)  # reconnect backoff
-            delay = min(delay * 1.5, 2.0)
-
-    async def _read_acks(self) -> None:
-        assert self._channel is not None
-        while True:
-            message = await self._channel.receive()
-            self._last_heard = time.monotonic()
-            if message["type"] == "ack":
-                future = self._pending.pop(message.get("id", -1), None)
-                if future is not None and not future.done():
-                    future.set_result(None)
-
-    async def _heartbeat(self) -> None:
-        interval = self.node.config.heartbeat_s
-        while True:
-            await asyncio.sleep(interval)
-            if time.monotonic() - self._last_heard > 3 * interval:
-                raise TimeoutError(f"no answer to heartbeats for {3 * interval:g} s")
-            assert self._channel is not None
-            self._channel.send({"type": "ping"})
-
-    def _lost(self, why: str) -> None:
-        if self._channel is not None:
-            self._retired_bytes += self._channel.bytes_sent
-            self._channel.close()
-            self._channel = None
-        if self.state == "up":
-            self.state = "down"
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError(why))
-                future.exception()  # retrieved: nobody may be waiting (async mode)
-        self._pending.clear()
-
-    def as_dict(self) -> dict[str, Any]:
-        """The link as /healthz shows it."""
-        return {"address": self.address, "state": self.state, "last_error": self.last_error, "cut": self.cut}
-
-    def set_cut(self, cut: bool) -> None:
-        """Stop (or resume) sending changes to this peer: the lab's network partition of one direction."""
-        healed = self.cut and not cut
-        self.cut = cut
-        if healed and self._channel is not None:
-            # Reconnect: a new link starts with a snapshot, so anti-entropy fills the gap the cut left.
-            self._channel.close()
+# Constants, not settings, while config.py is shared. A snapshot frame stays well under the frame
+# limit, so a few large sessions in a batch never push it over (the receiver would close the link).
+SNAPSHOT_BATCH_BYTES = 256 * 1024
+# Before a peer has authenticated it may cost this node only a little: a hello (or the answer to
+# one) is ~150 bytes, and the listener holds at most this many connections that have not sent theirs.
+HELLO_MAX_BYTES = 4 * 1024
+MAX_UNAUTHENTICATED = 64
 
 
 class ClusterNode:
@@ -166,9 +49,18 @@ class ClusterNode:
         self.address = f"{config.advertise_host}:{config.port}"
         self.members: set[str] = set(config.peers)  # addresses allowed to replicate to us (static)
         self.links: dict[str, PeerLink] = {}
-        self.counters = {"changes_sent": 0, "acks": 0, "ack_timeouts": 0, "refused": 0, "forged_frames": 0}
+        self.counters = {
+            "changes_sent": 0,
+            "acks": 0,
+            "ack_timeouts": 0,
+            "refused": 0,
+            "forged_frames": 0,
+            "oversize": 0,  # changes (or snapshot sessions) too large for one frame, kept local
+            "handshakes_dropped": 0,  # connections closed before their hello: too slow, or too many at once
+        }
         self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers: dict[asyncio.Task[None], Channel] = {}  # inbound connections being served
+        self._unauthenticated = 0  # accepted connections that have not sent their hello yet
         self._queue: list[dict[str, Any]] = []  # async mode: changes waiting for the next flush
         self._flusher: asyncio.Task[None] | None = None
         self.on_ack_wait: Callable[[float], None] | None = None  # metrics: seconds a sync write waited for acks
@@ -198,9 +90,15 @@ class ClusterNode:
         await asyncio.gather(*(link.stop() for link in self.links.values()))
         if self._server is not None:
             self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        # Close, not cancel: a handler then ends on its own, where a cancelled one is logged as
+        # an error by asyncio's stream callback (Python 3.11). Cancel only what is still there.
+        for channel in list(self._handlers.values()):
+            channel.close()
+        if self._handlers:
+            _, stuck = await asyncio.wait(list(self._handlers), timeout=self.handshake_timeout_s)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
 
     async def replicate(self, change: dict[str, Any]) -> None:
         """Send a change to every live peer; in `sync` mode, wait for their acks (bounded).
@@ -215,6 +113,9 @@ class ClusterNode:
                 self._flusher = asyncio.create_task(self._flush_later())
             return
         futures = {link: f for link in self.links.values() if (f := link.send(change)) is not None}
+        # A change sent while its link syncs waits behind the snapshot: a late ack there says
+        # nothing about the peer, and dropping the link would only restart the snapshot.
+        syncing = {link for link in futures if link.state == "syncing"}
         self.counters["changes_sent"] += len(futures)
         if not futures:
             return
@@ -225,9 +126,10 @@ class ClusterNode:
         self.counters["acks"] += sum(1 for f in done if f.exception() is None)
         for link, future in futures.items():
             if future in late:
-                self.counters["ack_timeouts"] += 1
                 future.cancel()
-                link.mark_down(f"no ack within {self.config.ack_timeout_s:g} s")
+                if link not in syncing:
+                    self.counters["ack_timeouts"] += 1
+                    link.mark_down(f"no ack within {self.config.ack_timeout_s:g} s")
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.config.async_flush_ms / 1000)
@@ -263,13 +165,13 @@ class ClusterNode:
     async def open_channel(self, address: str, purpose: str) -> Channel:
         """Connect to a peer and introduce ourselves; PermissionError if it refuses us."""
         host, _, port = address.rpartition(":")
-        async with asyncio.timeout(self.config.ack_timeout_s * 4 + 1.0):
+        async with asyncio.timeout(self.handshake_timeout_s):
             reader, writer = await asyncio.open_connection(host, int(port))
             channel = Channel(reader, writer, self.config.max_message_bytes)
             try:
                 await channel.connect(self._secret)
                 channel.send({"type": "hello", "node": self.node_id, "addr": self.address, "purpose": purpose})
-                answer = await channel.receive()
+                answer = await channel.receive(HELLO_MAX_BYTES)  # a welcome or a refusal: small too
             except BaseException:
                 channel.close()
                 raise
@@ -298,24 +200,22 @@ class ClusterNode:
 
     # -------------------------------------------------------------- inbound
 
+    @property
+    def handshake_timeout_s(self) -> float:
+        """How long either side of a new connection waits for the other's challenge, hello and answer."""
+        return self.config.ack_timeout_s * 4 + 1.0
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._handlers.add(task)
-        channel = Channel(reader, writer, self.config.max_message_bytes)
+        channel = self._handlers[task] = Channel(reader, writer, self.config.max_message_bytes)
         peer = writer.get_extra_info("peername")
         try:
-            await channel.accept(self._secret)
-            hello = await channel.receive()
-            refusal = self._refusal(hello)
-            if refusal:
-                self.counters["refused"] += 1
-                log.warning("refused replication from %s (%s): %s", hello.get("addr"), peer, refusal)
-                channel.send({"type": "refused", "reason": refusal})
-                await channel.drain()
-                return
-            channel.send({"type": "welcome", "node": self.node_id})
-            await self._serve(channel)
+            if await self._welcome(channel, peer):
+                await self._serve(channel)
+        except TimeoutError:  # before OSError, its base class: only the handshake has a deadline
+            self.counters["handshakes_dropped"] += 1
+            log.warning("closed a replication connection from %s: no hello within %g s", peer, self.handshake_timeout_s)
         except ProtocolError as exc:
             self.counters["forged_frames"] += 1
             log.warning("closed a replication connection from %s: %s", peer, exc)
@@ -323,7 +223,31 @@ class ClusterNode:
             log.debug("replication connection from %s ended: %s", peer, exc)
         finally:
             channel.close()
-            self._handlers.discard(task)
+            self._handlers.pop(task, None)
+
+    async def _welcome(self, channel: Channel, peer: Any) -> bool:
+        """Challenge a new connection and read its hello, with little time and memory; True if welcome."""
+        if self._unauthenticated >= MAX_UNAUTHENTICATED:
+            # Counted, logged only in debug: a flood of these must not become a flood of log lines too.
+            self.counters["handshakes_dropped"] += 1
+            log.debug("closed a replication connection from %s: %d already in handshake", peer, MAX_UNAUTHENTICATED)
+            return False
+        self._unauthenticated += 1
+        try:
+            async with asyncio.timeout(self.handshake_timeout_s):
+                await channel.accept(self._secret)
+                hello = await channel.receive(HELLO_MAX_BYTES)
+        finally:
+            self._unauthenticated -= 1
+        refusal = self._refusal(hello)
+        if refusal:
+            self.counters["refused"] += 1
+            log.warning("refused replication from %s (%s): %s", hello.get("addr"), peer, refusal)
+            channel.send({"type": "refused", "reason": refusal})
+            await channel.drain()
+            return False
+        channel.send({"type": "welcome", "node": self.node_id})
+        return True
 
     def _refusal(self, hello: dict[str, Any]) -> str | None:
         if hello["type"] != "hello" or not isinstance(hello.get("addr"), str):
@@ -364,17 +288,32 @@ class ClusterNode:
         await channel.drain()
 
     async def send_snapshot(self, channel: Channel) -> None:
-        """Stream every session this node knows to a peer, in bounded batches."""
+        """Stream every session this node knows to a peer, in batches well under the frame limit."""
+        limit_bytes = min(SNAPSHOT_BATCH_BYTES, channel.max_frame_bytes // 4)
         batch: list[dict[str, Any]] = []
+        batch_bytes = 0
         for change in self.table.snapshot():
+            change_bytes = len(json.dumps(change, separators=(",", ":"))) + 1  # ASCII: characters are bytes
+            if batch and batch_bytes + change_bytes > limit_bytes:
+                await self._send_sessions(channel, batch)
+                batch, batch_bytes = [], 0
             batch.append(change)
-            if len(batch) >= SNAPSHOT_BATCH:
-                channel.send({"type": "sessions", "changes": batch})
-                batch = []
-                await channel.drain()
+            batch_bytes += change_bytes
         if batch:
-            channel.send({"type": "sessions", "changes": batch})
+            await self._send_sessions(channel, batch)
         await channel.drain()
+
+    async def _send_sessions(self, channel: Channel, batch: list[dict[str, Any]]) -> None:
+        """Send one snapshot batch; a single session too large for a frame is skipped and counted."""
+        try:
+            channel.send({"type": "sessions", "changes": batch})
+        except MessageTooLarge as exc:  # only a batch of one can be over: the others stop at a quarter
+            self.counters["oversize"] += 1
+            log.warning("cluster session %s left out of a snapshot: %s", batch[0]["sid"], exc)
+        if channel.is_closing():  # a long snapshot on a dead connection is wasted work
+            raise ConnectionResetError("the connection closed during the snapshot")
+        await channel.drain()
+        await asyncio.sleep(0)  # the same loop serves users: let them in between batches
 
     def _on_join(self, channel: Channel, message: dict[str, Any]) -> None:
         newcomer = message["addr"]

@@ -14,7 +14,13 @@ only unauthenticated frame). Every later frame in each direction carries a
 sequence number one above the last. So a frame recorded on one connection is
 worthless on any other (another key), and cannot be replayed or reordered on
 its own (another sequence number). A frame longer than the configured bound is
-refused before it is read, so a peer cannot make a node buffer without limit.
+refused before it is read, so a peer cannot make a node buffer without limit;
+the handshake's frames have bounds of their own, far below it, since they are
+read before anything is authenticated.
+
+    Exception
+    ├── ProtocolError       the peer broke the protocol: close the connection
+    └── MessageTooLarge     we were about to: nothing was sent, the connection is fine
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ TAG_BYTES = 32
 
 class ProtocolError(Exception):
     """A frame was malformed, too large, forged or replayed; the connection must be closed."""
+
+
+class MessageTooLarge(Exception):
+    """A message to send would make a frame over the limit; it was not sent and the connection is still usable."""
 
 
 def connection_key(secret: bytes, challenge: bytes) -> bytes:
@@ -64,7 +74,7 @@ class Channel:
 
     async def connect(self, secret: bytes) -> None:
         """The connecting side: read the challenge."""
-        challenge = await self._read_raw()
+        challenge = await self._read_raw(CHALLENGE_BYTES)
         if len(challenge) != CHALLENGE_BYTES:
             raise ProtocolError("the peer's challenge has the wrong size")
         self._setup(secret, challenge, send=b"C", recv=b"A")
@@ -76,15 +86,35 @@ class Channel:
     # -------------------------------------------------------------- frames
 
     def send(self, message: dict[str, Any]) -> None:
-        """Queue one authenticated message (call `drain` to wait for the buffer to empty)."""
-        self._send_seq += 1
+        """Queue one authenticated message (call `drain` to wait for the buffer to empty).
+
+        MessageTooLarge if its frame would be over the limit: the peer would
+        close the connection on it, and on every retry, so it is never sent.
+        """
+        self.send_payload(self.encode(message))
+
+    def encode(self, message: dict[str, Any]) -> bytes:
+        """A message's payload, for `send_payload` now or later; MessageTooLarge if over the frame limit."""
         payload = json.dumps(message, separators=(",", ":")).encode()
+        if TAG_BYTES + len(payload) > self.max_frame_bytes:
+            raise MessageTooLarge(
+                f"a {message.get('type')} message of {TAG_BYTES + len(payload)} bytes "
+                f"is over the {self.max_frame_bytes}-byte frame limit"
+            )
+        return payload
+
+    def send_payload(self, payload: bytes) -> None:
+        """Queue one payload made by `encode`, authenticated with the next sequence number."""
+        self._send_seq += 1
         tag = self._tag(self._send_dir, self._send_seq, payload)
         self._write_raw(tag + payload)
 
-    async def receive(self) -> dict[str, Any]:
-        """The next message; ProtocolError if it is forged, replayed, oversized or not JSON."""
-        frame = await self._read_raw()
+    async def receive(self, max_bytes: int | None = None) -> dict[str, Any]:
+        """The next message; ProtocolError if it is forged, replayed, oversized or not JSON.
+
+        `max_bytes` lowers the frame limit for this one message (the hello, read unauthenticated).
+        """
+        frame = await self._read_raw(max_bytes)
         tag, payload = frame[:TAG_BYTES], frame[TAG_BYTES:]
         self._recv_seq += 1
         if not hmac.compare_digest(tag, self._tag(self._recv_dir, self._recv_seq, payload)):
@@ -105,6 +135,10 @@ class Channel:
         """Close the connection."""
         self.writer.close()
 
+    def is_closing(self) -> bool:
+        """True once this side closed the connection (or started to), or the connection was lost."""
+        return self.writer.is_closing()
+
     def _tag(self, direction: bytes, seq: int, payload: bytes) -> bytes:
         return hmac.new(self._key, direction + seq.to_bytes(8, "big") + payload, hashlib.sha256).digest()
 
@@ -112,11 +146,12 @@ class Channel:
         self.writer.write(len(frame).to_bytes(4, "big") + frame)
         self.bytes_sent += 4 + len(frame)
 
-    async def _read_raw(self) -> bytes:
+    async def _read_raw(self, max_bytes: int | None = None) -> bytes:
+        limit = self.max_frame_bytes if max_bytes is None else min(max_bytes, self.max_frame_bytes)
         try:
             length = int.from_bytes(await self.reader.readexactly(4), "big")
-            if length > self.max_frame_bytes:
-                raise ProtocolError(f"a frame of {length} bytes is over the {self.max_frame_bytes}-byte limit")
+            if length > limit:
+                raise ProtocolError(f"a frame of {length} bytes is over the {limit}-byte limit")
             return await self.reader.readexactly(length)
         except asyncio.IncompleteReadError:
             raise ConnectionResetError("the peer closed the connection") from None

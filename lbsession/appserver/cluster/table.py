@@ -92,8 +92,15 @@ class SessionTable:
             if entry.dropped is None or dropped > entry.dropped:
                 entry.dropped = dropped
                 entry.attrs = {k: v for k, v in entry.attrs.items() if v[1] > dropped}
-        keep_s = change["ttl_ms"] / 1000 if entry.live() else self._tombstone_ttl_s
-        entry.expires_at = max(entry.expires_at, self._clock() + keep_s)
+        now = self._clock()
+        if entry.live():
+            entry.expires_at = max(entry.expires_at, now + change["ttl_ms"] / 1000)
+        else:
+            # Nothing left to serve: only the versions are kept, long enough for a late write to lose
+            # against them, not for the rest of the session's life (logouts would pile up for 30 min).
+            # A tombstone from a snapshot keeps the time it had left, so relinking never renews it.
+            keep_s = min(change["ttl_ms"] / 1000, self._tombstone_ttl_s)
+            entry.expires_at = min(max(entry.expires_at, now + keep_s), now + self._tombstone_ttl_s)
 
     def _merge(self, entry: _Entry, key: str, value: str | None, version: Version) -> None:
         self._observe(version)
