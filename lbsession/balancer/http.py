@@ -41,7 +41,7 @@ _HOP = rb"connection|keep-alive|proxy-connection|te|trailer|upgrade"
 _FWD = rb"x-forwarded-for|x-forwarded-proto|x-forwarded-host|forwarded"
 # The request headers the proxy acts on, found in one pass; and the ones it never forwards as they came.
 _REQUEST_SPECIAL = re.compile(
-    rb"\r\n(content-length|transfer-encoding|host|cookie|expect|" + _HOP + rb"|" + _FWD + rb"):([^\r\n]*)", re.I
+    rb"\r\n(content-length|transfer-encoding|host|cookie|" + _HOP + rb"|" + _FWD + rb"):([^\r\n]*)", re.I
 )
 _REQUEST_DROP = re.compile(rb"\r\n(?:" + _HOP + rb"|" + _FWD + rb"):[^\r\n]*", re.I)
 _CONTENT_LENGTH_LINES = re.compile(rb"\r\ncontent-length:[^\r\n]*", re.I)
@@ -67,7 +67,6 @@ class RequestHead:
         "chunked",
         "content_length",
         "cookie",
-        "expect_continue",
         "forwarded",
         "host",
         "http10",
@@ -90,7 +89,6 @@ class RequestHead:
         # The request line and header block to forward, without the final blank line; the client's
         # hop-by-hop and forwarding headers are already gone. Usually the head exactly as it came.
         self.out = b""
-        self.expect_continue = False
 
     def get(self, name: str, default: None = None, /) -> str | None:
         """A forwarded header's value by (any-case) name, or None: what hashing strategies read."""
@@ -155,8 +153,6 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
             req.host = value
         elif name == b"cookie":
             cookies.append(value)
-        elif name == b"expect":
-            req.expect_continue = value.lower() == b"100-continue"
         elif name in FORWARDED:
             req.forwarded.append((name, value))
             drop.append(name)

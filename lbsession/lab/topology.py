@@ -31,6 +31,7 @@ from aiohttp import web
 from lbsession.appserver.lab_control import LAB_TOKEN_ENV, LAB_TOKEN_HEADER, REPLICATION_PATH
 from lbsession.balancer.admin import json_error, read_json
 from lbsession.balancer.balancer import LoadBalancer
+from lbsession.balancer.upstream import Upstream
 from lbsession.config import Config
 from lbsession.errors import TopologyError
 from lbsession.lab.live import LiveScenarios
@@ -150,9 +151,13 @@ class Topology:
         async with asyncio.timeout(timeout_s):
             for server in self.servers.values():
                 if server.pid is not None and server.server_id in lb.pool.upstreams:
-                    upstream = lb.pool.upstreams[server.server_id]
-                    while not (await lb.pool.check(upstream) and upstream.healthy):  # noqa: ASYNC110 - each turn is a real check
-                        await asyncio.sleep(lb.config.health.interval_s / 4)
+                    await self._until_healthy(lb.pool.upstreams[server.server_id])
+
+    async def _until_healthy(self, upstream: Upstream) -> None:
+        """Run active checks until the balancer counts `upstream` healthy (rise, as for a real server)."""
+        lb = self._balancer()
+        while not (await lb.pool.check(upstream) and upstream.healthy):  # noqa: ASYNC110 - each turn is a real check
+            await asyncio.sleep(lb.config.health.interval_s / 4)
 
     def ready_info(self) -> dict[str, Any]:
         """What `--ready-file` holds: the balancer's URLs and every server with its pid."""
@@ -195,13 +200,9 @@ class Topology:
             await self._spawn(server)
         lb = self._balancer()
         if server_id in lb.pool.upstreams:
-            upstream = lb.pool.upstreams[server_id]
             # Only an active check may bring it back (rise), as with a real server coming up.
             async with asyncio.timeout(READY_TIMEOUT_S):
-                while not upstream.healthy:
-                    await lb.pool.check(upstream)
-                    if not upstream.healthy:
-                        await asyncio.sleep(lb.config.health.interval_s / 4)
+                await self._until_healthy(lb.pool.upstreams[server_id])
         return server
 
     async def add_server(self) -> ManagedServer:
