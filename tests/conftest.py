@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lbsession.lab.redis import RedisClusterTopology, RedisProcess, find_redis_binary
+from lbsession.lab.redis_servers import RedisClusterTopology, RedisProcess, find_redis_binary
 from tests.fuzzing import FUZZ_COUNTS
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 
 from lbsession.errors import TopologyError
-from lbsession.lab.metrics import AppliedFault
+from lbsession.lab.measures import AppliedFault
 from lbsession.lab.scenario import Fault
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from lbsession.balancer.admin import json_error, read_json
 from lbsession.errors import ConfigError
-from lbsession.lab.metrics import balance
+from lbsession.lab.measures import balance
 from lbsession.lab.report import Progress, RunReport
 from lbsession.lab.scenario import Scenario, find_scenario, load_scenario, scenario_dirs
 

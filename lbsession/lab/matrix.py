@@ -25,7 +25,7 @@ from typing import Any, cast
 from lbsession import __version__
 from lbsession.config import BACKEND_NAMES, STRATEGY_NAMES, BackendName, StrategyName
 from lbsession.errors import ConfigError, LBSessionError
-from lbsession.lab.metrics import METRICS
+from lbsession.lab.measures import METRICS
 from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport
 from lbsession.lab.runner import run_scenario
 from lbsession.lab.scenario import Expectation, Scenario, load_scenario, scenario_dirs

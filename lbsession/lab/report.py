@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from lbsession.lab.metrics import AppliedFault
+from lbsession.lab.measures import AppliedFault
 from lbsession.lab.scenario import Expectation, Scenario
 
 PASS, FAIL, NO_CLAIM = "PASS", "FAIL", "-"

@@ -21,7 +21,7 @@ from typing import Any
 
 from lbsession.config import Config
 from lbsession.lab.faults import AdminClient, run_timeline
-from lbsession.lab.metrics import AppliedFault, RunData, UserOutcome, compute_metrics, per_server
+from lbsession.lab.measures import AppliedFault, RunData, UserOutcome, compute_metrics, per_server
 from lbsession.lab.report import Progress, RunReport
 from lbsession.lab.scenario import Scenario
 from lbsession.lab.topology import Topology

@@ -18,7 +18,7 @@ the seed it measures (C1..C12; B1.. for those beyond the seed):
 
 The file is validated like a config file (the same loader, lbsession.config):
 every mistake is reported at once, naming the file, the key, the bad value and
-the valid choices. `expect` maps a metric (lbsession.lab.metrics.METRICS) to a
+the valid choices. `expect` maps a metric (lbsession.lab.measures.METRICS) to a
 condition `<op> <number>`.
 """
 
@@ -35,7 +35,7 @@ import yaml
 
 from lbsession.config import STRATEGY_NAMES, Config, StrategyName, build_dataclass
 from lbsession.errors import ConfigError
-from lbsession.lab.metrics import METRICS
+from lbsession.lab.measures import METRICS
 
 AddressMode = Literal["distinct", "shared"]
 FaultAction = Literal[

@@ -35,7 +35,7 @@ from lbsession.balancer.upstream import Upstream
 from lbsession.config import Config
 from lbsession.errors import TopologyError
 from lbsession.lab.live import LiveScenarios
-from lbsession.lab.redis import RedisTopology, free_port
+from lbsession.lab.redis_servers import RedisTopology, free_port
 
 log = logging.getLogger(__name__)
 

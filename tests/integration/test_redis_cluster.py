@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from lbsession.appserver.stores.redis import RedisStore
 from lbsession.config import RedisConfig
 from lbsession.errors import StoreUnavailable, TopologyError
-from lbsession.lab.redis import RedisClusterTopology, RedisProcess, find_cli_binary
+from lbsession.lab.redis_servers import RedisClusterTopology, RedisProcess, find_cli_binary
 
 pytestmark = pytest.mark.integration
 

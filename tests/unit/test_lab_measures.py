@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from lbsession.lab.matrix import failed_run, matrix_document
-from lbsession.lab.metrics import METRICS, AppliedFault, RunData, UserOutcome, compute_metrics, longest_stall
+from lbsession.lab.measures import METRICS, AppliedFault, RunData, UserOutcome, compute_metrics, longest_stall
 from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport, format_matrix, format_run, to_markdown
 from lbsession.lab.scenario import Expectation, Scenario
 from lbsession.lab.users import Record
