@@ -2,10 +2,14 @@
 
     LBSessionError
     ├── ConfigError          a setting is wrong; the message names where and how to fix it
+    │   └── ServerIdInUse    an upstream id that the balancer already has (the admin API's 409)
     ├── NoHealthyUpstream    the balancer has no server to send a request to
-    ├── UpstreamError        an app server could not be reached or answered badly
     ├── StoreUnavailable     the session store cannot be reached (never "no session")
+    ├── PeerRefused          a cluster peer refused this node (it is not in the peer's list)
     └── TopologyError        a process of `lbsession run` failed to start or to stop
+
+The proxy's own failures to reach an upstream are not exceptions at all: the data
+path answers them with a 502/503/504 and a short reason, as HAProxy does.
 
 Lower-level errors (OSError, aiohttp and redis errors) are translated into these
 at the boundary where they occur, so callers only ever catch this tree.
@@ -30,12 +34,16 @@ class NoHealthyUpstream(LBSessionError):
     """Every upstream is down, draining or removed."""
 
 
-class UpstreamError(LBSessionError):
-    """An upstream refused the connection, timed out or broke the protocol."""
+class ServerIdInUse(ConfigError):
+    """The upstream id given to the balancer is taken by another upstream."""
 
 
 class StoreUnavailable(LBSessionError):
     """The session store cannot be reached; the session may well still exist."""
+
+
+class PeerRefused(LBSessionError):
+    """A cluster peer answered the handshake with a refusal: static membership, and we are not listed."""
 
 
 class TopologyError(LBSessionError):

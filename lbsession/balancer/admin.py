@@ -39,7 +39,7 @@ from yarl import URL
 
 from lbsession.config import STRATEGY_NAMES
 from lbsession.dashboard.routes import add_dashboard_routes
-from lbsession.errors import ConfigError
+from lbsession.errors import ConfigError, ServerIdInUse
 from lbsession.metrics import balancer_metrics_handler
 
 if TYPE_CHECKING:
@@ -144,8 +144,10 @@ async def _add_server(request: web.Request) -> web.Response:
         return json_error(400, 'give {"id": "was-4", "url": "http://127.0.0.1:8004"}')
     try:
         upstream = request.app[LB_KEY].pool.add(server_id, url)
+    except ServerIdInUse as exc:
+        return json_error(409, str(exc))
     except ConfigError as exc:
-        return json_error(409 if "in use" in str(exc) else 400, str(exc))
+        return json_error(400, str(exc))
     return web.json_response(upstream.as_dict(), status=201)
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from lbsession.config import HealthConfig, UpstreamConfig, parse_http_url
-from lbsession.errors import ConfigError
+from lbsession.errors import ConfigError, ServerIdInUse
 
 if TYPE_CHECKING:
     from lbsession.balancer.proxy import UpstreamConnection
@@ -121,9 +121,9 @@ class UpstreamPool:
             self.add(upstream.id, upstream.url)
 
     def add(self, server_id: str, url: str) -> Upstream:
-        """Add an upstream; ConfigError if the id is taken or the URL is not http://host:port."""
+        """Add an upstream; ServerIdInUse if the id is taken, ConfigError if the URL is not http://host:port."""
         if server_id in self.upstreams:
-            raise ConfigError(f"server id {server_id!r} is already in use; choose another id")
+            raise ServerIdInUse(f"server id {server_id!r} is already in use; choose another id")
         try:
             upstream = Upstream(server_id, url)
         except ValueError as exc:

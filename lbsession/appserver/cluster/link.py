@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from lbsession.appserver.cluster.protocol import Channel, MessageTooLarge, ProtocolError
+from lbsession.errors import PeerRefused
 
 if TYPE_CHECKING:
     from lbsession.appserver.cluster.node import ClusterNode
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 # costs less as a fresh snapshot than as a queue. A constant, not a setting: config.py is shared.
 MAX_SYNC_BACKLOG = 5000
 
+# connecting: never up yet; syncing: a snapshot streams; up: changes flow; down: lost, reconnecting;
+# refused: the peer does not list us (static membership), retried slowly.
+LinkState = Literal["connecting", "syncing", "up", "down", "refused"]
+
 
 class PeerLink:
     """This node's outbound connection to one peer: sends changes, collects acks, heartbeats."""
@@ -38,7 +43,7 @@ class PeerLink:
     def __init__(self, node: ClusterNode, address: str) -> None:
         self.node = node
         self.address = address
-        self.state = "connecting"  # connecting | syncing | up | down | refused
+        self.state: LinkState = "connecting"
         self.last_error: str | None = None
         self.connections = 0  # how many times the link came up: a flapping link shows here
         self._channel: Channel | None = None
@@ -121,7 +126,7 @@ class PeerLink:
                 delay = 0.05
                 log.info("cluster link to %s is up", self.address)
                 await self._watch(channel)
-            except PermissionError as exc:  # the peer refused us: not in its list
+            except PeerRefused as exc:  # the peer refused us: not in its list
                 self.state, self.last_error = "refused", str(exc)
                 self.settled.set()
                 log.warning("cluster peer %s refused this node: %s", self.address, exc)

@@ -26,6 +26,7 @@ from lbsession.appserver.cluster.link import PeerLink
 from lbsession.appserver.cluster.protocol import Channel, MessageTooLarge, ProtocolError
 from lbsession.appserver.cluster.table import SessionTable
 from lbsession.config import ClusterConfig
+from lbsession.errors import PeerRefused
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,15 @@ class ClusterNode:
             self.address = f"{self.config.advertise_host}:{self._server.sockets[0].getsockname()[1]}"
         seeds = [self.config.join] if self.config.membership == "join" and self.config.join else sorted(self.members)
         for seed in seeds:
-            with contextlib.suppress(OSError, ProtocolError, PermissionError, TimeoutError):
+            try:
                 await self._sync_from(seed)
                 break
+            except (OSError, ProtocolError, PeerRefused, TimeoutError) as exc:
+                # Not fatal: the links' own snapshots catch up later. But a node that starts empty
+                # while its peers hold sessions must say why (a wrong secret, a refusing peer).
+                log.warning(
+                    "cluster: no snapshot from %s (%s: %s); trying the next seed", seed, type(exc).__name__, exc
+                )
         for address in sorted(self.members):
             self._link(address)
         # Report ready only once the links are up (peers starting alongside us need a moment),
@@ -163,7 +170,7 @@ class ClusterNode:
     # -------------------------------------------------------------- outbound
 
     async def open_channel(self, address: str, purpose: str) -> Channel:
-        """Connect to a peer and introduce ourselves; PermissionError if it refuses us."""
+        """Connect to a peer and introduce ourselves; PeerRefused if it refuses us."""
         host, _, port = address.rpartition(":")
         async with asyncio.timeout(self.handshake_timeout_s):
             reader, writer = await asyncio.open_connection(host, int(port))
@@ -177,7 +184,7 @@ class ClusterNode:
                 raise
         if answer["type"] != "welcome":
             channel.close()
-            raise PermissionError(f"{address} refused us: {answer.get('reason', answer['type'])}")
+            raise PeerRefused(f"{address} refused us: {answer.get('reason', answer['type'])}")
         return channel
 
     async def _sync_from(self, seed: str) -> None:
