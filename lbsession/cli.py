@@ -279,11 +279,13 @@ def _print_lab(info: dict[str, Any], config: Config) -> None:
 async def cmd_lb(args: argparse.Namespace) -> int:
     """`lbsession lb`: the balancer alone."""
     from lbsession.balancer.balancer import LoadBalancer
+    from lbsession.dashboard.routes import add_dashboard_routes
 
     config = config_from_args(args).balancer
     if not config.upstreams:
         raise UsageError("no upstreams: give --upstream http://127.0.0.1:8001 (repeatable) or `upstreams:` in --config")
     lb = LoadBalancer(config)
+    lb.admin_extensions.append(lambda app: add_dashboard_routes(app, lb))
     await lb.start()
     try:
         # Before the ready line: whoever reads it may signal at once, and SIGHUP's default is to terminate.

@@ -8,7 +8,7 @@
     GET  /cart                              read it (needs login)
     GET  /healthz                           200 {"server", "backend", "sessions"}; 503 when the store is down
     GET  /headers                           the request headers as this server received them (what the LB forwarded)
-    GET  /metrics                           Prometheus metrics: requests, re-logins, store calls (lbsession.metrics)
+    GET  /metrics                           Prometheus: requests, re-logins, store calls (lbsession.appserver.metrics)
 
 Every response, errors and 404s included, carries `X-Served-By: <server id>`:
 the lab counts requests per server and follows a user across servers by it.
@@ -28,11 +28,11 @@ from typing import Any
 from aiohttp import web
 
 from lbsession.appserver.lab_control import add_lab_routes
+from lbsession.appserver.metrics import AppMetrics
 from lbsession.appserver.session import get_session, session_middleware
 from lbsession.appserver.stores import SessionStore, create_store
 from lbsession.config import AppServerConfig
 from lbsession.errors import StoreUnavailable
-from lbsession.metrics import AppMetrics
 
 CONFIG = web.AppKey("lbsession_config", AppServerConfig)
 STORE = web.AppKey("lbsession_store", SessionStore)

@@ -6,11 +6,13 @@
                                       ones until timeout_s (default drain_timeout_s), then redispatched
     DELETE /servers/{id}              remove an upstream
     PUT    /strategy                  {"strategy": name}: switch the routing strategy
-    GET    /metrics                   Prometheus metrics (lbsession.metrics)
-    GET    /, /dashboard/..., /events the live dashboard and its event stream (lbsession.dashboard.routes)
+    GET    /metrics                   Prometheus metrics (lbsession.balancer.metrics)
 
-`lbsession run` adds routes that manage its own processes (kill, restart, add),
-see lbsession.lab.topology, and that play scenarios against them, see lbsession.lab.live.
+Nothing else: the balancer stands alone and imports no other part of lbsession.
+Whoever starts it adds more routes to this application (`LoadBalancer.admin_extensions`):
+`lbsession lb` the dashboard (lbsession.dashboard); `lbsession run` serves these same
+routes from the lab's own control listener instead (lbsession.lab.control), beside
+the routes that manage its processes and play scenarios.
 
 Errors are JSON `{"error": "..."}` with a 4xx status that says what was wrong.
 
@@ -37,13 +39,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from yarl import URL
 
-from lbsession.config import STRATEGY_NAMES
-from lbsession.dashboard.routes import add_dashboard_routes
+from lbsession.balancer.metrics import balancer_metrics_handler
+from lbsession.balancer.strategies import STRATEGIES
 from lbsession.errors import ConfigError, ServerIdInUse
-from lbsession.metrics import balancer_metrics_handler
 
 if TYPE_CHECKING:
     from lbsession.balancer.balancer import LoadBalancer
+    from lbsession.config import BalancerConfig
 
 LB_KEY: web.AppKey[LoadBalancer] = web.AppKey("lb")
 
@@ -74,10 +76,10 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def admin_guard(lb: LoadBalancer) -> Middleware:
+def admin_guard(config: BalancerConfig) -> Middleware:
     """The middleware that keeps the admin API to its allowed clients, and changes to JSON and the token."""
-    allowed = [ipaddress.ip_network(cidr, strict=False) for cidr in lb.config.admin_allow]
-    token = lb.config.admin_token
+    allowed = [ipaddress.ip_network(cidr, strict=False) for cidr in config.admin_allow]
+    token = config.admin_token
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -120,8 +122,16 @@ def _client_allowed(remote: str | None, allowed: list[ipaddress.IPv4Network | ip
 
 
 def create_admin_app(lb: LoadBalancer) -> web.Application:
-    """The admin application for `lb`."""
-    app = web.Application(middlewares=[admin_guard(lb)])
+    """The admin application for `lb`: its guard, its routes, and those its starter added."""
+    app = web.Application(middlewares=[admin_guard(lb.config)])
+    add_admin_routes(app, lb)
+    for extend in lb.admin_extensions:
+        extend(app)
+    return app
+
+
+def add_admin_routes(app: web.Application, lb: LoadBalancer) -> None:
+    """The balancer's admin routes, on `app` (its own admin application, or a lab's control listener)."""
     app[LB_KEY] = lb
     app.router.add_get("/status", _status)
     app.router.add_post("/servers", _add_server)
@@ -129,8 +139,6 @@ def create_admin_app(lb: LoadBalancer) -> web.Application:
     app.router.add_delete("/servers/{id}", _remove)
     app.router.add_put("/strategy", _set_strategy)
     app.router.add_get("/metrics", balancer_metrics_handler(lb))
-    add_dashboard_routes(app, lb)
-    return app
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -178,7 +186,7 @@ async def _remove(request: web.Request) -> web.Response:
 async def _set_strategy(request: web.Request) -> web.Response:
     lb = request.app[LB_KEY]
     name = (await read_json(request)).get("strategy")
-    if name not in STRATEGY_NAMES:
-        return json_error(400, f"strategy {name!r} is not valid; choose one of: {', '.join(STRATEGY_NAMES)}")
+    if name not in STRATEGIES:
+        return json_error(400, f"strategy {name!r} is not valid; choose one of: {', '.join(STRATEGIES)}")
     lb.set_strategy(name)
     return web.json_response({"strategy": lb.strategy.name})

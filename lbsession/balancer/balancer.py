@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from lbsession.balancer.events import EventBus
@@ -53,7 +53,7 @@ class LoadBalancer:
         self.started_at = time.time()
         self.port = config.port
         self.admin_port = config.admin_port
-        self.admin_extensions: list[Any] = []  # callables(app) adding routes, e.g. the topology's
+        self.admin_extensions: list[Callable[[web.Application], None]] = []  # route installers, e.g. the dashboard
         self._private_cookies: tuple[bytes, ...] = ()
         self._trusted = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -64,8 +64,12 @@ class LoadBalancer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        """Bind the public and admin listeners and start health checks."""
+    async def start(self, *, admin: bool = True) -> None:
+        """Bind the public listener (and the admin one, unless `admin` is False) and start health checks.
+
+        Without its own admin listener the balancer is driven by whoever embeds it: the lab's
+        control listener serves the same routes (lbsession.balancer.admin.add_admin_routes).
+        """
         loop = asyncio.get_running_loop()
         self.clock = loop.time()
         self._server = await loop.create_server(
@@ -74,19 +78,21 @@ class LoadBalancer:
         self.port = self._server.sockets[0].getsockname()[1]
         await self.pool.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="lb-sweeper")
+        if admin:
+            await self._start_admin()
+        log.info("balancing on %s, strategy %s", self.url, self.strategy.name)
+
+    async def _start_admin(self) -> None:
         from aiohttp import web
 
         from lbsession.balancer.admin import create_admin_app  # aiohttp stays off the data path's imports
 
-        app = create_admin_app(self)
-        for extend in self.admin_extensions:
-            extend(app)
-        self._admin_runner = web.AppRunner(app, access_log=None)
+        self._admin_runner = web.AppRunner(create_admin_app(self), access_log=None)
         await self._admin_runner.setup()
         site = web.TCPSite(self._admin_runner, self.config.admin_host, self.config.admin_port)
         await site.start()
         self.admin_port = self._admin_runner.addresses[0][1]
-        log.info("balancing on %s, admin on %s, strategy %s", self.url, self.admin_url, self.strategy.name)
+        log.info("admin API on %s", self.admin_url)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting; let in-flight requests finish for up to `grace_s`; close everything."""

@@ -24,13 +24,13 @@ from aiohttp import web
 
 from lbsession.balancer.admin import json_error, read_json
 from lbsession.errors import ConfigError
+from lbsession.lab.drive import drive, mismatch_notes
 from lbsession.lab.measures import balance
 from lbsession.lab.report import Progress, RunReport
 from lbsession.lab.scenario import Scenario, find_scenario, load_scenario, scenario_dirs
 
 if TYPE_CHECKING:
-    from lbsession.balancer.balancer import LoadBalancer
-    from lbsession.lab.topology import Topology
+    from lbsession.lab.control import BalancerView, LabControl
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,10 @@ class LiveRun:
             return "failed"
         return "running" if self.report is None else "done"
 
-    def as_dict(self, lb: LoadBalancer) -> dict[str, Any]:
+    def as_dict(self, balancer: BalancerView) -> dict[str, Any]:
         """The run for GET /scenarios/current: live counters, then the report's metrics and verdict."""
         s, p = self.scenario, self.progress
-        served = {sid: max(0, u.requests - self.baseline.get(sid, 0)) for sid, u in lb.pool.upstreams.items()}
+        served = {sid: max(0, n - self.baseline.get(sid, 0)) for sid, n in balancer.served().items()}
         out: dict[str, Any] = {
             "state": self.state,
             **summary(s),
@@ -130,8 +130,8 @@ def finished(report: RunReport, notes: list[str]) -> dict[str, Any]:
 class LiveScenarios:
     """The scenario routes of a managed lab, and the one run they may have going."""
 
-    def __init__(self, topology: Topology) -> None:
-        self.topology = topology
+    def __init__(self, control: LabControl) -> None:
+        self.control = control
         self.run: LiveRun | None = None
 
     def add_routes(self, app: web.Application) -> None:
@@ -149,21 +149,16 @@ class LiveScenarios:
 
     def lab_notes(self, scenario: Scenario) -> list[str]:
         """Where this lab differs from the topology `scenario` was written for."""
-        from lbsession.lab.runner import mismatch_notes  # runner imports topology, which imports this module
-
-        lb, config = self._balancer(), self.topology.config
-        notes = mismatch_notes(scenario, lb.strategy.name, config.app.backend)
+        topology, balancer = self.control.topology, self.control.view
+        config = topology.config
+        notes = mismatch_notes(scenario, balancer.strategy_name(), config.app.backend)
         wanted = scenario.topology
-        servers = len(lb.pool.upstreams)
+        servers = len(balancer.served())
         if servers != wanted.servers:
             notes.append(f"the target has {servers} servers; the scenario was written for {wanted.servers}")
-        if wanted.redis_server.ha and not (self.topology.redis is not None and config.redis_server.ha):
+        if wanted.redis_server.ha and not (topology.redis is not None and config.redis_server.ha):
             notes.append("the scenario was written for Redis with a replica and Sentinel (run --redis-ha)")
         return notes
-
-    def _balancer(self) -> LoadBalancer:
-        assert self.topology.lb is not None  # the routes exist only once the balancer has started
-        return self.topology.lb
 
     async def _list(self, request: web.Request) -> web.Response:
         entries: list[dict[str, Any]] = []
@@ -178,7 +173,7 @@ class LiveScenarios:
     async def _current(self, request: web.Request) -> web.Response:
         if self.run is None:
             return web.json_response({"state": "idle"})
-        return web.json_response(self.run.as_dict(self._balancer()))
+        return web.json_response(self.run.as_dict(self.control.view))
 
     async def _start(self, request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -193,23 +188,23 @@ class LiveScenarios:
         if self.run is not None and self.run.state == "running":
             running = self.run.scenario.name
             return json_error(409, f"{running} is running; wait for its verdict (GET /scenarios/current)")
-        lb = self._balancer()
-        run = LiveRun(scenario, self.lab_notes(scenario), {sid: u.requests for sid, u in lb.pool.upstreams.items()})
-        run.task = asyncio.create_task(self._play(run, lb), name=f"scenario-{scenario.name}")
+        view = self.control.view
+        run = LiveRun(scenario, self.lab_notes(scenario), view.served())
+        run.task = asyncio.create_task(self._play(run), name=f"scenario-{scenario.name}")
         self.run = run
         log.info("playing scenario %s against this lab", scenario.name)
-        return web.json_response(run.as_dict(lb), status=202)
+        return web.json_response(run.as_dict(view), status=202)
 
-    async def _play(self, run: LiveRun, lb: LoadBalancer) -> None:
-        from lbsession.lab.runner import drive  # runner imports topology, which imports this module
+    async def _play(self, run: LiveRun) -> None:
+        control = self.control
 
         def on_progress(progress: Progress) -> None:
             run.progress = progress
 
         try:
             run.report = await drive(
-                run.scenario, lb.admin_url, on_progress=on_progress, target=lb.admin_url, lb_url=lb.url,
-                token=lb.config.admin_token,
+                run.scenario, control.url, on_progress=on_progress, target=control.url, lb_url=control.view.url,
+                token=control.config.admin_token,
             )  # fmt: skip
         except asyncio.CancelledError:
             run.error = "stopped before its end: the lab is shutting down"

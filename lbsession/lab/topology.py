@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -26,15 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from lbsession.appserver.lab_control import LAB_TOKEN_ENV, LAB_TOKEN_HEADER, REPLICATION_PATH
-from lbsession.balancer.admin import json_error, read_json
 from lbsession.balancer.balancer import LoadBalancer
 from lbsession.balancer.upstream import Upstream
 from lbsession.config import Config
 from lbsession.errors import TopologyError
-from lbsession.lab.live import LiveScenarios
+from lbsession.lab.control import LabControl, LbsessionView
 from lbsession.lab.redis_servers import RedisTopology, free_port
 
 log = logging.getLogger(__name__)
@@ -91,7 +88,7 @@ class Topology:
         # Unlocks the app servers' fault-injection route (lbsession.appserver.lab_control); only this
         # process knows it, so clients reaching the servers through the balancer cannot use the route.
         self._lab_token = secrets.token_urlsafe(32)
-        self.scenarios = LiveScenarios(self)  # scenarios played against this lab from its admin API
+        self.control: LabControl | None = None  # the lab's admin port: process controls, scenarios, dashboard
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -105,10 +102,11 @@ class Topology:
                 server.cluster_args = self._peer_args([s for s in servers if s is not server])
             await asyncio.gather(*(self._spawn(s) for s in servers))
             self.lb = LoadBalancer(self.config.balancer)
-            self.lb.admin_extensions.append(self._admin_routes)
             for server in servers:
                 self.lb.pool.add(server.server_id, server.url)
-            await self.lb.start()
+            await self.lb.start(admin=False)  # the lab's control listener serves its admin API
+            self.control = LabControl(self, LbsessionView(self.lb), self.lb.config)
+            await self.control.start()
             await self.wait_healthy()
         except BaseException:
             await self.stop()
@@ -116,7 +114,8 @@ class Topology:
 
     async def stop(self) -> None:
         """Stop the balancer and every child (SIGTERM, then SIGKILL after a grace period)."""
-        await self.scenarios.cancel()  # its users would hold the balancer's grace period up
+        if self.control is not None:
+            await self.control.stop()
         if self.lb is not None:
             await self.lb.stop(grace_s=2.0)
         await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
@@ -159,12 +158,19 @@ class Topology:
         while not (await lb.pool.check(upstream) and upstream.healthy):  # noqa: ASYNC110 - each turn is a real check
             await asyncio.sleep(lb.config.health.interval_s / 4)
 
+    @property
+    def admin_url(self) -> str:
+        """The lab's admin URL: process controls, scenarios, the dashboard and the balancer's admin API."""
+        if self.control is None:
+            raise TopologyError("the topology is not started")
+        return self.control.url
+
     def ready_info(self) -> dict[str, Any]:
         """What `--ready-file` holds: the balancer's URLs and every server with its pid."""
         lb = self._balancer()
         return {
             "lb": lb.url,
-            "admin": lb.admin_url,
+            "admin": self.admin_url,
             "strategy": lb.strategy.name,
             "backend": self.config.app.backend,
             "servers": [s.as_dict() for s in self.servers.values()],
@@ -352,75 +358,6 @@ class Topology:
         if self.lb is None:
             raise TopologyError("the topology is not started")
         return self.lb
-
-    # ------------------------------------------------------------------ admin API
-
-    def _admin_routes(self, app: web.Application) -> None:
-        """Add process control to the balancer's admin API (kill, restart, add), and scenario runs."""
-        app.router.add_get("/topology", self._get_topology)
-        app.router.add_post("/topology/servers", self._post_add)
-        app.router.add_post("/servers/{id}/kill", self._post_kill)
-        app.router.add_post("/servers/{id}/restart", self._post_restart)
-        app.router.add_post("/redis/primary/kill", self._post_kill_redis)
-        app.router.add_post("/redis/{name}/restart", self._post_restart_redis)
-        app.router.add_post("/servers/{id}/cluster/cut", self._post_cut)
-        app.router.add_post("/servers/{id}/cluster/heal", self._post_cut)
-        self.scenarios.add_routes(app)
-
-    async def _post_cut(self, request: web.Request) -> web.Response:
-        peer = (await read_json(request)).get("peer")
-        if peer is not None and not isinstance(peer, str):
-            return json_error(400, 'give {"peer": "was-2"}, or no body to cut every peer')
-        cut = request.path.endswith("/cut")
-        try:
-            return web.json_response(await self.cut_peer(request.match_info["id"], peer, cut=cut))
-        except TopologyError as exc:
-            return json_error(404 if "no managed" in str(exc) else 409, str(exc))
-
-    async def _post_kill_redis(self, request: web.Request) -> web.Response:
-        if self.redis is None:
-            return json_error(409, "this lab did not start a Redis (backend is not redis, or --redis-url was given)")
-        try:
-            node = await self.redis.kill_primary()
-        except TopologyError as exc:
-            return json_error(409, str(exc))
-        return web.json_response({**node.as_dict(), "signal": signal.SIGKILL.name})
-
-    async def _post_restart_redis(self, request: web.Request) -> web.Response:
-        if self.redis is None:
-            return json_error(409, "this lab did not start a Redis (backend is not redis, or --redis-url was given)")
-        try:
-            node = await self.redis.restart(request.match_info["name"])
-        except TopologyError as exc:
-            return json_error(404 if "no Redis node" in str(exc) else 500, str(exc))
-        return web.json_response(node.as_dict())
-
-    async def _get_topology(self, request: web.Request) -> web.Response:
-        return web.json_response(self.ready_info())
-
-    async def _post_add(self, request: web.Request) -> web.Response:
-        await read_json(request)
-        try:
-            server = await self.add_server()
-        except TopologyError as exc:
-            return json_error(500, str(exc))
-        return web.json_response(server.as_dict(), status=201)
-
-    async def _post_kill(self, request: web.Request) -> web.Response:
-        try:
-            server = await self.kill_server(request.match_info["id"])
-        except TopologyError as exc:
-            return json_error(404 if "no managed" in str(exc) else 409, str(exc))
-        return web.json_response({**server.as_dict(), "signal": signal.SIGKILL.name})
-
-    async def _post_restart(self, request: web.Request) -> web.Response:
-        try:
-            server = await self.restart_server(request.match_info["id"])
-        except TopologyError as exc:
-            return json_error(404 if "no managed" in str(exc) else 500, str(exc))
-        except TimeoutError:
-            return json_error(504, f"{request.match_info['id']} restarted but did not pass its health check in time")
-        return web.json_response(server.as_dict())
 
 
 def write_ready_file(path: Path, info: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ WAIT_MS = 15_000
 async def open_dashboard(page: Page, lab: Topology) -> None:
     """Load the page and wait until it shows every server and its event stream is open."""
     assert lab.lb is not None
-    await page.goto(lab.lb.admin_url + "/")
+    await page.goto(lab.admin_url + "/")
     await expect(page.locator("#layer-servers g[data-server]")).to_have_count(len(lab.servers), timeout=WAIT_MS)
     await expect(page.locator("#stream")).to_have_text("live", timeout=WAIT_MS)
 

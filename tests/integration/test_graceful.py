@@ -23,19 +23,19 @@ async def test_a_drained_server_keeps_its_pinned_users_until_the_timeout_then_le
     pinned_there = [p for p, home in zip(people, homes, strict=True) if home == drained]
 
     async with aiohttp.ClientSession() as admin:
-        async with admin.post(f"{lab.lb.admin_url}/servers/{drained}/drain", json={"timeout_s": 30}) as r:
+        async with admin.post(f"{lab.admin_url}/servers/{drained}/drain", json={"timeout_s": 30}) as r:
             assert r.status == 200 and (await r.json())["draining"]
         during = [await p.me() for p in pinned_there]
         newcomers = [await users(lab.lb.url).login(f"new{n}") for n in range(6)]
         # The timeout passing is simulated by shortening it: drain again with 0 s.
-        async with admin.post(f"{lab.lb.admin_url}/servers/{drained}/drain", json={"timeout_s": 0}) as r:
+        async with admin.post(f"{lab.admin_url}/servers/{drained}/drain", json={"timeout_s": 0}) as r:
             assert r.status == 200
         upstream = lab.lb.pool.upstreams[drained]
         async with asyncio.timeout(5):
             while not upstream.drained:
                 await asyncio.sleep(0.01)
         after = [await p.me() for p in pinned_there]
-        async with admin.post(f"{lab.lb.admin_url}/servers/{drained}/drain", json={"timeout_s": "soon"}) as r:
+        async with admin.post(f"{lab.admin_url}/servers/{drained}/drain", json={"timeout_s": "soon"}) as r:
             assert r.status == 400 and "timeout_s" in (await r.json())["error"]
 
     assert all((r.status, r.server) == (200, drained) for r in during)  # pinned users still served there

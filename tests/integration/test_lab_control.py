@@ -33,7 +33,7 @@ async def post(url: str, body: dict | None = None, token: str | None = None) -> 
 
 async def test_every_fault_action_applies_through_the_admin_api(start_lab):
     lab: Topology = await start_lab("round-robin", backend="cluster")
-    admin = AdminClient(lab.lb.admin_url)
+    admin = AdminClient(lab.admin_url)
     try:
         for fault in [
             Fault(0, "cut-peer", server="was-1", peer="was-2"),
@@ -76,7 +76,7 @@ async def test_the_cut_route_is_locked_by_the_lab_token_and_invisible_through_th
 async def test_a_cut_link_loses_new_sessions_and_healing_it_catches_the_peer_up(start_lab, users):
     lab: Topology = await start_lab("round-robin", backend="cluster", servers=2)
     was1, was2 = lab.servers["was-1"].url, lab.servers["was-2"].url
-    async with aiohttp.ClientSession(base_url=lab.lb.admin_url) as admin:
+    async with aiohttp.ClientSession(base_url=lab.admin_url) as admin:
         async with admin.post("/servers/was-1/cluster/cut", json={"peer": "was-2"}) as r:
             assert r.status == 200
         alice = users(was1)  # straight to was-1, which no longer replicates to was-2
@@ -92,7 +92,7 @@ async def test_a_cut_link_loses_new_sessions_and_healing_it_catches_the_peer_up(
 
 async def test_cutting_replication_in_a_lab_without_a_cluster_is_refused(start_lab):
     lab: Topology = await start_lab("round-robin", servers=1)
-    status, body = await post(lab.lb.admin_url + "/servers/was-1/cluster/cut")
+    status, body = await post(lab.admin_url + "/servers/was-1/cluster/cut")
     assert status == 409 and body["error"] == "the backend is local, not cluster: nothing replicates"
 
 

@@ -38,8 +38,8 @@ async def test_the_lab_lists_its_scenarios_and_what_they_were_written_for(start_
     lab: Topology = await start_lab("round-robin")
     assert lab.lb is not None
     async with aiohttp.ClientSession() as http:
-        status, body = await call(http, "GET", lab.lb.admin_url + "/scenarios")
-        idle = await call(http, "GET", lab.lb.admin_url + "/scenarios/current")
+        status, body = await call(http, "GET", lab.admin_url + "/scenarios")
+        idle = await call(http, "GET", lab.admin_url + "/scenarios/current")
 
     assert status == 200
     by_claim = {s["claim"]: s for s in body["scenarios"]}
@@ -53,11 +53,11 @@ async def test_the_lab_lists_its_scenarios_and_what_they_were_written_for(start_
 async def test_a_scenario_runs_against_the_lab_one_at_a_time_to_its_verdict(start_lab) -> None:
     lab: Topology = await start_lab("round-robin")
     assert lab.lb is not None
-    url = lab.lb.admin_url + "/scenarios"
+    url = lab.admin_url + "/scenarios"
     async with aiohttp.ClientSession() as http:
         started = await call(http, "POST", url, json={"name": "C1", "duration_s": 0.8, "users": 6})
         again = await call(http, "POST", url, json={"name": "C2"})
-        current = await finished(http, lab.lb.admin_url)
+        current = await finished(http, lab.admin_url)
         unknown = await call(http, "POST", url, json={"name": "C99"})
         not_json = await call(http, "POST", url, data="name=C1", headers={"Content-Type": "text/plain"})
 
@@ -76,13 +76,13 @@ async def test_a_scenario_runs_against_the_lab_one_at_a_time_to_its_verdict(star
 async def test_a_scenario_s_fault_acts_on_the_lab_and_its_differences_are_noted(start_lab) -> None:
     lab: Topology = await start_lab("round-robin", balancer={"admin_token": "t0ken-of-the-lab"})
     assert lab.lb is not None
-    url = lab.lb.admin_url + "/scenarios"
+    url = lab.admin_url + "/scenarios"
     async with aiohttp.ClientSession() as http:
         assert (await call(http, "POST", url, json={"name": "C6"}))[0] == 401
         bearer = {"Authorization": "Bearer t0ken-of-the-lab"}
         status, _ = await call(http, "POST", url, json={"name": "C6", "duration_s": 0.8}, headers=bearer)
         assert status == 202  # and the run's own calls to the admin API (the kill) carry the token
-        current = await finished(http, lab.lb.admin_url)
+        current = await finished(http, lab.admin_url)
 
     assert current["state"] == "done" and current["faults_applied"] == 1
     assert current["fault_results"][0]["result"]["signal"] == "SIGKILL"

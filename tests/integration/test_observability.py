@@ -53,7 +53,7 @@ def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 async def test_every_request_and_server_change_is_on_the_event_stream(start_lab, users) -> None:
     lab: Topology = await start_lab("round-robin")
     assert lab.lb is not None
-    async with aiohttp.ClientSession() as http, http.get(lab.lb.admin_url + "/events") as stream:
+    async with aiohttp.ClientSession() as http, http.get(lab.admin_url + "/events") as stream:
         assert stream.headers["Content-Type"] == "text/event-stream"
         await until_subscribed(lab)
         alice = users(lab.lb.url)
@@ -85,7 +85,7 @@ async def test_a_viewer_that_does_not_read_loses_events_not_requests(start_lab) 
     viewer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     viewer.setblocking(False)
     try:
-        await loop.sock_connect(viewer, ("127.0.0.1", lab.lb.admin_port))
+        await loop.sock_connect(viewer, ("127.0.0.1", lab.control.port))
         await loop.sock_sendall(viewer, b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await until_subscribed(lab)
 
@@ -116,7 +116,7 @@ async def test_metrics_count_what_went_through(start_lab, users) -> None:
     replies = [await alice.me() for _ in range(30)]
     refused = sum(1 for r in replies if r.status == 401)
 
-    balancer = await scrape(lab.lb.admin_url)
+    balancer = await scrape(lab.admin_url)
     servers = [await scrape(s.url) for s in lab.servers.values()]
 
     assert total(balancer, "lbsession_lb_requests_total") == 31
@@ -134,7 +134,7 @@ async def test_a_forged_sticky_cookie_is_counted(start_lab, users) -> None:
     mallory = users(lab.lb.url)
     reply = await mallory.request("GET", "/me", headers={"Cookie": "LBSERVER=was-1.forged"})
     assert reply.status == 401
-    balancer = await scrape(lab.lb.admin_url)
+    balancer = await scrape(lab.admin_url)
     assert total(balancer, "lbsession_lb_forged_cookies_total") == 1
     assert total(balancer, "lbsession_lb_strategy", strategy="sticky-cookie") == 1
 
@@ -154,7 +154,7 @@ async def test_cluster_replication_is_measured(start_lab, users) -> None:
 async def test_the_dashboard_and_its_demo_users_are_served(start_lab) -> None:
     lab: Topology = await start_lab("sticky-cookie")
     assert lab.lb is not None
-    admin = lab.lb.admin_url
+    admin = lab.admin_url
     async with aiohttp.ClientSession() as http:
         async with http.get(admin + "/") as page:
             assert page.status == 200 and "/dashboard/dashboard.js" in await page.text()

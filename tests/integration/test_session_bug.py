@@ -147,7 +147,7 @@ async def test_sticky_users_of_a_killed_server_are_redispatched_and_must_log_in_
 
 async def test_admin_api_kills_restarts_and_adds_managed_servers(start_lab):
     lab: Topology = await start_lab("round-robin", servers=2)
-    async with aiohttp.ClientSession(base_url=lab.lb.admin_url) as admin:
+    async with aiohttp.ClientSession(base_url=lab.admin_url) as admin:
         async with admin.post("/servers/was-1/kill", json={}) as r:
             assert r.status == 200
             assert (await r.json())["signal"] == "SIGKILL"

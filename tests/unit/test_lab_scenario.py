@@ -217,7 +217,7 @@ def test_the_same_seed_gives_the_same_population_and_order():
 
 
 def test_traffic_waits_for_the_faults_and_then_settles():
-    from lbsession.lab.runner import Deadline
+    from lbsession.lab.drive import Deadline
 
     deadline = Deadline(3.0, 1.0, pending=True)
     assert deadline() == float("inf")  # a fault still being applied: nobody stops

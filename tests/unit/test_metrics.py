@@ -13,9 +13,9 @@ from lbsession.appserver.app import create_app
 from lbsession.appserver.stores import SessionStore
 from lbsession.appserver.stores.local import LocalStore
 from lbsession.balancer.balancer import LoadBalancer
+from lbsession.balancer.metrics import BalancerCollector
 from lbsession.config import AppServerConfig, BalancerConfig, UpstreamConfig
 from lbsession.errors import StoreUnavailable
-from lbsession.metrics import BalancerCollector
 
 UNKNOWN_SESSION = "A" * 43  # a well-formed id that no store holds
 

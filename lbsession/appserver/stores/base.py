@@ -15,17 +15,37 @@ this lab is about.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Set
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Mapping, Set
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from lbsession.config import AppServerConfig
 
 
+class StoreStat(NamedTuple):
+    """One number a store keeps itself, which the app server's /metrics exposes as a Prometheus sample."""
+
+    name: str  # the family, e.g. lbsession_redis_round_trips
+    help: str
+    value: float
+    kind: Literal["counter", "gauge"] = "counter"
+    labels: tuple[tuple[str, str], ...] = ()  # besides `server`, e.g. (("state", "up"),)
+
+
 class SessionStore(ABC):
-    """Where an app server keeps sessions: load, save changes, delete."""
+    """Where an app server keeps sessions: load, save changes, delete.
+
+    A store also declares what the rest of the lab needs to know of it, so that a new
+    store is its module plus its registry line: whether every app server sees the same
+    sessions (`shared`: a user may land anywhere without logging in again), and the
+    config section holding its settings (`settings`, None when it has none).
+    """
 
     name: ClassVar[str]
+    shared: ClassVar[bool] = False  # do all app servers see one set of sessions (shared or replicated)?
+    settings: ClassVar[str | None] = None  # its section of the app server's config (`app.<settings>`)
+    # Latencies the store times itself: histogram family -> (help, buckets); see report_timings.
+    timings: ClassVar[Mapping[str, tuple[str, tuple[float, ...]]]] = {}
 
     @classmethod
     def from_config(cls, config: AppServerConfig) -> SessionStore:
@@ -61,3 +81,10 @@ class SessionStore(ABC):
     def describe(self) -> dict[str, Any]:
         """What /healthz shows of the store beyond its name (a cluster node shows its peers)."""
         return {}
+
+    def stats(self) -> list[StoreStat]:
+        """The counters and gauges the store keeps itself, read when Prometheus scrapes."""
+        return []
+
+    def report_timings(self, observe: Callable[[str, float], None]) -> None:  # noqa: B027 - optional hook
+        """From now on, call `observe(family, seconds)` for each latency of `timings` the store measures."""

@@ -22,16 +22,32 @@ from typing import Any
 
 from lbsession.appserver.cluster.node import ClusterNode
 from lbsession.appserver.cluster.table import SessionTable
-from lbsession.appserver.stores.base import SessionStore
+from lbsession.appserver.stores.base import SessionStore, StoreStat
 from lbsession.appserver.stores.codec import decode_attributes, encode_attributes
 from lbsession.config import AppServerConfig, ClusterConfig
 from lbsession.errors import ConfigError
+
+ACK_WAIT = "lbsession_cluster_ack_wait_seconds"
+ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+COUNTER_HELP = {
+    "changes_sent": "Changes sent to peers (one per peer per write)",
+    "acks": "Acks received from peers",
+    "ack_timeouts": "Peers that did not ack in time and were marked down",
+    "refused": "Replication connections refused (not in the static peers list)",
+    "forged_frames": "Replication frames that failed authentication",
+    "bytes_sent": "Replication bytes written to peers",
+    "oversize": "Changes or sessions too big for one replication frame, kept local",
+    "handshakes_dropped": "Replication connections closed before authenticating (timeout or too many)",
+}
 
 
 class ClusterStore(SessionStore):
     """A full local copy of every session, replicated to static or joined peers."""
 
     name = "cluster"
+    shared = True  # replicated: every node holds every session
+    settings = "cluster"
+    timings = {ACK_WAIT: ("Time a sync write waited for every live peer's ack", ACK_BUCKETS)}
 
     def __init__(self, node_id: str, config: ClusterConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         if not config.secret:
@@ -76,6 +92,22 @@ class ClusterStore(SessionStore):
 
     def describe(self) -> dict[str, Any]:
         return self.node.describe()
+
+    def stats(self) -> list[StoreStat]:
+        """Replication counters, and the links to peers by state."""
+        counters = {**self.node.counters, "bytes_sent": self.node.bytes_sent}
+        out = [StoreStat(f"lbsession_cluster_{key}", text, counters[key]) for key, text in COUNTER_HELP.items()]
+        states = [link.state for link in self.node.links.values()]
+        out += [
+            StoreStat(
+                "lbsession_cluster_peers", "Links to peers by state", states.count(state), "gauge", (("state", state),)
+            )
+            for state in sorted(set(states))
+        ]
+        return out
+
+    def report_timings(self, observe: Callable[[str, float], None]) -> None:
+        self.node.on_ack_wait = lambda seconds: observe(ACK_WAIT, seconds)
 
     async def _purge_forever(self) -> None:
         while True:

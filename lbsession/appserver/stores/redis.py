@@ -54,7 +54,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lbsession.appserver.stores.base import SessionStore
+from lbsession.appserver.stores.base import SessionStore, StoreStat
 from lbsession.appserver.stores.codec import decode_attributes, encode_attributes
 from lbsession.config import AppServerConfig, RedisConfig
 from lbsession.errors import ConfigError, StoreUnavailable
@@ -93,6 +93,8 @@ class RedisStore(SessionStore):
     """Sessions as Redis hashes, through a URL, Sentinel or Redis Cluster."""
 
     name = "redis"
+    shared = True
+    settings = "redis"
 
     def __init__(self, config: RedisConfig, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if config.url is None and not config.sentinels:
@@ -172,6 +174,10 @@ class RedisStore(SessionStore):
     def describe(self) -> dict[str, Any]:
         """Where the store is and how many round trips it made (the benchmark reads this)."""
         return {"redis": self.where, "round_trips": self.round_trips}
+
+    def stats(self) -> list[StoreStat]:
+        """Round trips to Redis: one per load and one per save, plus every retry."""
+        return [StoreStat("lbsession_redis_round_trips", "Round trips to Redis, retries included", self.round_trips)]
 
     async def _call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt`, retrying transient errors with backoff for up to `retry_s`.

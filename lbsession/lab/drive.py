@@ -1,0 +1,168 @@
+"""Play a scenario against a running lab: users through its balancer, faults through its control API.
+
+Both `lbsession scenario` (on a lab of its own, see lbsession.lab.runner) and a lab
+playing a scenario on itself (lbsession.lab.live) come here. It speaks to the lab
+only over HTTP, so it imports no topology: whoever started the processes, the run
+is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lbsession.lab.faults import AdminClient, run_timeline
+from lbsession.lab.measures import AppliedFault, RunData, UserOutcome, compute_metrics, per_server
+from lbsession.lab.report import Progress, RunReport
+from lbsession.lab.scenario import Scenario
+from lbsession.lab.users import Record, VirtualUser, plan_population
+
+ProgressCallback = Callable[[Progress], None]
+TICK_S = 0.2  # how often the progress bar is redrawn
+
+
+async def drive(
+    scenario: Scenario,
+    admin_url: str,
+    *,
+    on_progress: ProgressCallback | None = None,
+    target: str | None = None,
+    lb_url: str | None = None,
+    token: str | None = None,
+) -> RunReport:
+    """Play the population and the fault timeline against the lab whose admin API is at `admin_url`."""
+    admin = AdminClient(admin_url, token)  # token None: LBSESSION_BALANCER__ADMIN_TOKEN's, if set
+    try:
+        status_before = await admin.status()
+        topology_before = await admin.topology()
+        servers = [s["id"] for s in status_before["servers"]]
+        started = time.monotonic()
+        records, users, applied = await _play(scenario, admin, lb_url or status_before["url"], servers, on_progress)
+        wall_s = time.monotonic() - started
+        status_after = await admin.status()
+        topology_after = await admin.topology()
+    finally:
+        await admin.close()
+    routes = _routes_delta(status_before, status_after)
+    outcomes = [_outcome(user) for user in users]
+    data = RunData(records, outcomes, applied, servers, routes, topology_before, topology_after)
+    backend = (topology_before or {}).get("backend") or scenario.topology.app.backend
+    report = RunReport(
+        scenario=scenario,
+        strategy=status_before["strategy"],
+        backend=str(backend),
+        target=target,
+        metrics=compute_metrics(data),
+        per_server=per_server(records, servers),
+        routes=routes,
+        faults=applied,
+        setup_s=0.0,
+        wall_s=wall_s,
+        servers=len(servers),
+        sample_cookie=next((u.sample_cookie for u in users if u.sample_cookie), None),
+        notes=mismatch_notes(scenario, status_before["strategy"], str(backend)) if target else [],
+    )
+    report.evaluate(scenario.expect)
+    return report
+
+
+async def _play(
+    scenario: Scenario, admin: AdminClient, lb_url: str, servers: list[str], on_progress: ProgressCallback | None
+) -> tuple[list[Record], list[VirtualUser], list[AppliedFault]]:
+    """The users and the faults, from time 0 to the end of the scenario's duration."""
+    origin = time.perf_counter()
+
+    def clock() -> float:  # not loop.time(): uvloop's counts whole milliseconds, too coarse for latencies
+        return time.perf_counter() - origin
+
+    records: list[Record] = []
+    applied: list[AppliedFault] = []
+    plans = plan_population(scenario.population, scenario.steps, scenario.seed, scenario.duration_s)
+    cookie = scenario.topology.balancer.sticky.cookie_name
+    users = [
+        VirtualUser(plan, scenario.steps, lb_url, clock, records, sticky_cookie=cookie, server_ids=servers)
+        for plan in plans
+    ]
+    deadline = Deadline(scenario.duration_s, scenario.settle_s, pending=bool(scenario.faults))
+    timeline = asyncio.create_task(run_timeline(admin, scenario.faults, clock, applied))
+    timeline.add_done_callback(lambda _: deadline.faults_done(clock()))
+    ticker = asyncio.create_task(_tick(scenario, clock, records, applied, on_progress))
+    try:
+        await asyncio.gather(*(user.run(deadline) for user in users))
+        await timeline
+    finally:
+        for task in (timeline, ticker):
+            task.cancel()
+        await asyncio.gather(timeline, ticker, return_exceptions=True)
+    return records, users, applied
+
+
+class Deadline:
+    """When the traffic stops: the scenario's duration, stretched so that `settle_s` of traffic follows the faults.
+
+    Applying a fault takes a time that depends on the machine (starting a server
+    imports aiohttp); a fixed duration would leave a slow machine no traffic to
+    measure the fault's effect with. Until the last fault is applied, no user stops.
+    """
+
+    def __init__(self, duration_s: float, settle_s: float, *, pending: bool) -> None:
+        self.end_s = duration_s
+        self.settle_s = settle_s
+        self.pending = pending
+
+    def __call__(self) -> float:
+        return math.inf if self.pending else self.end_s
+
+    def faults_done(self, now_s: float) -> None:
+        """The timeline is over: traffic goes on until the duration, or `settle_s` from now if that is later."""
+        self.pending = False
+        self.end_s = max(self.end_s, now_s + self.settle_s)
+
+
+async def _tick(
+    scenario: Scenario,
+    clock: Callable[[], float],
+    records: list[Record],
+    applied: list[AppliedFault],
+    on_progress: ProgressCallback | None,
+) -> None:
+    if on_progress is None:
+        return
+    while True:
+        relogins = sum(1 for r in records if r.relogin)
+        done = sum(1 for f in applied if f.applied_s is not None)
+        label = f"{scenario.label} {scenario.name}"
+        on_progress(Progress(label, clock(), scenario.duration_s, len(records), relogins, done))
+        await asyncio.sleep(TICK_S)
+
+
+def _routes_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """The balancer's routing decisions during the run, by reason (new, pinned, redispatched...)."""
+    then = before["counters"]["routes"]
+    return {reason: count - then.get(reason, 0) for reason, count in after["counters"]["routes"].items()}
+
+
+def _outcome(user: VirtualUser) -> UserOutcome:
+    return UserOutcome(
+        index=user.plan.index,
+        relogins=user.relogins,
+        tampered=user.tampered,
+        cookie_checks=user.cookie_checks,
+        cookie_matches=user.cookie_matches,
+        cart_acked=user.cart_acked,
+        cart_seen=user.cart_seen,
+    )
+
+
+def mismatch_notes(scenario: Scenario, strategy: str, backend: str) -> list[str]:
+    """Against a running lab, say where it differs from the topology the scenario was written for."""
+    wanted = scenario.topology
+    notes = []
+    if wanted.balancer.strategy != strategy:
+        notes.append(f"the target's strategy is {strategy}; the scenario was written for {wanted.balancer.strategy}")
+    if wanted.app.backend != backend:
+        notes.append(f"the target's backend is {backend}; the scenario was written for {wanted.app.backend}")
+    return notes
