@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lbsession.balancer.events import EventBus
 from lbsession.balancer.proxy import ClientConnection, UpstreamConnection
-from lbsession.balancer.strategies import Strategy, create_strategy
+from lbsession.balancer.strategies import STRATEGIES, Strategy, create_strategy
 from lbsession.balancer.strategies.base import ROUTE_REASONS
 from lbsession.balancer.upstream import Upstream, UpstreamPool
 from lbsession.config import BalancerConfig
@@ -162,8 +162,7 @@ class LoadBalancer:
     def _use_strategy(self, strategy: Strategy) -> None:
         self.strategy = strategy
         self.events.strategy_changed(strategy.name)
-        names = getattr(strategy, "private_cookies", ())
-        self._private_cookies = tuple(n.encode() for n in names)
+        self._private_cookies = tuple(n.encode() for n in strategy.private_cookies)
 
     # ------------------------------------------------------------------ used by the proxy
 
@@ -242,6 +241,7 @@ class LoadBalancer:
         """The balancer's state and counters, as the admin API's `GET /status` returns them."""
         return {
             "strategy": self.strategy.name,
+            "strategies": list(STRATEGIES),  # what PUT /strategy accepts
             "url": self.url,
             "uptime_s": round(time.time() - self.started_at, 3),
             "servers": [u.as_dict() for u in self.pool.upstreams.values()],

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lbsession.balancer.strategies import strategy_class
 from lbsession.lab.faults import AdminClient, run_timeline
 from lbsession.lab.measures import AppliedFault, RunData, UserOutcome, compute_metrics, per_server
 from lbsession.lab.report import Progress, RunReport
@@ -40,7 +41,9 @@ async def drive(
         topology_before = await admin.topology()
         servers = [s["id"] for s in status_before["servers"]]
         started = time.monotonic()
-        records, users, applied = await _play(scenario, admin, lb_url or status_before["url"], servers, on_progress)
+        records, users, applied = await _play(
+            scenario, admin, status_before, lb_url or status_before["url"], on_progress
+        )
         wall_s = time.monotonic() - started
         status_after = await admin.status()
         topology_after = await admin.topology()
@@ -70,9 +73,14 @@ async def drive(
 
 
 async def _play(
-    scenario: Scenario, admin: AdminClient, lb_url: str, servers: list[str], on_progress: ProgressCallback | None
+    scenario: Scenario,
+    admin: AdminClient,
+    status: dict[str, Any],
+    lb_url: str,
+    on_progress: ProgressCallback | None,
 ) -> tuple[list[Record], list[VirtualUser], list[AppliedFault]]:
     """The users and the faults, from time 0 to the end of the scenario's duration."""
+    servers = [s["id"] for s in status["servers"]]
     origin = time.perf_counter()
 
     def clock() -> float:  # not loop.time(): uvloop's counts whole milliseconds, too coarse for latencies
@@ -82,10 +90,12 @@ async def _play(
     applied: list[AppliedFault] = []
     plans = plan_population(scenario.population, scenario.steps, scenario.seed, scenario.duration_s)
     cookie = scenario.topology.balancer.sticky.cookie_name
+    strategy = strategy_class(status["strategy"])  # it declares how its cookie names a server
     users = [
-        VirtualUser(plan, scenario.steps, lb_url, clock, records, sticky_cookie=cookie, server_ids=servers)
+        VirtualUser(plan, scenario.steps, lb_url, clock, records, sticky_cookie=cookie, cookie_format=strategy,
+                    server_ids=servers)
         for plan in plans
-    ]
+    ]  # fmt: skip
     deadline = Deadline(scenario.duration_s, scenario.settle_s, pending=bool(scenario.faults))
     timeline = asyncio.create_task(run_timeline(admin, scenario.faults, clock, applied))
     timeline.add_done_callback(lambda _: deadline.faults_done(clock()))

@@ -1,12 +1,12 @@
 """`lbsession matrix`: every strategy x every store, then every claim's own scenario, in one table.
 
 The first part is the grid: the standard population (configs/scenarios/standard.yaml)
-on each of the 5 strategies x 3 stores, without a fault. Three cells are claims of
+on every registered strategy x every registered store, without a fault. Three cells are claims of
 the seed and have files of their own, with the same population: C1 (round-robin +
 local), C2 (sticky-cookie + local) and C3 (ip-hash + local). Every other cell is
-checked against the theory: a session survives a change of server when the store
-is shared or replicated; with local memory only a strategy that keeps a user on
-one server avoids the re-login.
+checked against the theory, from what each plug-in declares of itself: a session
+survives a change of server when the store is `shared` (or replicated); otherwise
+only a strategy that `pins` a user to one server avoids the re-login.
 
 The second part is every other scenario file with a claim (C4..C12, then B1..),
 each with its own topology, population, faults and expectations.
@@ -15,6 +15,8 @@ each with its own topology, population, faults and expectations.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from lbsession import __version__
-from lbsession.config import BACKEND_NAMES, STRATEGY_NAMES, BackendName, StrategyName
+from lbsession.appserver.stores import STORES, store_class
+from lbsession.balancer.strategies import STRATEGIES, strategy_class
+from lbsession.config import BackendName, StrategyName
 from lbsession.errors import ConfigError, LBSessionError
 from lbsession.lab.measures import METRICS
 from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport
@@ -31,16 +35,34 @@ from lbsession.lab.runner import run_scenario
 from lbsession.lab.scenario import Expectation, Scenario, load_scenario, scenario_dirs
 
 SCHEMA_ID = "lbsession-matrix/1"
+SCHEMA_TEMPLATE = Path(__file__).with_name("matrix.schema.json")
 CELL_CLAIMS = ("C1", "C2", "C3")  # the seed's claims that are a cell of the grid
-PINNING = ("sticky-cookie", "ip-hash", "consistent-hash")  # strategies that keep a user on one server
 ERROR = "ERROR"
 
 
 def theory(strategy: str, backend: str) -> tuple[Expectation, ...]:
     """What the seed predicts for a cell of the grid: re-logins, or none."""
-    if backend != "local" or strategy in PINNING:
+    if store_class(backend).shared or strategy_class(strategy).pins:
         return (Expectation("relogins", "==", 0),)
     return (Expectation("relogins", ">", 0),)
+
+
+@functools.cache
+def _schema_template() -> str:
+    return SCHEMA_TEMPLATE.read_text(encoding="utf-8")
+
+
+def matrix_schema() -> dict[str, Any]:
+    """The JSON schema of the matrix document, its strategy and store names taken from the registries.
+
+    matrix.schema.json is the template; the enums of names are filled in here, at run time,
+    so a new plug-in is valid in the document without anyone editing the schema.
+    """
+    schema: dict[str, Any] = json.loads(_schema_template())
+    topology = schema["$defs"]["run"]["properties"]["topology"]["properties"]
+    topology["strategy"] = {"enum": list(STRATEGIES)}
+    topology["backend"] = {"enum": list(STORES)}
+    return schema
 
 
 def load_directory(directory: Path | None = None) -> list[Scenario]:
@@ -65,7 +87,7 @@ def matrix_plan(scenarios: Sequence[Scenario], only: Sequence[str] = ()) -> list
     standard = next((s for s in scenarios if s.name == "standard"), None)
     if standard is None:
         raise ConfigError("the scenario directory has no standard.yaml, the grid's population")
-    grid = [_cell(standard, scenarios, strategy, backend) for backend in BACKEND_NAMES for strategy in STRATEGY_NAMES]
+    grid = [_cell(standard, scenarios, strategy, backend) for backend in STORES for strategy in STRATEGIES]
     claims = sorted((s for s in scenarios if s.claim and s.claim not in CELL_CLAIMS), key=_claim_order)
     plan = grid + claims
     if only:

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from yarl import URL
 
+from lbsession.balancer.strategies import Strategy
+from lbsession.balancer.strategies.sticky_cookie import StickyCookieStrategy
+
 if TYPE_CHECKING:
     from lbsession.lab.scenario import Population, Steps
 
@@ -119,6 +122,7 @@ class VirtualUser:
         records: list[Record],
         *,
         sticky_cookie: str = "LBSERVER",
+        cookie_format: type[Strategy] = StickyCookieStrategy,
         server_ids: list[str] | None = None,
     ) -> None:
         self.plan = plan
@@ -127,6 +131,7 @@ class VirtualUser:
         self.clock = clock
         self.records = records
         self.sticky_cookie = sticky_cookie
+        self.cookie_format = cookie_format  # how the balancer's cookie names a server (the strategy declares it)
         self.server_ids = server_ids or []  # whom a forged cookie may claim
         self.logged_in = False
         self.relogins = 0
@@ -232,12 +237,11 @@ class VirtualUser:
     def _check_cookie(self, server: str | None) -> None:
         """Does the balancer's cookie name the server that answered? (C12: it is readable.)"""
         value = self._cookie() if server is not None else None
-        if value is None:
+        if value is None or server is None:
             return
         self.sample_cookie = self.sample_cookie or value
         self.cookie_checks += 1
-        # `<server>.<tag>`, or `<server>.<issued>.<tag>` when the pin has a max age.
-        self.cookie_matches += value.startswith(f"{server}.")
+        self.cookie_matches += self.cookie_format.cookie_names(value, server)
 
     def _maybe_tamper(self) -> None:
         """Once, claim another server with our own tag: a forgery the signature must expose."""
@@ -245,11 +249,14 @@ class VirtualUser:
         value = self._cookie()
         if self.tampered or due is None or self.clock() < due or value is None or self._http is None:
             return
-        pinned = next((s for s in self.server_ids if value.startswith(f"{s}.")), None)
+        named = [s for s in self.server_ids if self.cookie_format.cookie_names(value, s)]
+        pinned = max(named, key=len, default=None)  # ids may hold dots: "a" and "a.b" both prefix "a.b.<tag>"
         others = sorted(set(self.server_ids) - {pinned})
-        if pinned is None or not others:
+        forged = (
+            self.cookie_format.cookie_renamed(value, pinned, self._rng.choice(others)) if pinned and others else None
+        )
+        if forged is None:
             return
-        forged = self._rng.choice(others) + value[len(pinned) :]  # another server, our own signature
         self._http.cookie_jar.update_cookies({self.sticky_cookie: forged}, URL(self.lb_url))
         self.tampered += 1
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 import sys
-from pathlib import Path
 
 import aiohttp
 import jsonschema
@@ -15,12 +14,13 @@ import pytest
 from lbsession.appserver.lab_control import LAB_TOKEN_HEADER, REPLICATION_PATH
 from lbsession.errors import TopologyError
 from lbsession.lab.faults import AdminClient
+from lbsession.lab.matrix import matrix_schema
 from lbsession.lab.scenario import Fault
 from lbsession.lab.topology import Topology
 
 pytestmark = pytest.mark.integration
 
-SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "lbsession" / "lab" / "matrix.schema.json").read_text())
+SCHEMA = matrix_schema()
 
 
 async def post(url: str, body: dict | None = None, token: str | None = None) -> tuple[int, object]:

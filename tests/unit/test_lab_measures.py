@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jsonschema
 import pytest
 
-from lbsession.lab.matrix import failed_run, matrix_document
+from lbsession.lab.matrix import failed_run, matrix_document, matrix_schema
 from lbsession.lab.measures import METRICS, AppliedFault, RunData, UserOutcome, compute_metrics, longest_stall
 from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport, format_matrix, format_run, to_markdown
 from lbsession.lab.scenario import Expectation, Scenario
 from lbsession.lab.users import Record
 
-SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "lbsession" / "lab" / "matrix.schema.json").read_text())
+SCHEMA = matrix_schema()
 
 
 def rec(user: int, t: float, status: int, server: str | None, *, action: str = "me", relogin: bool = False,

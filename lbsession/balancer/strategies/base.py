@@ -93,9 +93,29 @@ class Route(NamedTuple):
 
 
 class Strategy(ABC):
-    """Choose an upstream for a request. Synchronous, no I/O, never imports aiohttp."""
+    """Choose an upstream for a request. Synchronous, no I/O, never imports aiohttp.
+
+    A strategy also declares what the rest of lbsession needs to know of it, so that
+    a new strategy is its module plus its registry line: whether it keeps a user on
+    one server (`pins`: the lab then expects no re-login even with local sessions),
+    which cookies are the balancer's own (`private_cookies`: stripped before the
+    request reaches the app server), and how to read its cookie as a client can
+    (`cookie_names`, `cookie_renamed`: the lab's checks of C2 and C12).
+    """
 
     name: ClassVar[str]
+    pins: ClassVar[bool] = False
+    private_cookies: tuple[str, ...] = ()  # per instance when the name is a setting
+
+    @classmethod
+    def cookie_names(cls, value: str, server_id: str) -> bool:
+        """Does a value of this strategy's cookie name `server_id`? Read as a client can: unverified."""
+        return False
+
+    @classmethod
+    def cookie_renamed(cls, value: str, server_id: str, other_id: str) -> str | None:
+        """`value`, naming `server_id`, altered to name `other_id` under its own signature: a client's forgery."""
+        return None
 
     @classmethod
     def from_config(cls, config: BalancerConfig) -> Strategy:

@@ -44,6 +44,7 @@ class ConsistentHashStrategy(Strategy):
     """Pin each client to the owner of its key on a ring of the healthy servers."""
 
     name = "consistent-hash"
+    pins = True
 
     def __init__(self, vnodes: int = 160, key: str = "client-ip") -> None:
         self._vnodes = vnodes

@@ -25,6 +25,7 @@ class IpHashStrategy(Strategy):
     """Pin each client to `upstreams[hash(key) % len(upstreams)]`."""
 
     name = "ip-hash"
+    pins = True
 
     def __init__(self, key: str = "client-ip") -> None:
         self._key = key

@@ -26,6 +26,7 @@ class StickyCookieStrategy(Strategy):
     """Route by a signed server cookie; balance new and redispatched clients round-robin."""
 
     name = "sticky-cookie"
+    pins = True
 
     def __init__(
         self,
@@ -71,6 +72,16 @@ class StickyCookieStrategy(Strategy):
             prefix = f"{server_id}.{issued:x}"
         tag = hmac.new(self._secret, signed.encode(), hashlib.sha256).digest()[:16]
         return f"{prefix}.{base64.urlsafe_b64encode(tag).rstrip(b'=').decode()}"
+
+    @classmethod
+    def cookie_names(cls, value: str, server_id: str) -> bool:
+        """`<server id>.<tag>`, or `<server id>.<issued>.<tag>` with a max age: the id is the prefix."""
+        return value.startswith(f"{server_id}.")
+
+    @classmethod
+    def cookie_renamed(cls, value: str, server_id: str, other_id: str) -> str | None:
+        """Another server's id before our own tag: what `_verify` must refuse."""
+        return other_id + value[len(server_id) :] if cls.cookie_names(value, server_id) else None
 
     def server_of(self, value: str) -> str | None:
         """The server id a cookie value pins to, or None when it is forged, malformed or expired."""

@@ -46,6 +46,7 @@ async function api(method, path, body) {
 function refresh() {
   render();
   if (!state.status) return;
+  fillStrategies(document.getElementById("strategy"), state.status.strategies || [state.status.strategy]);
   document.getElementById("strategy").value = state.status.strategy;
   document.getElementById("backend").textContent = "backend " + (backendName() || "?");
   document.getElementById("kill-redis").hidden = !(state.topology && state.topology.redis);
@@ -53,6 +54,12 @@ function refresh() {
   document.getElementById("lab-hint").textContent = state.topology
     ? "Kill or restart a server with the buttons on its box."
     : "This balancer runs alone (lbsession lb): it controls no processes. Switch strategy above.";
+}
+
+function fillStrategies(select, names) {
+  // Rebuilt only when the list changes: rebuilding would close the menu under the user's pointer.
+  if ([...select.options].map((o) => o.value).join() === names.join()) return;
+  select.replaceChildren(...names.map((name) => new Option(name, name)));
 }
 
 async function pollStatus() {
