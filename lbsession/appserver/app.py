@@ -1,4 +1,4 @@
-"""The demo app server (WAS): the routes of DESIGN.md over a pluggable session store.
+"""The demo app server (WAS): the HTTP contract of docs/architecture.md over a pluggable session store.
 
     POST /login    {"username"} or a form   rotate the session id, hold the user; 200 or 303 to /me for browsers
     GET  /login                             a tiny HTML form, where browsers are sent when not logged in

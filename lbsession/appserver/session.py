@@ -34,7 +34,7 @@ from lbsession.appserver.stores.base import SessionStore
 from lbsession.config import SessionConfig
 from lbsession.errors import StoreUnavailable
 
-# token_urlsafe(32): 256 random bits in 43 characters; OWASP asks for at least 64, DESIGN.md for 128.
+# token_urlsafe(32): 256 random bits in 43 characters; OWASP asks for at least 64, this project for 128 (SECURITY.md).
 _ID_BYTES = 32
 # Any id we could have issued: the base64url alphabet, 128 bits (22 chars) or more, and a sane bound,
 # so junk never reaches the store (nor a log line, nor a Redis key).

@@ -1,4 +1,4 @@
-"""The app server's HTTP contract (DESIGN.md), against a real AppServer on a free port.
+"""The app server's HTTP contract (docs/architecture.md), against a real AppServer on a free port.
 
 Clients are real aiohttp ClientSessions with their own cookie jar. The only
 doubles are stores, the app's dependency: one that cannot be reached, one that

@@ -1,4 +1,4 @@
-"""The import rules of docs/architecture.md, read from the source: every import statement counts.
+"""The import rules of docs/architecture.md (its "Parts and import rules"), read from the source: every import statement counts.
 
 Function-level imports and those under `if TYPE_CHECKING:` count too: a rule that only
 held at import time would still let a part lean on another in ways a reader must follow.
@@ -74,6 +74,13 @@ def test_the_balancer_imports_nothing_of_the_app_server_the_dashboard_or_the_lab
     for name in balancer_modules:
         for target, chain in reachable(name).items():
             assert not target.startswith(FORBIDDEN_FOR_BALANCER), " -> ".join(chain)
+
+
+def test_the_app_server_imports_nothing_of_the_balancer_the_dashboard_or_the_lab() -> None:
+    forbidden = ("lbsession.balancer", "lbsession.dashboard", "lbsession.lab")
+    for name in (n for n in MODULES if n.startswith("lbsession.appserver")):
+        for target, chain in reachable(name).items():
+            assert not target.startswith(forbidden), " -> ".join(chain)
 
 
 def test_no_import_cycle_crosses_folders() -> None:
