@@ -117,9 +117,12 @@ class HashConfig:
 
     key: str = "client-ip"  # or "header:<name>" or "cookie:<name>"
     vnodes: int = 160  # points per server on the ring, as in ketama
+    balance_factor: int = 0  # consistent-hash with bounded loads, % of the mean in-flight (HAProxy's unit); 0: off
 
     def problems(self) -> list[str]:
         out = _positive(vnodes=self.vnodes)
+        if self.balance_factor != 0 and not 100 <= self.balance_factor <= 10000:
+            out.append(f"balance_factor: {self.balance_factor} must be 0 (off) or a percentage from 100, e.g. 125")
         kind, _, name = self.key.partition(":")
         if not (self.key == "client-ip" or (kind in ("header", "cookie") and name)):
             out.append(f"key: {self.key!r} is not valid; choose client-ip, header:<name> or cookie:<name>")

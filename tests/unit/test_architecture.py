@@ -1,4 +1,4 @@
-"""The import rules of docs/architecture.md (its "Parts and import rules"), read from the source: every import statement counts.
+"""The import rules of docs/architecture.md ("Parts and import rules"), read from every import statement.
 
 Function-level imports and those under `if TYPE_CHECKING:` count too: a rule that only
 held at import time would still let a part lean on another in ways a reader must follow.

@@ -7,6 +7,7 @@ strategy is enough to have it tested. Upstreams are `FakeUpstream` records: the
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 
 from lbsession.balancer.strategies import STRATEGIES, RequestFacts, Route, Strategy, create_strategy, strategy_class
 from lbsession.balancer.strategies.base import ROUTE_REASONS, parse_cookie_header, stable_hash
+from lbsession.balancer.strategies.consistent_hash import ConsistentHashStrategy, bounded_slots
 from lbsession.balancer.strategies.sticky_cookie import StickyCookieStrategy
 from lbsession.config import BalancerConfig, HashConfig, StickyConfig
 from lbsession.errors import NoHealthyUpstream
@@ -523,3 +525,58 @@ def test_a_runs_random_sticky_key_survives_strategy_switches_and_reloads() -> No
     assert lb.strategy.server_of(pin) == "a"  # type: ignore[attr-defined]
     lb.reload(config)  # the file still sets no secret
     assert lb.strategy.server_of(pin) == "a"  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- consistent hashing with bounded loads
+
+
+@dataclass
+class LoadedUpstream:
+    """An upstream whose in-flight count the test changes, as the proxy does."""
+
+    server_id: str
+    in_flight: int = 0
+    draining: bool = False
+
+
+def loaded(*ids: str) -> list[LoadedUpstream]:
+    return [LoadedUpstream(i) for i in ids]
+
+
+def test_bounded_slots_follow_haproxy_and_add_up_to_the_factor() -> None:
+    # 6 in flight + the coming one, x1.25 = 8.75 -> 9 slots over 3 servers: 3 each.
+    assert [bounded_slots(6, 125, 3, i) for i in range(3)] == [3, 3, 3]
+    # 10 slots over 3 servers: the remainder goes to the servers in order of the cumulative weights.
+    assert sum(bounded_slots(7, 125, 3, i) for i in range(3)) == 10
+    assert bounded_slots(0, 125, 8, 3) == 1  # never 0: an idle balancer can always take a request
+
+
+@pytest.mark.parametrize("factor", [100, 125, 150, 200])
+def test_bounded_loads_hold_every_server_within_the_factor(factor: int) -> None:
+    """Requests that never finish, all from one NAT address: in flight stays within factor x mean (rounded up)."""
+    servers = loaded("a", "b", "c", "d")
+    strategy = ConsistentHashStrategy(balance_factor=factor)
+    for sent in range(1, 401):
+        route = strategy.choose(RequestFacts("203.0.113.9"), servers)
+        route.upstream.in_flight += 1  # type: ignore[misc]  # the view is read-only to strategies
+        busiest = max(u.in_flight for u in servers)
+        assert busiest <= math.ceil(sent * factor / 100 / len(servers)), (sent, [u.in_flight for u in servers])
+
+
+def test_bounded_loads_keep_the_owner_while_it_has_room_and_say_when_a_request_moved() -> None:
+    servers = loaded("a", "b", "c")
+    unbounded = ConsistentHashStrategy().choose(RequestFacts("10.0.0.7"), servers).upstream
+    strategy = ConsistentHashStrategy(balance_factor=125)
+    assert strategy.choose(RequestFacts("10.0.0.7"), servers) == Route(unbounded, "pinned")
+    unbounded.in_flight = 5  # type: ignore[misc]
+    moved = strategy.choose(RequestFacts("10.0.0.7"), servers)
+    assert moved.upstream is not unbounded and moved.reason == "rehashed"
+    # The next server clockwise is the same one every time: moved keys do not scatter.
+    assert strategy.choose(RequestFacts("10.0.0.7"), servers).upstream is moved.upstream
+
+
+def test_balance_factor_off_is_plain_consistent_hashing() -> None:
+    servers = loaded("a", "b", "c")
+    plain, off = ConsistentHashStrategy(), ConsistentHashStrategy(balance_factor=0)
+    servers[0].in_flight = 1000  # type: ignore[misc]
+    assert route_all(plain, client_ips(100), servers) == route_all(off, client_ips(100), servers)

@@ -4,12 +4,18 @@ Each server owns `vnodes` points on a 64-bit ring and a key belongs to the
 first point clockwise from its hash. When a server joins, it takes over only
 the arcs just before its own points, about 1/(n+1) of the keys, where the
 modulo hash moves about n/(n+1) of them.
+
+With a balance factor (consistent hashing with bounded loads: Mirrokni, Thorup and
+Zadimoghaddam 2016; HAProxy's `hash-balance-factor`, Envoy's `hash_balance_factor`),
+no server takes more than `factor` % of the mean in-flight load: a request whose
+owner is full walks on clockwise to the next server that is not. The price is
+stickiness: under load some requests leave the server their key hashes to.
 """
 
 from __future__ import annotations
 
 from bisect import bisect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from lbsession.balancer.strategies.base import (
     RequestFacts,
@@ -39,6 +45,29 @@ class HashRing:
         """The index (into the server ids) of the server owning `key_hash`."""
         return self._owners[bisect(self._hashes, key_hash) % len(self._owners)]
 
+    def walk(self, key_hash: int) -> Iterator[int]:
+        """Every server's index once, in ring order from the owner of `key_hash` on."""
+        start, seen = bisect(self._hashes, key_hash), set()
+        count = len(self._owners)
+        for step in range(count):
+            index = self._owners[(start + step) % count]
+            if index not in seen:
+                seen.add(index)
+                yield index
+
+
+def bounded_slots(total_in_flight: int, factor_pct: int, servers: int, index: int) -> int:
+    """How many requests server `index` (of `servers`, equal weights) may have in flight.
+
+    HAProxy's chash_server_is_eligible: the slots are the in-flight requests, the coming one
+    included, times the factor, rounded up; each server gets an equal share and the remainder
+    is spread over the servers in order; never 0.
+    """
+    total = ((total_in_flight + 1) * factor_pct + 99) // 100
+    share, rest = divmod(total, servers)
+    slots = share + ((index + 1) * rest) // servers - (index * rest) // servers
+    return max(slots, 1)
+
 
 class ConsistentHashStrategy(Strategy):
     """Pin each client to the owner of its key on a ring of the healthy servers."""
@@ -46,14 +75,16 @@ class ConsistentHashStrategy(Strategy):
     name = "consistent-hash"
     pins = True
 
-    def __init__(self, vnodes: int = 160, key: str = "client-ip") -> None:
+    def __init__(self, vnodes: int = 160, key: str = "client-ip", balance_factor: int = 0) -> None:
         self._vnodes = vnodes
         self._key = key
+        self._factor = balance_factor  # percent of the mean in-flight load; 0: unbounded
         self._rings: dict[tuple[str, ...], HashRing] = {}
 
     @classmethod
     def from_config(cls, config: BalancerConfig) -> ConsistentHashStrategy:
-        return cls(vnodes=config.hash.vnodes, key=config.hash.key)
+        hashing = config.hash
+        return cls(vnodes=hashing.vnodes, key=hashing.key, balance_factor=hashing.balance_factor)
 
     def choose(self, facts: RequestFacts, upstreams: Sequence[UpstreamView]) -> Route:
         candidates = accepting_new(upstreams)
@@ -63,4 +94,18 @@ class ConsistentHashStrategy(Strategy):
             if len(self._rings) >= 16:  # health flapping must not grow this without bound
                 self._rings.clear()
             ring = self._rings[ids] = HashRing(ids, self._vnodes)
-        return Route(candidates[ring.owner(stable_hash(hash_key(facts, self._key)))], "pinned")
+        key_hash = stable_hash(hash_key(facts, self._key))
+        if not self._factor:
+            return Route(candidates[ring.owner(key_hash)], "pinned")
+        return self._bounded(ring, key_hash, candidates)
+
+    def _bounded(self, ring: HashRing, key_hash: int, candidates: Sequence[UpstreamView]) -> Route:
+        """The first server clockwise from the key's owner that is under its bound."""
+        total = sum(u.in_flight for u in candidates)
+        first = None
+        for index in ring.walk(key_hash):
+            first = index if first is None else first
+            if candidates[index].in_flight < bounded_slots(total, self._factor, len(candidates), index):
+                return Route(candidates[index], "pinned" if index == first else "rehashed")
+        # Unreachable while the factor is >= 100 (the slots add up to more than the load), kept for safety.
+        return Route(candidates[first or 0], "pinned")
