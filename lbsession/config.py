@@ -30,7 +30,7 @@ import yaml
 from lbsession.errors import ConfigError
 
 StrategyName = Literal["round-robin", "least-conn", "sticky-cookie", "ip-hash", "consistent-hash"]
-BackendName = Literal["local", "redis", "cluster"]
+BackendName = Literal["local", "redis", "cluster", "cookie"]
 Replication = Literal["sync", "async"]
 Membership = Literal["static", "join"]
 SameSite = Literal["Lax", "Strict", "None"]
@@ -285,6 +285,23 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class CookieStoreConfig:
+    """The `cookie` store: the keys that seal sessions into their cookie, and the cookie's size limit."""
+
+    keys: tuple[str, ...] = ()  # the first seals, every one opens (rotation); shared by every server
+    max_bytes: int = 4096  # browsers keep about 4 KB per cookie (RFC 6265 §6.1 asks for at least 4096)
+
+    def problems(self) -> list[str]:
+        out = _positive(max_bytes=self.max_bytes)
+        if any(len(key) < 32 for key in self.keys):
+            out.append(
+                "keys: every key must be at least 32 characters; make one with "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return out
+
+
+@dataclass(frozen=True)
 class AppServerConfig:
     """`lbsession server`: one app server (WAS) and its session store."""
 
@@ -295,6 +312,7 @@ class AppServerConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    cookie: CookieStoreConfig = field(default_factory=CookieStoreConfig)
 
     def problems(self) -> list[str]:
         out = _port_problems("port", self.port)

@@ -5,6 +5,7 @@
     │   └── ServerIdInUse    an upstream id that the balancer already has (the admin API's 409)
     ├── NoHealthyUpstream    the balancer has no server to send a request to
     ├── StoreUnavailable     the session store cannot be reached (never "no session")
+    ├── SessionTooLarge      a session outgrew what its store can carry (the cookie store's 4 KB)
     ├── PeerRefused          a cluster peer refused this node (it is not in the peer's list)
     └── TopologyError        a process of `lbsession run` failed to start or to stop
 
@@ -40,6 +41,10 @@ class ServerIdInUse(ConfigError):
 
 class StoreUnavailable(LBSessionError):
     """The session store cannot be reached; the session may well still exist."""
+
+
+class SessionTooLarge(LBSessionError):
+    """The session would not fit its store (a cookie over the browsers' 4 KB); it stays as it was."""
 
 
 class PeerRefused(LBSessionError):

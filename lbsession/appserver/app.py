@@ -30,12 +30,12 @@ from aiohttp import web
 from lbsession.appserver.lab_control import add_lab_routes
 from lbsession.appserver.metrics import AppMetrics
 from lbsession.appserver.session import get_session, session_middleware
-from lbsession.appserver.stores import SessionStore, create_store
+from lbsession.appserver.stores import SessionStore, Store, create_store
 from lbsession.config import AppServerConfig
 from lbsession.errors import StoreUnavailable
 
 CONFIG = web.AppKey("lbsession_config", AppServerConfig)
-STORE = web.AppKey("lbsession_store", SessionStore)
+STORE = web.AppKey("lbsession_store", Store)
 
 MAX_TEXT_CHARS = 64
 # The cart travels whole with every change (cluster replication) and every load (Redis), so normal use
@@ -44,7 +44,7 @@ MAX_CART_ITEMS = 100
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
-def create_app(config: AppServerConfig, store: SessionStore) -> web.Application:
+def create_app(config: AppServerConfig, store: Store) -> web.Application:
     """The aiohttp application of one app server; the caller owns the store's start and close."""
     metrics = AppMetrics(config, store)  # outermost, so it sees the session layer's 503s too
     app = web.Application(
@@ -143,6 +143,8 @@ async def healthz(request: web.Request) -> web.Response:
     """Alive, and can reach its store: what the balancer's active health check asks."""
     config, store = request.app[CONFIG], request.app[STORE]
     facts: dict[str, Any] = {"server": config.id, "backend": store.name, **store.describe()}
+    if not isinstance(store, SessionStore):
+        return web.json_response({**facts, "sessions": None})  # in the clients: nothing here to count or reach
     try:
         facts["sessions"] = await store.count()
     except StoreUnavailable as exc:
@@ -240,7 +242,7 @@ def _quality(accept: str, media_type: str) -> float:
 class AppServer:
     """One app server: its application, listener and store, started and stopped together."""
 
-    def __init__(self, config: AppServerConfig, store: SessionStore | None = None, *, access_log: bool = False) -> None:
+    def __init__(self, config: AppServerConfig, store: Store | None = None, *, access_log: bool = False) -> None:
         self.config = config
         self.store = store if store is not None else create_store(config)
         self.app = create_app(config, self.store)

@@ -20,14 +20,14 @@ from typing import Any
 
 from aiohttp import web
 
-from lbsession.appserver.stores.base import SessionStore
+from lbsession.appserver.stores.base import Store
 
 LAB_TOKEN_ENV = "LBSESSION_LAB_TOKEN"
 LAB_TOKEN_HEADER = "X-Lab-Token"
 REPLICATION_PATH = "/_lab/replication"
 
 
-def add_lab_routes(app: web.Application, store: SessionStore, token: str | None = None) -> None:
+def add_lab_routes(app: web.Application, store: Store, token: str | None = None) -> None:
     """Add the token-locked lab routes when this server was given a lab token (by argument or environment)."""
     token = token if token is not None else os.environ.get(LAB_TOKEN_ENV)
     if not token:
@@ -43,7 +43,7 @@ def add_lab_routes(app: web.Application, store: SessionStore, token: str | None 
     app.router.add_post(REPLICATION_PATH, replication)
 
 
-async def _cut_or_heal(request: web.Request, store: SessionStore) -> web.Response:
+async def _cut_or_heal(request: web.Request, store: Store) -> web.Response:
     # Imported here: the cluster store's modules are loaded only by servers that chose it.
     from lbsession.appserver.stores.cluster import ClusterStore
 

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lbsession.appserver.stores.base import SessionStore
+from lbsession.appserver.stores.base import SessionStore, Store
 from lbsession.errors import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class InstrumentedStore(SessionStore):
 class AppMetrics:
     """The metrics of one app server: a middleware, an instrumented store, and `GET /metrics`."""
 
-    def __init__(self, config: AppServerConfig, store: SessionStore) -> None:
+    def __init__(self, config: AppServerConfig, store: Store) -> None:
         self.server = config.id
         self.cookie_name = config.session.cookie_name
         self.raw_store = store
@@ -109,10 +109,11 @@ class AppMetrics:
         by_backend = ["server", "backend"]
         self.sessions = Gauge("lbsession_app_sessions", "Live sessions in the store", by_backend, registry=registry)
         self.store_up = Gauge("lbsession_store_up", "1 if the store answered at scrape", by_backend, registry=registry)
-        self.store = InstrumentedStore(store, self)
+        # A client-side store makes no call to time: it counts its seals and openings in stats().
+        self.store: Store = InstrumentedStore(store, self) if isinstance(store, SessionStore) else store
         self._watch_store(store)
 
-    def _watch_store(self, store: SessionStore) -> None:
+    def _watch_store(self, store: Store) -> None:
         """The store's own numbers: the latencies it times itself, and its counters at scrape time."""
         histograms = {
             name: Histogram(name, text, ["server"], buckets=buckets,
@@ -148,6 +149,8 @@ class AppMetrics:
     async def handle(self, request: web.Request) -> web.Response:
         """`GET /metrics`: refresh the session count, then expose everything."""
         backend = self.raw_store.name
+        if not isinstance(self.raw_store, SessionStore):  # a client-side store holds no sessions to count
+            return metrics_response(self.registry)
         try:
             async with asyncio.timeout(SCRAPE_STORE_TIMEOUT_S):
                 self.sessions.labels(self.server, backend).set(await self.raw_store.count())
@@ -160,7 +163,7 @@ class AppMetrics:
 class StoreCollector(Collector):
     """The numbers a store keeps itself (`SessionStore.stats()`), as Prometheus families, at scrape time."""
 
-    def __init__(self, server: str, store: SessionStore) -> None:
+    def __init__(self, server: str, store: Store) -> None:
         self.server = server
         self.store = store
 

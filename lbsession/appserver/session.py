@@ -17,6 +17,13 @@ Modelled on aiohttp-session, cut to what the lab needs:
   forced re-login is exactly the symptom this lab must not fake.
 - An unknown, expired or malformed cookie is simply "no session". A store that
   cannot answer is a 503 naming the reason, never a silent logout.
+
+A client-side store (lbsession.appserver.stores.base.ClientSideStore) keeps no
+state: the cookie's value is the sealed session itself. Its slot opens the value
+instead of loading an id, and seals the whole session into a new value on every
+response that changed it (and once past half its lifetime, so an active user's
+session slides). A session too large for a cookie is a 413 that says so, and the
+client keeps the cookie it had: nothing is truncated.
 """
 
 from __future__ import annotations
@@ -30,15 +37,17 @@ from typing import Any, TypedDict
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from lbsession.appserver.stores.base import SessionStore
+from lbsession.appserver.stores.base import ClientSideStore, SessionStore, Store
 from lbsession.config import SessionConfig
-from lbsession.errors import StoreUnavailable
+from lbsession.errors import SessionTooLarge, StoreUnavailable
 
 # token_urlsafe(32): 256 random bits in 43 characters; OWASP asks for at least 64, this project for 128 (SECURITY.md).
 _ID_BYTES = 32
 # Any id we could have issued: the base64url alphabet, 128 bits (22 chars) or more, and a sane bound,
 # so junk never reaches the store (nor a log line, nor a Redis key).
 _VALID_ID = re.compile(r"[A-Za-z0-9_-]{22,128}")
+# A sealed value (Fernet: base64url with padding) of at most the browsers' 4 KB per cookie, and a bit.
+_VALID_SEALED = re.compile(r"[A-Za-z0-9_=-]{32,8192}")
 _MISSING = object()
 
 
@@ -132,8 +141,20 @@ class _CookieAttributes(TypedDict):
     samesite: str
 
 
-class _Slot:
-    """The session of one request: loaded on first use, committed after the handler."""
+class _SessionSlot:
+    """The session of one request, whichever kind of store holds it."""
+
+    async def get(self) -> Session:
+        """The session, loaded on first use."""
+        raise NotImplementedError
+
+    async def commit(self, response: web.StreamResponse) -> None:
+        """Write back what the handler changed, before `response` is sent."""
+        raise NotImplementedError
+
+
+class _Slot(_SessionSlot):
+    """The session of one request in a server-side store: loaded on first use, committed after the handler."""
 
     def __init__(self, store: SessionStore, config: SessionConfig, cookie: str | None) -> None:
         self._store = store
@@ -154,11 +175,8 @@ class _Slot:
         changed, removed = session.changes()
         if not (changed or removed or session.dead_ids):
             return
-        if response.prepared:
-            raise RuntimeError("the session changed after the response was sent; it cannot be saved")
-        cookie = _CookieAttributes(
-            path="/", secure=self._config.secure or None, httponly=True, samesite=self._config.same_site
-        )
+        _check_not_sent(response)
+        cookie = _cookie_attributes(self._config)
         if session.id is None and changed:
             session_id = session.issue_id()
             await self._store.save(session_id, changed, set(), self._config.ttl_s)
@@ -173,7 +191,58 @@ class _Slot:
             response.del_cookie(self._config.cookie_name, **cookie)
 
 
-_SLOT = web.RequestKey("lbsession_session", _Slot)
+def _check_not_sent(response: web.StreamResponse) -> None:
+    if response.prepared:
+        raise RuntimeError("the session changed after the response was sent; it cannot be saved")
+
+
+def _cookie_attributes(config: SessionConfig) -> _CookieAttributes:
+    return _CookieAttributes(path="/", secure=config.secure or None, httponly=True, samesite=config.same_site)
+
+
+class _SealedSlot(_SessionSlot):
+    """The session of one request in a client-side store: opened from the cookie, sealed back into it."""
+
+    def __init__(self, store: ClientSideStore, config: SessionConfig, cookie: str | None) -> None:
+        self._store = store
+        self._config = config
+        self._cookie = cookie if cookie is not None and _VALID_SEALED.fullmatch(cookie) else None
+        self._session: Session | None = None
+        self._renew = False
+
+    async def get(self) -> Session:
+        if self._session is None:
+            opened = None if self._cookie is None else await self._store.open(self._cookie, self._config.ttl_s)
+            if opened is None:
+                self._session = Session(None)
+            else:
+                self._session = Session(opened.session_id, opened.attributes)
+                self._renew = opened.age_s > self._config.ttl_s / 2  # slide, as the server stores' reads do
+        return self._session
+
+    async def commit(self, response: web.StreamResponse) -> None:
+        session = self._session
+        if session is None:
+            return
+        changed, removed = session.changes()
+        if not (changed or removed or session.dead_ids or self._renew):
+            return
+        _check_not_sent(response)
+        cookie = _cookie_attributes(self._config)
+        if session.id is None and not session:  # logged out, or a new session that holds nothing
+            for dead in session.dead_ids:
+                await self._store.revoke(dead)
+            if self._cookie is not None:
+                response.del_cookie(self._config.cookie_name, **cookie)
+            return
+        session_id = session.id if session.id is not None else session.issue_id()
+        value = await self._store.seal(session_id, dict(session), self._config.ttl_s)  # may be SessionTooLarge
+        for dead in session.dead_ids:
+            await self._store.revoke(dead)
+        response.set_cookie(self._config.cookie_name, value, **cookie)
+
+
+_SLOT = web.RequestKey("lbsession_session", _SessionSlot)
 
 
 async def get_session(request: web.Request) -> Session:
@@ -185,12 +254,18 @@ async def get_session(request: web.Request) -> Session:
     return await slot.get()
 
 
-def session_middleware(store: SessionStore, config: SessionConfig, *, server_id: str) -> Middleware:
+def session_middleware(store: Store, config: SessionConfig, *, server_id: str) -> Middleware:
     """The middleware that loads sessions lazily, saves their changes, and maps StoreUnavailable to 503."""
+
+    def slot_for(cookie: str | None) -> _SessionSlot:
+        if isinstance(store, ClientSideStore):
+            return _SealedSlot(store, config, cookie)
+        assert isinstance(store, SessionStore), f"{store!r} is neither a server-side nor a client-side store"
+        return _Slot(store, config, cookie)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        slot = _Slot(store, config, request.cookies.get(config.cookie_name))
+        slot = slot_for(request.cookies.get(config.cookie_name))
         request[_SLOT] = slot
         try:
             try:
@@ -202,6 +277,8 @@ def session_middleware(store: SessionStore, config: SessionConfig, *, server_id:
             return response
         except StoreUnavailable as exc:
             return store_unavailable_response(exc, server_id)
+        except SessionTooLarge as exc:  # the client keeps the cookie it had: the session stays as it was
+            return web.json_response({"error": str(exc), "server": server_id}, status=413)
 
     return middleware
 

@@ -85,6 +85,8 @@ class Topology:
         # One secret per lab authenticates the cluster's replication; it reaches the servers
         # through their environment, since a command line is visible to every local user.
         self._cluster_secret = config.app.cluster.secret or secrets.token_urlsafe(32)
+        # Likewise the cookie store's keys: every server must open every other's cookies.
+        self._cookie_keys = config.app.cookie.keys or (secrets.token_urlsafe(32),)
         # Unlocks the app servers' fault-injection route (lbsession.appserver.lab_control); only this
         # process knows it, so clients reaching the servers through the balancer cannot use the route.
         self._lab_token = secrets.token_urlsafe(32)
@@ -314,6 +316,7 @@ class Topology:
                     **os.environ,
                     "PYTHONUNBUFFERED": "1",
                     "LBSESSION_APP__CLUSTER__SECRET": self._cluster_secret,
+                    "LBSESSION_APP__COOKIE__KEYS": json.dumps(list(self._cookie_keys)),
                     LAB_TOKEN_ENV: self._lab_token,
                     **({"LBSESSION_REDIS_URL": self.config.app.redis.url} if self.config.app.redis.url else {}),
                 },

@@ -55,7 +55,9 @@ function renderHeadings(geo, backend) {
   text(layer, COL.lb, 26, "load balancer", "heading");
   text(layer, COL.server, 26, "app servers", "heading");
   text(layer, COL.store, 26, "session store", "heading");
-  const where = { local: "one per server", cluster: "a full copy per server", redis: "shared by every server" };
+  const where = {
+    local: "one per server", cluster: "a full copy per server", redis: "shared by every server", cookie: "in the client",
+  };
   text(layer, COL.store, 42, where[backend] || "", "small");
 }
 
@@ -111,6 +113,16 @@ function renderStore(geo, backend) {
     return;
   }
   if (backend === "redis") renderRedis(geo, layer);
+  if (backend === "cookie") renderCookieStore(geo, layer);
+}
+
+function renderCookieStore(geo, layer) {
+  // Nothing on the servers: each client carries its whole session, sealed, in its SESSION cookie.
+  const health = state.status.servers.map((s) => s.health).find((h) => h && h.max_cookie_bytes);
+  const limit = health ? health.max_cookie_bytes : 4096;
+  text(layer, COL.store, 80, "each client's SESSION cookie", "role");
+  text(layer, COL.store, 100, `sealed (Fernet), at most ${limit} bytes`, "small");
+  text(layer, COL.store, 118, "no server state: logout cannot revoke a copy", "small");
 }
 
 function renderRedis(geo, layer) {

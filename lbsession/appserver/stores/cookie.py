@@ -1,0 +1,116 @@
+"""`cookie`: no server state at all; the whole session travels in the client's cookie, sealed.
+
+As Rails' cookie store, Django's `signed_cookies` backend, aiohttp-session's
+EncryptedCookieStorage and Flask's default session do. The value is a Fernet
+token (AES-128-CBC + HMAC-SHA256, from the `cryptography` package: never
+hand-rolled crypto) of `{"sid", "iat", "max_age", "data"}`: authenticated, so a
+client cannot change it, and encrypted, so it cannot read it. Each configured
+key is stretched by HKDF into a Fernet key; new values are sealed under the
+first key and every key still opens them (rotation: put the new key first,
+drop the old one a max age later).
+
+It cures the re-login under any strategy and survives every app-server death
+with nothing to configure. Its drawbacks are the lab's to measure: logout is not
+revocation (a copy of the cookie stays valid until its max age), a session must
+fit in a cookie (about 4 KB in browsers: past it, a 413 rather than a truncated
+session), and every response rewrites the whole session, so two concurrent
+requests that change different attributes lose one of the changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from lbsession.appserver.stores.base import ClientSideStore, Opened, StoreStat
+from lbsession.config import AppServerConfig, CookieStoreConfig
+from lbsession.errors import ConfigError, SessionTooLarge
+
+_HKDF_INFO = b"lbsession cookie store v1"
+
+
+def fernet_key(secret: str) -> bytes:
+    """A Fernet key (32 bytes, base64url) derived from a configured secret of any length."""
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(secret.encode())
+    return base64.urlsafe_b64encode(derived)
+
+
+class CookieStore(ClientSideStore):
+    """Sessions sealed into their cookie, under a list of keys (the first seals, all open)."""
+
+    name = "cookie"
+    settings = "cookie"
+
+    def __init__(
+        self, keys: tuple[str, ...], *, cookie_name: str = "SESSION", attributes: str = "; Path=/; HttpOnly; SameSite=Lax",
+        max_bytes: int = 4096, clock: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
+        if not keys:
+            raise ConfigError(
+                "backend cookie needs at least one key of 32 characters or more: set LBSESSION_APP__COOKIE__KEYS "
+                "to the same list on every server (the first seals, every one opens)"
+            )
+        self._fernet = MultiFernet([Fernet(fernet_key(key)) for key in keys])
+        # RFC 6265 §6.1 measures a cookie as its name, value and attributes together.
+        self._overhead = len(cookie_name) + 1 + len(attributes)
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self.counters = {"sealed": 0, "opened": 0, "forged": 0, "expired": 0, "too_large": 0, "bytes_sealed": 0}
+
+    @classmethod
+    def from_config(cls, config: AppServerConfig) -> CookieStore:
+        cookie: CookieStoreConfig = config.cookie
+        session = config.session
+        attributes = f"; Path=/; HttpOnly; SameSite={session.same_site}" + ("; Secure" if session.secure else "")
+        return cls(cookie.keys, cookie_name=session.cookie_name, attributes=attributes, max_bytes=cookie.max_bytes)
+
+    async def open(self, value: str, ttl_s: float) -> Opened | None:
+        """The sealed session, or None for a value that is forged, foreign, truncated or past its max age."""
+        try:
+            payload = json.loads(self._fernet.decrypt(value.encode("ascii")))
+            session_id, issued, max_age, data = payload["sid"], payload["iat"], payload["max_age"], payload["data"]
+        except (InvalidToken, UnicodeEncodeError, ValueError, KeyError, TypeError):
+            # Tampered, truncated, sealed under a key we no longer hold: a fresh anonymous session, counted.
+            self.counters["forged"] += 1
+            return None
+        age_s = self._clock() - float(issued)
+        if not (isinstance(session_id, str) and isinstance(data, dict)) or age_s > min(float(max_age), ttl_s):
+            self.counters["expired"] += 1
+            return None
+        self.counters["opened"] += 1
+        return Opened(session_id, data, max(age_s, 0.0))
+
+    async def seal(self, session_id: str, attributes: Mapping[str, Any], ttl_s: float) -> str:
+        """The sealed value; SessionTooLarge (nothing set, nothing lost) when the cookie would pass max_bytes."""
+        payload = {"sid": session_id, "iat": round(self._clock(), 3), "max_age": ttl_s, "data": dict(attributes)}
+        value = self._fernet.encrypt(json.dumps(payload, separators=(",", ":")).encode()).decode("ascii")
+        size = self._overhead + len(value)
+        if size > self._max_bytes:
+            self.counters["too_large"] += 1
+            raise SessionTooLarge(f"session too large for the cookie store: {size} bytes > {self._max_bytes}")
+        self.counters["sealed"] += 1
+        self.counters["bytes_sealed"] += size
+        return value
+
+    def describe(self) -> dict[str, Any]:
+        """Where the sessions are (in the clients), and the largest cookie this store may set."""
+        return {"sessions_in": "clients", "max_cookie_bytes": self._max_bytes}
+
+    def stats(self) -> list[StoreStat]:
+        """Seals and openings, forged and expired values, sessions refused as too large, bytes sealed."""
+        helps = {
+            "sealed": "Sessions sealed into a cookie",
+            "opened": "Cookies opened into a session",
+            "forged": "Cookies that failed authentication (tampered, truncated, foreign key)",
+            "expired": "Genuine cookies past their max age",
+            "too_large": "Sessions refused because their cookie would pass the size limit",
+            "bytes_sealed": "Bytes of cookies set (name, value and attributes)",
+        }
+        return [StoreStat(f"lbsession_cookie_{key}", text, self.counters[key]) for key, text in helps.items()]
