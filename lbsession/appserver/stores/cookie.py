@@ -49,9 +49,14 @@ class CookieStore(ClientSideStore):
     settings = "cookie"
 
     def __init__(
-        self, keys: tuple[str, ...], *, cookie_name: str = "SESSION", attributes: str = "; Path=/; HttpOnly; SameSite=Lax",
-        max_bytes: int = 4096, clock: Callable[[], float] = time.time,
-    ) -> None:  # fmt: skip
+        self,
+        keys: tuple[str, ...],
+        *,
+        cookie_name: str = "SESSION",
+        attributes: str = "; Path=/; HttpOnly; SameSite=Lax",
+        max_bytes: int = 4096,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not keys:
             raise ConfigError(
                 "backend cookie needs at least one key of 32 characters or more: set LBSESSION_APP__COOKIE__KEYS "
