@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from lbsession.appserver.stores import STORES
+from lbsession.balancer.strategies import STRATEGIES
 from lbsession.errors import ConfigError
 from lbsession.lab.faults import fault_request
 from lbsession.lab.matrix import CELL_CLAIMS, load_directory, matrix_plan, theory
@@ -53,9 +55,10 @@ def test_the_grid_claims_have_the_standard_population_so_the_grid_compares_like_
 
 def test_the_matrix_plan_is_the_grid_then_every_other_claim():
     plan = matrix_plan(load_directory(SCENARIOS))
-    grid, claims = plan[:15], plan[15:]
+    size = len(STRATEGIES) * len(STORES)  # every registered strategy x every registered store
+    grid, claims = plan[:size], plan[size:]
     cells = {(s.topology.balancer.strategy, s.topology.app.backend) for s in grid}
-    assert len(cells) == 15
+    assert len(cells) == size
     assert [s.claim for s in grid if s.claim] == ["C1", "C2", "C3"]
     assert [s.claim for s in claims] == [*CLAIMS[3:], "B1", "B2", "B3", "B4", "B5"]
     assert matrix_plan(load_directory(SCENARIOS), ["C6", "grid-least-conn"])[0].name == "grid-least-conn-local"
