@@ -189,11 +189,16 @@ class ClientConnection(asyncio.Protocol):
                 self.head_scanned = 0
             # Search on from where the last, partial, look stopped: a head trickled in byte by byte
             # must not be rescanned from its start each time (quadratic work for the event loop).
-            end = data.find(b"\r\n\r\n", self.head_scanned)
+            scanned = self.head_scanned
+            end = data.find(b"\r\n\r\n", scanned)
             if end < 0 or end > limits.max_head_bytes:
                 self.head_scanned = max(0, len(data) - 3)
                 if len(data) > limits.max_head_bytes:
                     self._refuse(431, f"request head larger than {limits.max_head_bytes} bytes")
+                elif data.find(b"\n\n", scanned) >= 0 or data.find(b"\n\r\n", scanned) >= 0:
+                    # A head ended by bare LFs: it will never end with CRLF CRLF, so say so now rather
+                    # than at the header timeout (RFC 9112 §2.2 lets us refuse bare LF).
+                    self._refuse(400, "malformed head: lines must end with CRLF, not a bare LF")
                 elif data and not self.head_started:
                     self.head_started = True
                     self.deadline = self.lb.clock + limits.header_timeout_s
@@ -472,7 +477,7 @@ class UpstreamConnection(asyncio.Protocol):
         assert client is not None and client.req is not None
         while self.state == _RESP_HEAD:
             end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
+            if end < 0 or end > self.lb.limits.max_head_bytes:  # whether it came in pieces or at once
                 if len(self.buffer) > self.lb.limits.max_head_bytes:
                     self._fail(502, "the upstream's response head is too large")
                 return
@@ -492,6 +497,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.buffer = rest
                 continue
             has_body = response_has_body(client.req.method, resp.status)
+            if has_body and resp.codings and client.req.http10:
+                # Only chunked can be undone for it: a gzip transfer coding has no HTTP/1.0 form.
+                self._fail(502, "the upstream used a transfer coding an HTTP/1.0 client cannot read")
+                return
             if rest and not has_body:
                 # Bytes after a response that has no body: a broken server. Relaying them would answer
                 # the client's next request with this one's leftovers; drop them and the connection.
