@@ -54,6 +54,8 @@ _RESP_HEAD = 1  # waiting for the response head
 _RESP_BODY = 2  # streaming the response body to the client
 
 _PIPELINE_HIGH_WATER = 256 * 1024  # stop reading a client that sends this far ahead
+# The methods a proxy may send again after a failure (RFC 9110 §9.2.2); never POST, PATCH or an unknown one.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 OVERLOADED = error_response(
     503, "the balancer is at its connection limit; retry shortly", close=True, extra=b"Retry-After: 1\r\n"
 )
@@ -355,7 +357,8 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         req = self.req
-        resendable = req is not None and not req.chunked and not req.content_length  # a sent body is gone
+        # A sent body is gone; and a proxy must not retry a non-idempotent request (RFC 9110 §9.2.2).
+        resendable = req is not None and not req.chunked and not req.content_length and req.method in _IDEMPOTENT
         if status == 502 and conn.reused and not conn.got_bytes and resendable and not self.resent:
             # A pooled keep-alive connection the server had just closed: nothing was processed,
             # so resend on a fresh connection to the same server (what browsers do too).

@@ -303,3 +303,34 @@ async def test_conformance(lab: ProxyLab, case: Case) -> None:
         assert (await client.request(PROBE + "/same")).body == PROBE.encode() + b"/same"
     assert (await other.request(PROBE + "/other")).body == PROBE.encode() + b"/other"
     assert (await (await lab.client(lb)).request(PROBE + "/new")).body == PROBE.encode() + b"/new"
+
+
+# --------------------------------------------------------------------------- 3. retries
+
+
+@pytest.mark.parametrize(
+    ("method", "resent"),
+    [("POST", False), ("PATCH", False), ("LOCK", False), ("PUT", True), ("DELETE", True), ("GET", True)],
+)
+async def test_only_an_idempotent_request_is_sent_again(lab: ProxyLab, method: str, resent: bool) -> None:
+    async def warm_then_hang_up(exchange: Exchange) -> bool:
+        if exchange.number > 1:
+            return False  # read it, then close without a word
+        exchange.writer.write(http_response(exchange.target.encode()))
+        return True
+
+    upstream = await lab.raw(warm_then_hang_up)
+    lb = await lab.balancer({"raw": upstream.url})
+    client = await lab.client(lb)
+    assert (await client.request("/warm")).body == b"/warm"  # the pool is warm: the next goes on that connection
+    client.send(f"{method} /x HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n".encode())
+    response = await client.response()
+    received = [(e.head.split(b" ")[0].decode(), e.number) for e in upstream.exchanges[1:]]
+    if resent:  # nothing was processed on a stale keep-alive connection: a fresh one may try again
+        assert (response.status, response.body) == (200, b"/x")
+        assert received == [(method, 2), (method, 1)]
+    else:  # RFC 9110 §9.2.2: a proxy MUST NOT automatically retry a non-idempotent request
+        assert response.status == 502
+        assert received == [(method, 2)]
+        assert lb.retries == 0
+    assert (await client.request("/after")).body == b"/after"  # and the 502 is the only answer
