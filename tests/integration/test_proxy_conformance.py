@@ -334,3 +334,47 @@ async def test_only_an_idempotent_request_is_sent_again(lab: ProxyLab, method: s
         assert received == [(method, 2)]
         assert lb.retries == 0
     assert (await client.request("/after")).body == b"/after"  # and the 502 is the only answer
+
+
+# --------------------------------------------------------------------------- 1. late bytes on a pooled connection
+
+LATE = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED"
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "late"),
+    [
+        pytest.param("GET", b"HTTP/1.1 204 No Content\r\n\r\n", LATE, id="204-then-a-response"),
+        pytest.param("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n", b"POISONED", id="head-then-its-body"),
+    ],
+)
+@pytest.mark.parametrize("other_served", [False, True], ids=["other-first-request", "other-later-request"])
+async def test_late_bytes_never_reach_another_client(
+    lab: ProxyLab, method: str, answer: bytes, late: bytes, other_served: bool
+) -> None:
+    bodiless: list[Exchange] = []
+
+    async def late_bytes(exchange: Exchange) -> bool:
+        if exchange.target == "/a":
+            exchange.writer.write(answer)
+            bodiless.append(exchange)
+        else:
+            if exchange.target == "/b":  # the upstream's late bytes for /a go out as /b arrives, on /a's connection
+                bodiless[0].writer.write(late)
+                await bodiless[0].writer.drain()
+            exchange.writer.write(http_response(exchange.target.encode()))
+        return True
+
+    upstream = await lab.raw(late_bytes)
+    lb = await lab.balancer({"raw": upstream.url})
+    first, other = await lab.client(lb), await lab.client(lb)
+    if other_served:  # a later request of a client may use pooled connections, never this one
+        assert (await other.request("/warm")).body == b"/warm"
+    assert (await first.request("/a", method=method)).status == int(answer.split(b" ")[1])
+    response = await other.request("/b")
+    assert (response.status, response.body) == (200, b"/b")
+    # The connection that got bytes while idle is closed, never reused: the first client's next
+    # request gets its own answer too.
+    async with asyncio.timeout(5):
+        await upstream.ended[bodiless[0].peer_port]
+    assert (await first.request("/c")).body == b"/c"
