@@ -272,7 +272,7 @@ def strict_requests(wire: bytes, cut_ok: bool = False) -> list[StrictRequest]:
         assert len(hosts) == 1 and _STRICT_HOST.fullmatch(hosts[0]), f"Host {hosts!r}"
         assert not (lengths and codings), "both Content-Length and Transfer-Encoding"
         assert len(lengths) <= 1 and all(v.isdigit() for v in lengths), f"Content-Length {lengths!r}"
-        assert codings in ([], [b"chunked"]), f"Transfer-Encoding {codings!r}"
+        assert [c.lower() for c in codings] in ([], [b"chunked"]), f"Transfer-Encoding {codings!r}"
         assert not _NEVER_FORWARDED & {n for n, _ in request.headers}, "a hop-by-hop header was forwarded"
         pos = end + 4
         requests.append(request)

@@ -60,6 +60,7 @@ class Case:
     upstream_has: tuple[bytes, ...] = ()  # "name: value" (lower-case name) the upstream must have got
     upstream_lacks: tuple[bytes, ...] = ()  # header names (lower-case) the upstream must not have got
     target: bytes | None = None  # the target the upstream must have got
+    interim: tuple[int, ...] = ()  # 1xx responses the client must get first
     closes: bool = False  # the balancer must close the client connection after its answer
     upstream_closes: bool = False  # the upstream closes after its answer (a close-delimited body)
     limits: tuple[tuple[str, int], ...] = ()
@@ -77,6 +78,11 @@ def bad_request(id: str, request: bytes, why: str = "") -> Case:
 def bad_response(id: str, response: bytes, request: bytes = get("/case")) -> Case:
     """A response the balancer must not relay: the client gets a 502 instead."""
     return Case(id, request, REJECT, response=response, status=502)
+
+
+def post(headers: bytes, body: bytes) -> bytes:
+    """A POST /case with `headers` (CRLF-ended lines) and `body` as they are."""
+    return b"POST /case HTTP/1.1\r\nHost: t\r\n" + headers + b"\r\n" + body
 
 
 def chunked_post(body: bytes, extra: bytes = b"") -> bytes:
@@ -222,6 +228,77 @@ CASES = [
 ]
 
 
+EXTRA_CASES = [
+    # Request smuggling: CL.TE, TE.CL and TE.TE, each refused before anything reaches the upstream.
+    bad_request("cl-te", post(b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n")),
+    bad_request("te-cl", post(b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n", b"0\r\n\r\n")),
+    bad_request("te-te-second-bogus", post(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n", b"0\r\n\r\n")),
+    bad_request("te-xchunked", post(b"Transfer-Encoding: xchunked\r\n", b"0\r\n\r\n")),
+    bad_request("te-chunked-list", post(b"Transfer-Encoding: chunked, identity\r\n", b"0\r\n\r\n")),
+    bad_request("te-space-before-colon", post(b"Transfer-Encoding : chunked\r\n", b"0\r\n\r\n")),
+    bad_request("te-obs-fold", post(b"Transfer-Encoding:\r\n chunked\r\n", b"0\r\n\r\n")),
+    bad_request("te-vertical-tab", post(b"Transfer-Encoding:\x0bchunked\r\n", b"0\r\n\r\n")),
+    bad_request("te-on-http10", b"POST /case HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    Case("te-tab-and-case", post(b"Transfer-Encoding:\tChunked \r\n", CHUNKED_HELLO), SANITISE, body=b"ok"),
+    # Content-Length: identical repeats folded into one (RFC 9110 §8.6), anything else refused.
+    Case(
+        "cl-repeated",
+        post(b"Content-Length: 5\r\nContent-Length: 5\r\n", b"hello"),
+        SANITISE,
+        body=b"ok",
+        upstream_has=(b"content-length: 5",),
+    ),
+    bad_request("cl-differing", post(b"Content-Length: 5\r\nContent-Length: 6\r\n", b"hello!")),
+    bad_request("cl-plus-sign", post(b"Content-Length: +5\r\n", b"hello")),
+    bad_request("cl-hex", post(b"Content-Length: 0x5\r\n", b"hello")),
+    Case(
+        "cl-repeated-response",
+        get("/case"),
+        SANITISE,
+        response=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+        body=b"ok",
+    ),
+    bad_response("cl-differing-response", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!"),
+    bad_response("cl-negative-response", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"),
+    # 1xx before the final response: relayed to an HTTP/1.1 client (RFC 9110 §15.2).
+    Case(
+        "100-before-final",
+        get("/case"),
+        FORWARD,
+        response=b"HTTP/1.1 100 Continue\r\n\r\n" + OK,
+        interim=(100,),
+        body=b"ok",
+    ),
+    Case(
+        "103-early-hints",
+        get("/case"),
+        FORWARD,
+        response=b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" + OK,
+        interim=(103,),
+        body=b"ok",
+    ),
+    bad_response("101-unasked", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"),
+    # Bodiless responses with a stray body: the client gets the head alone, the stray bytes nobody.
+    Case("204-stray-body", get("/case"), SANITISE, response=b"HTTP/1.1 204 No Content\r\n\r\nstray", status=204),
+    Case(
+        "304-stray-body",
+        get("/case"),
+        SANITISE,
+        response=b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\nstray",
+        status=304,
+        client_has=(b"Content-Length: 5",),
+    ),
+    Case(
+        "head-stray-body",
+        b"HEAD /case HTTP/1.1\r\nHost: t\r\n\r\n",
+        SANITISE,
+        response=b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+        body=b"",
+        client_has=(b"Content-Length: 5",),
+    ),
+]
+
+
 @pytest.fixture
 async def lab() -> AsyncIterator[ProxyLab]:
     async with contextlib.AsyncExitStack() as stack:
@@ -250,7 +327,7 @@ async def parse_response(raw: bytes, method: str) -> Response:
     return await read_response(reader, method)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES + EXTRA_CASES])
 async def test_conformance(lab: ProxyLab, case: Case) -> None:
     upstream = scripted(case)
     await upstream.start()
@@ -262,6 +339,8 @@ async def test_conformance(lab: ProxyLab, case: Case) -> None:
     client.send(case.request)
 
     # (a) what the client got
+    for status in case.interim:
+        assert (await client.response()).status == status
     if case.closes:
         response = await parse_response(await client.read_to_eof(), case.method)
     else:
@@ -274,10 +353,13 @@ async def test_conformance(lab: ProxyLab, case: Case) -> None:
     lines = response.head.split(b"\r\n")[1:]
     for line in case.client_has:
         assert line in lines, response.head
-    names = {line.partition(b":")[0].lower() for line in lines}
-    assert not names & set(case.client_lacks), response.head
+    names = [line.partition(b":")[0].lower() for line in lines]
+    assert not set(names) & set(case.client_lacks), response.head
+    framing = [n for n in names if n in (b"content-length", b"transfer-encoding")]
+    assert len(framing) <= 1, "the client must get one framing, once"
     if case.verdict == FORWARD:
-        scripted_head = case.response.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+        final = case.response[case.response.rfind(b"HTTP/1.") :]  # after any 1xx
+        scripted_head = final.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]
         assert all(line in lines for line in scripted_head), "a forwarded header was changed"
 
     # (b) a strict re-parse of everything the upstream got
@@ -378,3 +460,35 @@ async def test_late_bytes_never_reach_another_client(
     async with asyncio.timeout(5):
         await upstream.ended[bodiless[0].peer_port]
     assert (await first.request("/c")).body == b"/c"
+
+
+# --------------------------------------------------------------------------- pipelining with bodies
+
+
+async def test_pipelined_requests_with_bodies_reach_the_upstream_delimited(lab: ProxyLab) -> None:
+    async def echo_body(exchange: Exchange) -> bool:
+        body = await read_framed_body(exchange)
+        exchange.writer.write(http_response(exchange.target.encode() + b" " + body))
+        return True
+
+    upstream = await lab.raw(echo_body)
+    lb = await lab.balancer({"raw": upstream.url})
+    client = await lab.client(lb)
+    smuggled = get("/smuggled")  # a whole request as a body: it must stay a body
+    chunked = b"4\r\nab\r\n\r\n0\r\nX-Sum: 1\r\n\r\n"
+    client.send(
+        b"POST /one HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+        + b"POST /two HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunked
+        + get("/three")
+        + b"POST /four HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
+    )
+    answers = [(await client.response()).body for _ in range(4)]
+    assert answers == [b"/one " + smuggled, b"/two " + chunked, b"/three ", b"/four "]
+    requests = [r for wire in upstream.requests_wire() for r in strict_requests(wire)]
+    assert [(r.method, r.target, r.body) for r in requests] == [
+        (b"POST", b"/one", smuggled),
+        (b"POST", b"/two", chunked),
+        (b"GET", b"/three", b""),
+        (b"POST", b"/four", b""),
+    ]
