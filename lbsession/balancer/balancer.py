@@ -196,8 +196,11 @@ class LoadBalancer:
         forwarded = client.forwarded_tail
         if req.forwarded and self._trusted and self._is_trusted(client.client_ip):
             forwarded = self._forwarded_by_proxy(req, client.client_ip)
-        if req.host is None:  # an HTTP/1.0 request without Host; HTTP/1.1 requires one upstream
-            return b"%s%s\r\nHost: localhost\r\n\r\n" % (out, forwarded)
+        if req.host is None:
+            # An HTTP/1.0 request without Host: its target URI has no authority, and then an HTTP/1.1
+            # client (which the balancer is, upstream) must send Host with an empty value (RFC 9112
+            # §3.2), rather than invent a name. No X-Forwarded-Host either: the client sent none.
+            return b"%s%s\r\nHost: \r\n\r\n" % (out, forwarded)
         return b"%s%s\r\nX-Forwarded-Host: %s\r\n\r\n" % (out, forwarded, req.host)
 
     def _forwarded_by_proxy(self, req: RequestHead, peer_ip: str) -> bytes:

@@ -29,15 +29,31 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x8
 # characters, spaces and tabs. So no CR, LF or NUL inside a value, no space before the colon
 # (RFC 9112 §5.1) and no obsolete line folding. One pass in C, whatever the number of headers.
 _FIELDS = re.compile(rb"(?:\r\n" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*)*")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+# A chunk-size line without its CRLF (RFC 9112 §7.1.1): hex digits, then extensions, each
+# `BWS ; BWS name [BWS = BWS (token / quoted-string)]`. Nothing else: no trailing space, no bare CR.
+_QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*"
+)
+# uri-host [ ":" port ] (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP literal or a reg-name. No userinfo,
+# no space, no "/": a Host the upstream would read differently from us is refused, never forwarded.
+_SUB_DELIMS = rb"!$&'()*+,;="
+_URI_HOST = (
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~:" + _SUB_DELIMS + rb"]+)\]"
+    rb"|(?:[A-Za-z0-9\-._~" + _SUB_DELIMS + rb"]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
+)
+_HOST = re.compile(_URI_HOST)
+# An absolute-form target (RFC 9112 §3.2.2): scheme, authority, then path and query.
+_ABSOLUTE_TARGET = re.compile(rb"https?://([^/?#]*)([/?][\x21-\x7e]*)?", re.I)
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 # de facto Proxy-Connection. Transfer-Encoding is kept: chunked bodies pass through as they are.
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
+# Trailer is not among them: it announces the trailer fields, which are end-to-end (RFC 9110 §6.6.2).
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
 # Forwarding headers the proxy writes itself; a client's own are dropped unless it is a trusted proxy.
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
 
-_HOP = rb"connection|keep-alive|proxy-connection|te|trailer|upgrade"
+_HOP = rb"connection|keep-alive|proxy-connection|te|upgrade"
 _FWD = rb"x-forwarded-for|x-forwarded-proto|x-forwarded-host|forwarded"
 # The request headers the proxy acts on, found in one pass; and the ones it never forwards as they came.
 _REQUEST_SPECIAL = re.compile(
@@ -48,7 +64,9 @@ _CONTENT_LENGTH_LINES = re.compile(rb"\r\ncontent-length:[^\r\n]*", re.I)
 _COOKIE_LINES = re.compile(rb"\r\ncookie:[^\r\n]*", re.I)
 _RESPONSE_SPECIAL = re.compile(rb"\r\n(content-length|transfer-encoding|" + _HOP + rb"):([^\r\n]*)", re.I)
 _RESPONSE_DROP = re.compile(rb"\r\n(?:" + _HOP + rb"):[^\r\n]*", re.I)
-_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*", re.I)
+_HOST_LINES = re.compile(rb"\r\nhost:[^\r\n]*", re.I)
+# What an HTTP/1.0 client must not get once the proxy has decoded the chunked body for it.
+_CHUNKED_FRAMING = re.compile(rb"\r\n(?:transfer-encoding|trailer):[^\r\n]*", re.I)
 
 
 class HTTPError(Exception):
@@ -112,16 +130,25 @@ def parse_request_head(head: bytes) -> RequestHead:
     req = RequestHead()
     req.method, req.target, minor = match.groups()
     req.http10 = minor == b"0"
-    drop = _read_request_specials(req, block) if block else []
+    if block:
+        drop = _read_request_specials(req, block)
+    else:
+        drop = []
+        req.keep_alive = not req.http10  # HTTP/1.0 without a Connection header: close (RFC 9112 §9.3)
     if req.host is None and not req.http10:
         raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
+    authority = None if req.target[0] == 47 else _other_target_form(req)  # 47: b"/", the origin-form
+    if authority is not None:
+        # The target's authority wins over Host; never forward the two disagreeing (RFC 9112 §3.2.2).
+        # The upstream is an origin server: it gets the origin-form (RFC 9112 §3.2.1).
+        req.host = authority
+        block = _HOST_LINES.sub(b"", block) + b"\r\nHost: " + authority
+        drop.append(b"host")
     if drop or req.http10:
         block = _REQUEST_DROP.sub(b"", block) if drop else block
         if b"content-length" in drop:  # identical repeats are folded into one (RFC 9110 §8.6)
             block = _CONTENT_LENGTH_LINES.sub(b"", block) + b"\r\nContent-Length: %d" % req.content_length
-        extra = {
-            name for name in drop if name not in HOP_BY_HOP and name not in FORWARDED and name != b"content-length"
-        }
+        extra = {name for name in drop if name not in HOP_BY_HOP and name not in FORWARDED and name not in _REBUILT}
         if extra:  # headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1)
             block = b"".join(
                 b"\r\n" + line for line in block.split(b"\r\n")[1:] if line.partition(b":")[0].lower() not in extra
@@ -129,6 +156,39 @@ def parse_request_head(head: bytes) -> RequestHead:
         head = b"%s %s HTTP/1.1%s" % (req.method, req.target, block)
     req.out = head
     return req
+
+
+def _other_target_form(req: RequestHead) -> bytes | None:
+    """Check a target that is not origin-form; return the authority of an absolute-form one, else None."""
+    target = req.target
+    if target == b"*":
+        if req.method != b"OPTIONS":  # the asterisk-form is for a server-wide OPTIONS only (RFC 9112 §3.2.4)
+            raise HTTPError(400, "the request target '*' is allowed with OPTIONS only")
+        return None
+    match = _ABSOLUTE_TARGET.fullmatch(target)
+    if match is None:  # the authority-form belongs to CONNECT (RFC 9112 §3.2.3), which a gateway does not tunnel
+        raise HTTPError(400, "the request target must be a path ('/...') or an absolute http(s) URI")
+    authority, path = match.groups()
+    if not authority or _HOST.fullmatch(authority) is None:
+        raise HTTPError(400, "the request target's authority is not a valid host[:port] (userinfo is refused)")
+    req.target = b"/" if path is None else path if path[0] == 47 else b"/" + path  # an empty path is "/"
+    return authority
+
+
+def _valid_host(value: bytes) -> bool:
+    """True if `value` is a valid uri-host[:port]; a site sends few distinct ones, so they are remembered."""
+    if value in _VALID_HOSTS:
+        return True
+    if _HOST.fullmatch(value) is None:
+        return False
+    if len(_VALID_HOSTS) >= 256:  # a bound, so a client inventing names cannot grow it
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(value)
+    return True
+
+
+_VALID_HOSTS: set[bytes] = set()
+_REBUILT = frozenset({b"content-length", b"host"})  # dropped, then written again by the parser
 
 
 def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
@@ -150,6 +210,8 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
             req.chunked = True
         elif name == b"host":
             hosts += 1
+            if not _valid_host(value):  # RFC 9112 §3.2: 400 for an invalid Host field value
+                raise HTTPError(400, "the Host header is not a valid host[:port]")
             req.host = value
         elif name == b"cookie":
             cookies.append(value)
@@ -186,7 +248,7 @@ _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host"})
 class ResponseHead:
     """A parsed response head: its framing, whether the connection may be reused, the head to forward."""
 
-    __slots__ = ("chunked", "content_length", "http10", "keep_alive", "out", "status")
+    __slots__ = ("chunked", "codings", "content_length", "http10", "keep_alive", "out", "status")
 
     def __init__(self) -> None:
         self.status = 0
@@ -194,11 +256,12 @@ class ResponseHead:
         self.keep_alive = True
         self.content_length: int | None = None  # None and not chunked: the body ends at close
         self.chunked = False
+        self.codings = False  # a transfer coding other than chunked was applied (gzip, ...)
         self.out = b""  # status line (as HTTP/1.1) and headers, hop-by-hop ones gone, no final blank line
 
     def without_transfer_encoding(self) -> bytes:
-        """`out` without Transfer-Encoding, for a body the proxy decodes for an HTTP/1.0 client."""
-        return _TRANSFER_ENCODING.sub(b"", self.out)
+        """`out` without Transfer-Encoding (and Trailer), for a body the proxy decodes for an HTTP/1.0 client."""
+        return _CHUNKED_FRAMING.sub(b"", self.out)
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
@@ -214,6 +277,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
     resp.http10 = match.group(1) == b"0"
     resp.status = int(match.group(2))
     connection = b""
+    codings = b""
+    lengths = 0
     drop = False
     for raw_name, raw_value in _RESPONSE_SPECIAL.findall(block):
         name, value = raw_name.lower(), raw_value.strip(b" \t")
@@ -221,22 +286,44 @@ def parse_response_head(head: bytes) -> ResponseHead:
             if not value.isdigit() or len(value) > 15 or resp.content_length not in (None, int(value)):
                 raise HTTPError(502, "the upstream sent an invalid Content-Length")
             resp.content_length = int(value)
+            lengths += 1
         elif name == b"transfer-encoding":
-            # Anything but a plain chunked coding is delimited by close (RFC 9112 §6.3).
-            resp.chunked = value.lower() == b"chunked"
+            codings += b"," + value.lower()  # repeated lines are one list (RFC 9110 §5.3)
         else:
             drop = True
             if name == b"connection":
                 connection += b"," + value.lower()
-    if resp.chunked:
-        resp.content_length = None
+    if codings:
+        _read_codings(resp, codings)
     if b"close" in connection or (resp.http10 and b"keep-alive" not in connection):
         resp.keep_alive = False
     if drop:
         block = _RESPONSE_DROP.sub(b"", block)
+    if lengths and (codings or lengths > 1):
+        # Transfer-Encoding overrides Content-Length, and an intermediary must remove the latter
+        # before forwarding (RFC 9112 §6.3 rule 3); identical repeats are folded into one (§6.3 rule 5).
+        block = _CONTENT_LENGTH_LINES.sub(b"", block)
+        if not codings:
+            block += b"\r\nContent-Length: %d" % (resp.content_length or 0)
+        drop = True
     status_rest = head[8:] if end < 0 else head[8:end]  # a head may be a status line alone
     resp.out = head if not (drop or resp.http10) else b"HTTP/1.1" + status_rest + block
     return resp
+
+
+def _read_codings(resp: ResponseHead, codings: bytes) -> None:
+    """Frame a response by its transfer codings (RFC 9112 §6.3 rule 4): chunked if it is the final one."""
+    resp.content_length = None
+    if codings == b",chunked":  # the usual case, without a list to split
+        resp.chunked = True
+        return
+    names = [c.strip(b" \t").partition(b";")[0].rstrip(b" \t") for c in codings.split(b",")]
+    names = [c for c in names if c]  # empty list elements are ignored (RFC 9110 §5.6.1)
+    if names.count(b"chunked") > 1:  # RFC 9112 §7: chunked is never applied twice
+        raise HTTPError(502, "the upstream applied the chunked transfer coding twice")
+    # Any other final coding leaves the body delimited by close.
+    resp.chunked = bool(names) and names[-1] == b"chunked"
+    resp.codings = len(names) > resp.chunked
 
 
 def response_has_body(method: bytes, status: int) -> bool:
@@ -304,10 +391,10 @@ class ChunkedScanner:
                 raise HTTPError(status, "chunk data longer than its declared size")
             self._state = self._SIZE
         elif self._state == self._SIZE:
-            size_text = line.partition(b";")[0].rstrip(b" \t")
-            if _HEX.fullmatch(size_text) is None:
-                raise HTTPError(status, "invalid chunk size")
-            chunk = int(size_text, 16)
+            match = _CHUNK_LINE.fullmatch(line)
+            if match is None:  # forwarded as is, so only a line every recipient reads alike
+                raise HTTPError(status, "invalid chunk size line")
+            chunk = int(match.group(1), 16)
             self.total += chunk
             if self.total > self.limit:
                 raise HTTPError(413 if status == 400 else status, "body larger than the configured limit")

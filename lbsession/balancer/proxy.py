@@ -54,6 +54,8 @@ _RESP_HEAD = 1  # waiting for the response head
 _RESP_BODY = 2  # streaming the response body to the client
 
 _PIPELINE_HIGH_WATER = 256 * 1024  # stop reading a client that sends this far ahead
+# The methods a proxy may send again after a failure (RFC 9110 §9.2.2); never POST, PATCH or an unknown one.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 OVERLOADED = error_response(
     503, "the balancer is at its connection limit; retry shortly", close=True, extra=b"Retry-After: 1\r\n"
 )
@@ -83,6 +85,8 @@ class ClientConnection(asyncio.Protocol):
         self.route: Route | None = None
         self.upstream_head = b""
         self.upstream_conn: UpstreamConnection | None = None
+        self.own: UpstreamConnection | None = None  # the idle connection of our last exchange (see _take_conn)
+        self.served = False  # a response was relayed: from now on pooled connections may be used
         self.body_left = 0
         self.scanner: ChunkedScanner | None = None
         self.request_done = True
@@ -115,6 +119,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lb.clients.discard(self)
+        self._drop_own()
         if self.state == _CLOSED:
             return
         self.state = _CLOSED
@@ -189,11 +194,16 @@ class ClientConnection(asyncio.Protocol):
                 self.head_scanned = 0
             # Search on from where the last, partial, look stopped: a head trickled in byte by byte
             # must not be rescanned from its start each time (quadratic work for the event loop).
-            end = data.find(b"\r\n\r\n", self.head_scanned)
+            scanned = self.head_scanned
+            end = data.find(b"\r\n\r\n", scanned)
             if end < 0 or end > limits.max_head_bytes:
                 self.head_scanned = max(0, len(data) - 3)
                 if len(data) > limits.max_head_bytes:
                     self._refuse(431, f"request head larger than {limits.max_head_bytes} bytes")
+                elif data.find(b"\n\n", scanned) >= 0 or data.find(b"\n\r\n", scanned) >= 0:
+                    # A head ended by bare LFs: it will never end with CRLF CRLF, so say so now rather
+                    # than at the header timeout (RFC 9112 §2.2 lets us refuse bare LF).
+                    self._refuse(400, "malformed head: lines must end with CRLF, not a bare LF")
                 elif data and not self.head_started:
                     self.head_started = True
                     self.deadline = self.lb.clock + limits.header_timeout_s
@@ -236,12 +246,36 @@ class ClientConnection(asyncio.Protocol):
         upstream.in_flight += 1  # type: ignore[misc]
         upstream.requests += 1  # type: ignore[attr-defined]
         self.lb.routes[route.reason] += 1
-        conn = upstream.take_idle()  # type: ignore[attr-defined]
+        conn = self._take_conn(upstream)  # type: ignore[arg-type]
         if conn is not None:
             self._send(conn, reused=True)
         else:
             self.state = _CONNECT
             self.lb.spawn(self._connect(upstream))  # type: ignore[arg-type]
+
+    def _take_conn(self, upstream: Upstream) -> UpstreamConnection | None:
+        """An open idle connection to `upstream` this request may use, or None to connect.
+
+        HAProxy's `http-reuse safe`: the first request of a client connection never goes on a
+        connection that carried someone else's exchange, and later ones take our own connection
+        back first. Bytes a broken server sends late (a body after a 204 or a HEAD answer) then
+        reach at worst the client that caused them, and an idle connection that receives any byte
+        is closed (UpstreamConnection.data_received).
+        """
+        conn = self.own
+        if conn is not None:
+            self.own = None
+            conn = conn.reclaim(self, upstream)
+            if conn is not None:
+                return conn
+        if self.served:
+            return upstream.take_idle()
+        return upstream.take_unused()
+
+    def _drop_own(self) -> None:
+        conn, self.own = self.own, None
+        if conn is not None:
+            conn.release(self)
 
     async def _connect(self, upstream: Upstream) -> None:
         try:
@@ -322,6 +356,7 @@ class ClientConnection(asyncio.Protocol):
     def response_done(self, keep_alive: bool) -> None:
         """The upstream's response was fully relayed; go on with the next request or close."""
         self.upstream_conn = None
+        self.served = True
         self._release_route()
         if not (keep_alive and self.request_done) or self.half_closed or self.state == _CLOSED:
             self._close()
@@ -350,7 +385,8 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         req = self.req
-        resendable = req is not None and not req.chunked and not req.content_length  # a sent body is gone
+        # A sent body is gone; and a proxy must not retry a non-idempotent request (RFC 9110 §9.2.2).
+        resendable = req is not None and not req.chunked and not req.content_length and req.method in _IDEMPOTENT
         if status == 502 and conn.reused and not conn.got_bytes and resendable and not self.resent:
             # A pooled keep-alive connection the server had just closed: nothing was processed,
             # so resend on a fresh connection to the same server (what browsers do too).
@@ -393,6 +429,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.state = _CLOSED
+        self._drop_own()
         if self.transport is not None:
             self.transport.close()  # flushes what was written first
 
@@ -426,6 +463,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.upstream = upstream
         self.transport: asyncio.Transport | None = None
         self.client: ClientConnection | None = None
+        self.owner: ClientConnection | None = None  # the client of the last exchange
+        self.used = False  # has carried an exchange
+        self.pooled = False  # in upstream.idle (else, when idle, private to its owner)
+        self.clean = True  # the last response ended where its own framing said (not a bodiless one)
         self.state = _IDLE
         self.buffer = b""
         self.deadline = 0.0
@@ -450,6 +491,8 @@ class UpstreamConnection(asyncio.Protocol):
     def attach(self, client: ClientConnection, reused: bool) -> None:
         """Start an exchange for `client`."""
         self.client = client
+        self.owner = client
+        self.used = True
         self.reused = reused
         self.got_bytes = False
         self.state = _RESP_HEAD
@@ -472,7 +515,7 @@ class UpstreamConnection(asyncio.Protocol):
         assert client is not None and client.req is not None
         while self.state == _RESP_HEAD:
             end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
+            if end < 0 or end > self.lb.limits.max_head_bytes:  # whether it came in pieces or at once
                 if len(self.buffer) > self.lb.limits.max_head_bytes:
                     self._fail(502, "the upstream's response head is too large")
                 return
@@ -492,6 +535,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self.buffer = rest
                 continue
             has_body = response_has_body(client.req.method, resp.status)
+            if has_body and resp.codings and client.req.http10:
+                # Only chunked can be undone for it: a gzip transfer coding has no HTTP/1.0 form.
+                self._fail(502, "the upstream used a transfer coding an HTTP/1.0 client cannot read")
+                return
+            self.clean = has_body
             if rest and not has_body:
                 # Bytes after a response that has no body: a broken server. Relaying them would answer
                 # the client's next request with this one's leftovers; drop them and the connection.
@@ -579,7 +627,12 @@ class UpstreamConnection(asyncio.Protocol):
             and self.upstream.server_id in self.lb.pool.upstreams
         ):
             self.deadline = self.lb.clock + self.lb.limits.pool_idle_s
-            self.upstream.idle.append(self)
+            # After a bodiless response the server may still send a body it thinks it owes: such a
+            # connection stays private to its client (closed when the client moves on), never pooled.
+            if self.clean:
+                self.pooled = True
+                self.upstream.idle.append(self)
+            client.own = self
         else:
             self.close()
         client.response_done(self.client_keep)
@@ -598,6 +651,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.client is None:
             if self in self.upstream.idle:
                 self.upstream.idle.remove(self)
+            self.pooled = False
             return
         if self.state == _RESP_BODY and self.until_close:
             self.client_keep = False
@@ -627,6 +681,24 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
         elif self.client is not None and self.client.state != _BODY:
             self._fail(504, f"{self.upstream.server_id} did not answer within {self.lb.limits.read_timeout_s:g} s")
+
+    def reclaim(self, client: ClientConnection, upstream: Upstream) -> UpstreamConnection | None:
+        """This connection, if it is still idle and `client`'s, for its next request to `upstream`."""
+        if self.owner is not client or self.state != _IDLE or self.transport is None or self.transport.is_closing():
+            return None
+        if self.upstream is not upstream:
+            if not self.pooled:
+                self.close()  # private: it never serves another client
+            return None
+        if self.pooled:
+            self.pooled = False
+            self.upstream.unpool(self)
+        return self
+
+    def release(self, client: ClientConnection) -> None:
+        """`client` no longer needs this idle connection: close it if it was private to that client."""
+        if self.owner is client and self.state == _IDLE and not self.pooled:
+            self.close()
 
     def abandon(self) -> None:
         """The client went away mid-exchange: this connection's state is unknown, so close it."""

@@ -69,14 +69,37 @@ class Upstream:
         idle = self.idle
         while idle:
             conn = idle.pop()
+            conn.pooled = False
             if conn.reusable():
                 return conn
         return None
+
+    def take_unused(self) -> UpstreamConnection | None:
+        """An idle connection that never carried an exchange (opened ahead of need), or None.
+
+        A client connection's first request may only take one of these. Used connections are
+        pooled at the end of the list, so unused ones, pooled before any traffic, are at its start.
+        """
+        idle = self.idle
+        if idle and not idle[0].used and idle[0].reusable():
+            conn = idle.pop(0)
+            conn.pooled = False
+            return conn
+        return None
+
+    def unpool(self, conn: UpstreamConnection) -> None:
+        """Take `conn` out of the idle list (its owner reclaims it; usually it is the last one)."""
+        idle = self.idle
+        if idle and idle[-1] is conn:
+            idle.pop()
+        elif conn in idle:
+            idle.remove(conn)
 
     def close_idle(self) -> None:
         """Close every pooled connection (the server left or went down)."""
         idle, self.idle = self.idle, []
         for conn in idle:
+            conn.pooled = False
             conn.close()
 
     def as_dict(self) -> dict[str, Any]:

@@ -5,7 +5,9 @@
   source port), so a test reads what the proxy forwarded from the response.
 - `RawUpstream`: an asyncio server whose answers a test writes byte by byte,
   for the cases aiohttp will not produce (trailers, early close, silence, bodies
-  after a HEAD response, HTTP/1.0 close-delimited bodies).
+  after a HEAD response, HTTP/1.0 close-delimited bodies). It records every byte
+  each connection received, and `strict_requests` re-parses them as a strict
+  origin server would.
 - `RawClient` and `read_response`: one TCP connection to the balancer and a
   minimal response reader, for pipelining, malformed requests and half-close.
 - `ProxyLab`: starts all of the above on port 0 and stops each one through an
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -126,6 +129,8 @@ class RawUpstream:
     respond: Respond
     exchanges: list[Exchange] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # set when a request's connection ends
+    wire: dict[int, bytearray] = field(default_factory=dict)  # every byte received, by the balancer's port
+    ended: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # done when that connection ends
     url: str = ""
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -151,6 +156,16 @@ class RawUpstream:
         assert task is not None
         self._tasks.add(task)
         self._writers.add(writer)
+        port = writer.get_extra_info("peername")[1]
+        received = self.wire[port] = bytearray()
+        ended = self.ended[port] = asyncio.get_running_loop().create_future()
+        feed = reader.feed_data  # a tap: this runs before the transport delivers its first byte
+
+        def record(data: bytes) -> None:
+            received.extend(data)
+            feed(data)
+
+        reader.feed_data = record  # type: ignore[method-assign]
         try:
             if await self._serve_requests(reader, writer):
                 self.closed.set()
@@ -162,6 +177,11 @@ class RawUpstream:
                 await writer.wait_closed()
             self._writers.discard(writer)
             self._tasks.discard(task)
+            ended.set_result(None)
+
+    def requests_wire(self) -> list[bytes]:
+        """What each connection that carried a request (not just a health check) received."""
+        return [bytes(data) for data in self.wire.values() if data and not data.startswith(b"GET /healthz ")]
 
     async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Answer requests until `respond` says stop or the peer closes; True if any was not /healthz."""
@@ -188,6 +208,112 @@ async def read_body(exchange: Exchange) -> bytes:
         if name.strip().lower() == b"content-length":
             return await exchange.reader.readexactly(int(value))
     return b""
+
+
+async def read_framed_body(exchange: Exchange) -> bytes:
+    """The request body in `exchange` as it came, by Content-Length or chunked (trailers included)."""
+    if re.search(rb"\r\ntransfer-encoding:[ \t]*chunked", exchange.head, re.I):
+        raw, _ = await _read_chunked(exchange.reader)
+        return raw
+    return await read_body(exchange)
+
+
+# --------------------------------------------------------------------------- a strict re-parse
+
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_STRICT_REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) (/[\x21-\x7e]*|\*) HTTP/1\.1")
+_VCHARS = rb"[\x21-\x7e\x80-\xff]+"
+_STRICT_FIELD = re.compile(rb"(" + _TCHAR + rb"+):[ \t]*((?:" + _VCHARS + rb"(?:[ \t]+" + _VCHARS + rb")*)?)[ \t]*")
+_STRICT_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]+)?")
+_STRICT_CHUNK = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;" + _TCHAR + rb"+(?:=" + _TCHAR + rb"+)?)*\r\n")
+_NEVER_FORWARDED = {b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te"}
+
+
+@dataclass
+class StrictRequest:
+    """One request as a strict HTTP/1.1 origin server read it."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]  # (lower-case name, value)
+    body: bytes  # as on the wire (chunk framing included)
+    complete: bool = True  # False: the connection ended inside this request's body
+
+    def values(self, name: bytes) -> list[bytes]:
+        """Every value of header `name` (lower-case)."""
+        return [v for n, v in self.headers if n == name]
+
+
+class _Cut(Exception):
+    """The bytes ended inside a body."""
+
+
+def strict_requests(wire: bytes, cut_ok: bool = False) -> list[StrictRequest]:
+    """Parse `wire` as a strict origin server would, to the last byte; AssertionError at the first doubt.
+
+    Origin-form (or `*`) targets, HTTP/1.1, CRLF lines, exactly one valid Host, no hop-by-hop
+    header, and one unambiguous framing per request: what a balancer must send whatever it got.
+    With `cut_ok`, the last request may end inside its body (the balancer abandoned it): it is
+    returned with `complete` False.
+    """
+    requests, pos = [], 0
+    while pos < len(wire):
+        end = wire.find(b"\r\n\r\n", pos)
+        assert end >= 0, f"an unfinished head: {wire[pos:]!r}"
+        line, *lines = wire[pos:end].split(b"\r\n")
+        match = _STRICT_REQUEST_LINE.fullmatch(line)
+        assert match is not None, f"request line {line!r}"
+        fields = [_STRICT_FIELD.fullmatch(field_line) for field_line in lines]
+        assert all(fields), f"a header line that is not name: value in {lines!r}"
+        request = StrictRequest(
+            match.group(1), match.group(2), [(f.group(1).lower(), f.group(2)) for f in fields if f], b""
+        )
+        hosts, lengths, codings = (request.values(n) for n in (b"host", b"content-length", b"transfer-encoding"))
+        assert len(hosts) == 1 and _STRICT_HOST.fullmatch(hosts[0]), f"Host {hosts!r}"
+        assert not (lengths and codings), "both Content-Length and Transfer-Encoding"
+        assert len(lengths) <= 1 and all(v.isdigit() for v in lengths), f"Content-Length {lengths!r}"
+        assert [c.lower() for c in codings] in ([], [b"chunked"]), f"Transfer-Encoding {codings!r}"
+        assert not _NEVER_FORWARDED & {n for n, _ in request.headers}, "a hop-by-hop header was forwarded"
+        pos = end + 4
+        requests.append(request)
+        try:
+            if codings:
+                request.body, pos = _strict_chunked(wire, pos)
+            else:
+                size = int(lengths[0]) if lengths else 0
+                if pos + size > len(wire):
+                    raise _Cut
+                request.body, pos = wire[pos : pos + size], pos + size
+        except _Cut:
+            assert cut_ok, "the bytes ended inside a body"
+            request.complete = False
+            break
+    return requests
+
+
+def _strict_chunked(wire: bytes, pos: int) -> tuple[bytes, int]:
+    start = pos
+    while True:
+        match = _STRICT_CHUNK.match(wire, pos)
+        if match is None and wire.find(b"\r\n", pos) < 0:
+            raise _Cut
+        assert match is not None, f"chunk size line {wire[pos : pos + 40]!r}"
+        size = int(match.group(1), 16)
+        pos = match.end()
+        if not size:
+            break
+        if pos + size + 2 > len(wire):
+            raise _Cut
+        assert wire[pos + size : pos + size + 2] == b"\r\n", "chunk data not followed by CRLF"
+        pos += size + 2
+    while True:  # the trailer section, up to its blank line
+        end = wire.find(b"\r\n", pos)
+        if end < 0:
+            raise _Cut
+        line, pos = wire[pos:end], end + 2
+        if not line:
+            return wire[start:pos], pos
+        assert _STRICT_FIELD.fullmatch(line), f"trailer line {line!r}"
 
 
 # --------------------------------------------------------------------------- the raw client
@@ -219,7 +345,7 @@ async def read_response(reader: asyncio.StreamReader, method: str = "GET") -> Re
     response = Response(status, head, headers, b"", b"")
     if method == "HEAD" or status < 200 or status in (204, 304):
         return response
-    if (response.header("transfer-encoding") or "").lower() == "chunked":
+    if (response.header("transfer-encoding") or "").rpartition(",")[2].strip().lower() == "chunked":  # the final coding
         response.raw_body, response.body = await _read_chunked(reader)
     elif response.header("content-length") is not None:
         response.body = response.raw_body = await reader.readexactly(int(response.header("content-length") or 0))
