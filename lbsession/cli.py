@@ -124,7 +124,7 @@ def _balancer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", help=f"routing: {', '.join(STRATEGY_NAMES)}")
     parser.add_argument("--host", help="public listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="public port (default 8080; 0 = any free port)")
-    parser.add_argument("--admin-host", help="admin listen address (default 127.0.0.1: the admin API can kill servers)")
+    parser.add_argument("--admin-host", help="admin listen address (default 127.0.0.1)")
     parser.add_argument("--admin-port", type=int, help="admin port (default 8081; 0 = any free port)")
     parser.add_argument("--sticky-secret", help="HMAC key for the sticky cookie (default: random per start)")
     parser.add_argument("--max-connections", type=int, help="client connections at once; more get a 503 (default 8192)")
