@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.resources
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from lbsession.config import RedisConfig
 from lbsession.errors import TopologyError
 from lbsession.lab.process import Child, free_port, free_ports, spawn, wait_until
 
@@ -161,14 +163,12 @@ class RedisTopology:
         """Stop every process."""
         await asyncio.gather(*(p.stop() for p in [*self.sentinels, *self.nodes]))
 
-    def app_server_args(self) -> list[str]:
-        """The flags that point an app server at this Redis."""
+    def client_config(self, base: RedisConfig) -> RedisConfig:
+        """`base` pointed at this Redis: its URL, or its Sentinels and the service they monitor."""
         if not self.ha:
-            return ["--redis-url", self.nodes[0].url]
-        args = ["--redis-service", SERVICE_NAME]
-        for sentinel in self.sentinels:
-            args += ["--redis-sentinel", f"127.0.0.1:{sentinel.port}"]
-        return args
+            return dataclasses.replace(base, url=self.nodes[0].url, sentinels=())
+        sentinels = tuple(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return dataclasses.replace(base, url=None, sentinels=sentinels, service_name=SERVICE_NAME)
 
     async def primary(self) -> RedisProcess:
         """The node that is primary now (Sentinel's view when there is one)."""

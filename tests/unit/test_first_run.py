@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lbsession.balancer.balancer import _with_sticky_secret
-from lbsession.cli import build_parser
+from lbsession.cli import build_parser, main
 from lbsession.config import BalancerConfig
 from lbsession.errors import ConfigError
 from lbsession.lab.scenario import CLAIM_FAMILIES, find_scenario
@@ -55,3 +55,50 @@ def help_of(command: str, capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_lb_help_does_not_claim_its_admin_api_can_kill_servers(capsys: pytest.CaptureFixture[str]) -> None:
     assert "kill" not in help_of("lb", capsys)
+
+
+@pytest.fixture(autouse=True)
+def wide_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argparse wraps help at the terminal's width, even inside a word such as round-robin."""
+    monkeypatch.setenv("COLUMNS", "250")
+
+
+def test_run_help_shows_the_defaults_of_strategy_and_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    text = help_of("run", capsys)
+    assert re.search(r"--strategy STRATEGY [^()]*\(default: round-robin", text), text
+    assert re.search(r"--backend BACKEND [^()]*\(default: local", text), text
+
+
+def error_lines(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """Run `lbsession ARGV` in this process; return its exit status and the lines it wrote on stderr."""
+    status = main(argv)
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "--port", "abc"], "error: --port: balancer.port: 'abc' is not a whole number"),
+        (["server", "--port", "abc"], "error: --port: app.port: 'abc' is not a whole number"),
+        (["bench", "--requests", "abc"], "error: argument --requests: invalid int value: 'abc'"),
+        (["run", "--no-such-flag"], "error: unrecognized arguments: --no-such-flag"),
+        (["nonsense"], "error: argument COMMAND: invalid choice: 'nonsense'"),
+    ],
+)
+def test_a_mistyped_flag_is_one_error_line_with_status_2(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, lines = error_lines(argv, capsys)
+    assert status == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(expected), lines
+
+
+def test_the_same_port_for_both_listeners_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, lines = error_lines(["run", "--port", "20080", "--admin-port", "20080"], capsys)
+    assert status == 2
+    assert lines == [
+        "error: --admin-port: balancer.admin_port: 20080 is the public port too; give the two listeners different ports"
+    ]
