@@ -118,7 +118,14 @@ class Topology:
             for server in servers:
                 self.lb.pool.add(server.server_id, server.url)
             await self.lb.start()
-            await self.wait_healthy()
+            try:
+                await self.wait_healthy()
+            except TimeoutError:
+                unhealthy = [s.server_id for s in servers if not self.lb.pool.upstreams[s.server_id].healthy]
+                raise TopologyError(
+                    f"{', '.join(unhealthy)} did not pass the balancer's health check in {READY_TIMEOUT_S:g} s; "
+                    f"see {self.log_dir}"
+                ) from None
         except BaseException:
             await self.stop()
             raise
