@@ -26,7 +26,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, get_args, get_origin
 
 from lbsession import __version__
 from lbsession.config import (
@@ -38,6 +38,9 @@ from lbsession.config import (
     load_config,
 )
 from lbsession.errors import ConfigError, LBSessionError, TopologyError
+
+if TYPE_CHECKING:
+    from lbsession.lab.bench import BenchReport
 
 log = logging.getLogger("lbsession")
 
@@ -341,9 +344,54 @@ async def cmd_server(args: argparse.Namespace) -> int:
 
 async def cmd_bench(args: argparse.Namespace) -> int:
     """`lbsession bench`: throughput, latency and CPU per request."""
-    from lbsession.lab.bench import run_bench
+    from lbsession.lab.bench import BenchParams, run_bench
 
-    return await run_bench(args)
+    params = BenchParams(
+        requests=args.requests,
+        duration_s=args.duration,
+        connections=args.connections,
+        servers=args.servers,
+        strategy=args.strategy,
+        tool=args.tool,
+        haproxy=args.haproxy,
+        loop=args.loop,
+    )
+    report = await run_bench(params)
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    for line in _bench_lines(report, args.json):
+        print(line)
+    return 0
+
+
+_BENCH_ROW = "{:<14}{:>10}{:>9}{:>9}{:>12}{:>17}{:>8}"
+
+
+def _bench_lines(report: BenchReport, json_path: Path | None) -> list[str]:
+    """The bench's report as a table, then the ratios as facts."""
+    from lbsession.lab.bench import CPU_RATIO_TARGET
+
+    lines = [
+        f"lbsession bench: {report.servers} {report.upstream} upstreams, {report.tool}, "
+        f"balancer loop {report.loop}, strategy {report.strategy}",
+        _BENCH_ROW.format("target", "req/s", "p50 ms", "p99 ms", "CPU us/req", "upstream us/req", "errors"),
+    ]
+    for row in report.figures:
+        figures = [f"{row.load.rps:.0f}", f"{row.load.p50_ms:.2f}", f"{row.load.p99_ms:.2f}"]
+        figures += [f"{row.cpu_us_per_request:.1f}", f"{row.upstream_cpu_us_per_request:.1f}"]
+        lines.append(_BENCH_ROW.format(row.target, *figures, row.load.errors))
+    if report.cpu_ratio is not None:
+        verdict = "met" if report.cpu_target_met else "not met"
+        lines.append(
+            f"CPU per request, lbsession / haproxy: ratio {report.cpu_ratio:.2f}x "
+            f"(target <= {CPU_RATIO_TARGET}x): {verdict}"
+        )
+        lines.append(f"req/s, lbsession / haproxy: {report.rps_ratio or 0:.2f}x")
+    else:
+        lines.append("CPU per request, lbsession / haproxy: not measured (HAProxy not run)")
+    if json_path is not None:
+        lines.append(f"figures written to {json_path}")
+    return lines
 
 
 async def cmd_scenario(args: argparse.Namespace) -> int:

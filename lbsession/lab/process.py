@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lbsession.config import ENV_PREFIX
 from lbsession.errors import TopologyError
 
 HOST = "127.0.0.1"
@@ -94,6 +95,16 @@ class Child:
                 await self.wait()
         except TimeoutError:
             await self.kill()
+
+
+def child_environ(settings: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with `settings` as the only `LBSESSION_*` variables: a child's whole config.
+
+    The parent's own variables are already in its config; passed on as well, they would be read
+    again by the child, where a shortcut (LBSESSION_BACKEND) would win over the parent's choice.
+    """
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    return {**inherited, "PYTHONUNBUFFERED": "1", **settings}
 
 
 def spawn(

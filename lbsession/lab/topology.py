@@ -38,10 +38,10 @@ from lbsession.appserver.lab_control import LAB_TOKEN_ENV, LAB_TOKEN_HEADER, REP
 from lbsession.balancer.admin import json_error, read_json
 from lbsession.balancer.balancer import LoadBalancer
 from lbsession.balancer.upstream import Upstream
-from lbsession.config import ENV_PREFIX, AppServerConfig, Config, RedisConfig, to_environ
+from lbsession.config import AppServerConfig, Config, RedisConfig, to_environ
 from lbsession.errors import TopologyError
 from lbsession.lab.live import LiveScenarios
-from lbsession.lab.process import Child, free_port, read_ready_line, spawn
+from lbsession.lab.process import Child, child_environ, free_port, read_ready_line, spawn
 from lbsession.lab.redis_servers import RedisTopology
 
 log = logging.getLogger(__name__)
@@ -291,15 +291,7 @@ class Topology:
 
     def server_environ(self, server: ManagedServer) -> dict[str, str]:
         """The environment of an app server: this process's, with its config as the only `LBSESSION_*`."""
-        # The parent's own LBSESSION_* variables are already in self.config; passed on as well they
-        # would be read again by the child, and a shortcut (LBSESSION_BACKEND) would win over ours.
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        return {
-            **inherited,
-            "PYTHONUNBUFFERED": "1",
-            LAB_TOKEN_ENV: self._lab_token,
-            **to_environ(self.server_config(server), "app"),
-        }
+        return child_environ({LAB_TOKEN_ENV: self._lab_token, **to_environ(self.server_config(server), "app")})
 
     def _cluster_addresses(self, peers: list[ManagedServer]) -> tuple[str, ...]:
         return tuple(f"127.0.0.1:{p.cluster_port}" for p in peers) if self.config.app.backend == "cluster" else ()
