@@ -350,11 +350,14 @@ def _deep_merge(base: Mapping[str, Any], over: Any) -> Any:
 # --------------------------------------------------------------------------- finding files
 
 
+# The scenarios shipped in the package: in a checkout a link to configs/scenarios, in a wheel a copy.
+PACKAGED_SCENARIOS = Path(__file__).parent / "scenarios"
+
+
 def scenario_dirs() -> list[Path]:
-    """Where scenario names are looked up: ./configs/scenarios, then the source checkout's."""
+    """Where scenario names are looked up: ./configs/scenarios, then the ones shipped in the package."""
     here = Path("configs") / "scenarios"  # relative, so reports name the file as the user would
-    checkout = Path(__file__).resolve().parents[2] / "configs" / "scenarios"
-    return [here] if here.resolve() == checkout else [here, checkout]
+    return [here] if here.resolve() == PACKAGED_SCENARIOS.resolve() else [here, PACKAGED_SCENARIOS]
 
 
 def find_scenario(name: str) -> Path:
