@@ -236,7 +236,7 @@ async def _run_lab(args: argparse.Namespace, config: Config, log_dir: Path) -> i
     await topology.start()
     try:
         info = topology.ready_info()
-        _print_lab(info, config)
+        _print_lab(info, config, keep_logs=args.keep_logs)
         if args.ready_file:
             write_ready_file(args.ready_file, info)
         await stop.wait()
@@ -260,7 +260,7 @@ def _check_ports_free(balancer: BalancerConfig) -> None:
             )
 
 
-def _print_lab(info: dict[str, Any], config: Config) -> None:
+def _print_lab(info: dict[str, Any], config: Config, *, keep_logs: bool) -> None:
     lb = info["lb"]
     print(f"lbsession lab: strategy {info['strategy']}, backend {info['backend']}, {len(info['servers'])} app servers")
     print(f"  load balancer   {lb}")
@@ -272,7 +272,7 @@ def _print_lab(info: dict[str, Any], config: Config) -> None:
     redis = info.get("redis")
     for node in (redis or {}).get("nodes", []) + (redis or {}).get("sentinels", []):
         print(f"  {node['name']:<15} redis://127.0.0.1:{node['port']}  (pid {node['pid']})")
-    print(f"  logs            {info['log_dir']}")
+    print(f"  logs            {info['log_dir']}" + ("" if keep_logs else "  (removed on exit; --keep-logs keeps them)"))
     print()
     print("Log in through the balancer, then ask who you are a few times:")
     print(
