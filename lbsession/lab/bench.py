@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from lbsession.config import AppServerConfig, BalancerConfig, UpstreamConfig, to_environ
+from lbsession.config import AppServerConfig, BalancerConfig, StrategyName, UpstreamConfig, to_environ
 from lbsession.errors import ConfigError, TopologyError
 from lbsession.lab.process import Child, child_environ, free_ports, read_ready_line, spawn, wait_http
 
@@ -59,7 +59,7 @@ class BenchParams:
     duration_s: int = 5  # of each measured wrk run
     connections: int = 50
     servers: int = 3
-    strategy: str = "round-robin"
+    strategy: StrategyName = "round-robin"
     tool: Literal["auto", "wrk", "builtin"] = "auto"
     haproxy: Literal["auto", "yes", "no"] = "auto"
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"  # the measured balancer's event loop
@@ -389,7 +389,7 @@ async def start_balancers(
     balancer = BalancerConfig(
         port=port,
         admin_port=admin_port,
-        strategy=params.strategy,  # type: ignore[arg-type]  # the child's config loader checks it
+        strategy=params.strategy,
         upstreams=tuple(UpstreamConfig(f"u{i}", f"http://{HOST}:{p}") for i, p in enumerate(upstreams.ports, 1)),
     )
     argv = [sys.executable, "-m", "lbsession", "--loop", loop, "--log-level", "warning", "lb"]

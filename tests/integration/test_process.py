@@ -12,6 +12,7 @@ import pytest
 from lbsession.errors import TopologyError
 from lbsession.lab.process import (
     _ephemeral_low,
+    child_environ,
     free_ports,
     port_in_use,
     read_ready_line,
@@ -93,3 +94,11 @@ def test_port_in_use_sees_a_listener() -> None:
         busy.listen()
         assert port_in_use("127.0.0.1", busy.getsockname()[1])
     assert not port_in_use("127.0.0.1", 0)
+
+
+def test_a_childs_only_lbsession_variables_are_the_ones_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LBSESSION_BACKEND", "redis")  # read by the parent already; the child must not read it again
+    monkeypatch.setenv("UNRELATED", "kept")
+    environ = child_environ({"LBSESSION_APP__BACKEND": '"local"'})
+    assert {k: v for k, v in environ.items() if k.startswith("LBSESSION_")} == {"LBSESSION_APP__BACKEND": '"local"'}
+    assert environ["UNRELATED"] == "kept"
