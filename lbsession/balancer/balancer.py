@@ -278,8 +278,9 @@ def _with_sticky_secret(config: BalancerConfig) -> BalancerConfig:
         return config
     if config.strategy == "sticky-cookie":
         log.warning(
-            "sticky.secret is not set: signing %s cookies with a random key, so they will not "
-            "survive a restart of the balancer; set sticky.secret to keep them",
+            "no sticky secret: signing %s cookies with a random key, so they will not survive a "
+            "restart of the balancer; to keep them set --sticky-secret, balancer.sticky.secret in "
+            "the config file, or LBSESSION_BALANCER__STICKY__SECRET",
             config.sticky.cookie_name,
         )
     secret = secrets.token_urlsafe(32)

@@ -17,37 +17,52 @@ The upstreams are one nginx process answering `return 200` when nginx is
 installed, so the balancer, not the upstream, is what costs; else
 `lbsession server` processes hit on `/healthz`. The load generator is wrk when
 installed (a fixed duration), else the built-in asyncio one below (a fixed
-number of requests). Every child is started and stopped here, by its handle,
-in a `finally`: a Ctrl-C or an error leaves no process behind.
+number of requests). Every child is started and stopped here, by its handle
+(lbsession.lab.process), in a `finally`: a Ctrl-C or an error leaves no process
+behind. The lbsession children get their config from the environment, as the
+lab's app servers do. `run_bench` returns a BenchReport; the CLI prints it.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import dataclasses
 import importlib.util
-import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from lbsession.config import AppServerConfig, BalancerConfig, StrategyName, UpstreamConfig, to_environ
 from lbsession.errors import ConfigError, TopologyError
+from lbsession.lab.process import Child, child_environ, free_ports, read_ready_line, spawn, wait_http
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPU_RATIO_TARGET = 1.3  # the requirement: lbsession's CPU per request <= 1.3x HAProxy's
 READY_TIMEOUT_S = 10.0
 WARMUP_S = 1  # wrk's -d takes whole seconds
 BUILTIN_DEADLINE_S = 60.0  # the built-in generator stops here even if requests remain
-STOP_GRACE_S = 5.0
 HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class BenchParams:
+    """What to measure and how: the `lbsession bench` flags, typed."""
+
+    requests: int = 20000  # per measured target, with the built-in generator
+    duration_s: int = 5  # of each measured wrk run
+    connections: int = 50
+    servers: int = 3
+    strategy: StrategyName = "round-robin"
+    tool: Literal["auto", "wrk", "builtin"] = "auto"
+    haproxy: Literal["auto", "yes", "no"] = "auto"
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"  # the measured balancer's event loop
 
 
 @dataclass(frozen=True)
@@ -194,18 +209,6 @@ def haproxy_config(port: int, upstream_ports: list[int]) -> str:
     )
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free right now (all bound at once, then released)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def find_tool(name: str) -> str | None:
     """The path of an installed program, looking in sbin too (nginx and haproxy live there)."""
     return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
@@ -320,60 +323,20 @@ class Children:
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.processes: list[asyncio.subprocess.Process] = []
+        self.processes: list[Child] = []
 
-    async def start(self, name: str, argv: list[str], *, stdout_pipe: bool = False) -> asyncio.subprocess.Process:
-        """Start `argv`; its stderr (and stdout unless piped) goes to <log_dir>/<name>.log."""
-        # A local file opened once per child at start-up: not worth a thread.
-        with open(self.log_dir / f"{name}.log", "ab") as log_file:  # noqa: ASYNC230
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stderr=log_file,
-                stdout=asyncio.subprocess.PIPE if stdout_pipe else log_file,
-                start_new_session=True,  # Ctrl-C reaches the bench only; it stops the children itself
-            )
-        self.processes.append(process)
-        return process
+    def start(
+        self, name: str, argv: list[str], *, settings: dict[str, str] | None = None, ready_line: bool = False
+    ) -> Child:
+        """Start `argv` logging to <log_dir>/<name>.log; `settings` are its LBSESSION_* variables."""
+        env = child_environ(settings or {})
+        child = spawn(name, argv, self.log_dir / f"{name}.log", env=env, ready_line=ready_line)
+        self.processes.append(child)
+        return child
 
     async def stop_all(self) -> None:
         """SIGTERM every running child, SIGKILL those still alive after a grace period."""
-        await asyncio.gather(*(self._stop(p) for p in reversed(self.processes)))
-
-    async def _stop(self, process: asyncio.subprocess.Process) -> None:
-        if process.returncode is not None:
-            return
-        process.terminate()
-        try:
-            async with asyncio.timeout(STOP_GRACE_S):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-
-async def http_status(port: int, path: str) -> int:
-    """The status of one GET, or 0 when nothing answers."""
-    try:
-        async with asyncio.timeout(1.0):
-            reader, writer = await asyncio.open_connection(HOST, port)
-            try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-                return int((await reader.readline())[9:12] or 0)
-            finally:
-                writer.close()
-    except (OSError, TimeoutError, ValueError):
-        return 0
-
-
-async def wait_ready(name: str, process: asyncio.subprocess.Process, port: int, path: str, log_dir: Path) -> None:
-    """Poll a real request until it answers 200; TopologyError if the process dies or time runs out."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while await http_status(port, path) != 200:
-        if process.returncode is not None or time.monotonic() > deadline:
-            why = f"exited with status {process.returncode}" if process.returncode is not None else "is not ready"
-            raise TopologyError(f"{name} {why} after {READY_TIMEOUT_S:g} s at most; see {log_dir / name}.log")
-        await asyncio.sleep(0.05)  # a poll interval, not a hope: readiness is the 200 itself
+        await asyncio.gather(*(child.stop() for child in reversed(self.processes)))
 
 
 @dataclass(frozen=True)
@@ -393,44 +356,45 @@ async def start_upstreams(children: Children, count: int) -> Upstreams:
         ports, conf = free_ports(count), children.log_dir / "nginx.conf"
         conf.write_text(nginx_config(ports, children.log_dir))
         argv = [nginx, "-p", str(children.log_dir), "-c", str(conf), "-e", str(children.log_dir / "error.log")]
-        process = await children.start("nginx", argv)
+        child = children.start("nginx", argv)
         for port in ports:
-            await wait_ready("nginx", process, port, "/", children.log_dir)
-        return Upstreams("nginx", ports, "/", (process.pid,))
+            await wait_http(child, port, "/", READY_TIMEOUT_S)
+        return Upstreams("nginx", ports, "/", (child.popen.pid,))
     ports, pids = [], []
     for index in range(1, count + 1):
         name = f"was-{index}"
-        argv = [sys.executable, "-m", "lbsession", "server", "--id", name, "--port", "0", "--ready-line"]
-        process = await children.start(name, argv, stdout_pipe=True)
-        assert process.stdout is not None
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_S * 2):  # a cold start imports aiohttp
-                line = await process.stdout.readline()
-        except TimeoutError:
-            line = b""
-        if not line:
-            raise TopologyError(f"{name} did not report ready; see {children.log_dir / name}.log")
-        ports.append(json.loads(line)["port"])
-        pids.append(process.pid)
+        argv = [sys.executable, "-m", "lbsession", "server", "--ready-line"]
+        settings = to_environ(AppServerConfig(id=name, port=0), "app")
+        child = children.start(name, argv, settings=settings, ready_line=True)
+        ready = await read_ready_line(child, READY_TIMEOUT_S * 2)  # a cold start imports aiohttp
+        ports.append(ready["port"])
+        pids.append(child.popen.pid)
     return Upstreams("server", ports, "/healthz", tuple(pids))
 
 
-async def start_target(children: Children, name: str, argv: list[str], port: int, path: str) -> Target:
+async def start_target(
+    children: Children, name: str, argv: list[str], port: int, path: str, settings: dict[str, str] | None = None
+) -> Target:
     """Start a balancer (`argv` listens on `port`); return once it proxies a 200."""
-    process = await children.start(name, argv)
-    await wait_ready(name, process, port, path, children.log_dir)
-    return Target(name, f"http://{HOST}:{port}{path}", (process.pid,))
+    child = children.start(name, argv, settings=settings)
+    await wait_http(child, port, path, READY_TIMEOUT_S)
+    return Target(name, f"http://{HOST}:{port}{path}", (child.popen.pid,))
 
 
 async def start_balancers(
-    children: Children, upstreams: Upstreams, args: argparse.Namespace, loop: str, haproxy: str | None
+    children: Children, upstreams: Upstreams, params: BenchParams, loop: str, haproxy: str | None
 ) -> list[Target]:
     """Start `lbsession lb` and, unless `haproxy` is None, HAProxy in front of the same upstreams."""
     port, admin_port = free_ports(2)
-    lb = f"-m lbsession --loop {loop} --log-level warning lb --strategy {args.strategy}"
-    argv = [sys.executable, *lb.split(), "--port", str(port), "--admin-port", str(admin_port)]
-    argv += [arg for i, p in enumerate(upstreams.ports, 1) for arg in ("--upstream", f"u{i}=http://{HOST}:{p}")]
-    targets = [await start_target(children, "lbsession", argv, port, upstreams.path)]
+    balancer = BalancerConfig(
+        port=port,
+        admin_port=admin_port,
+        strategy=params.strategy,
+        upstreams=tuple(UpstreamConfig(f"u{i}", f"http://{HOST}:{p}") for i, p in enumerate(upstreams.ports, 1)),
+    )
+    argv = [sys.executable, "-m", "lbsession", "--loop", loop, "--log-level", "warning", "lb"]
+    settings = to_environ(balancer, "balancer")
+    targets = [await start_target(children, "lbsession", argv, port, upstreams.path, settings)]
     if haproxy is not None:
         (port,) = free_ports(1)
         conf = children.log_dir / "haproxy.cfg"
@@ -458,78 +422,93 @@ async def measure(plan: LoadPlan, target: Target, upstream_pids: tuple[int, ...]
     )
 
 
-def plan_from_args(args: argparse.Namespace) -> tuple[LoadPlan, str | None]:
+_PARAM_FLAGS = {
+    "requests": "--requests",
+    "connections": "--connections",
+    "servers": "--servers",
+    "duration_s": "--duration",
+}
+
+
+def plan_for(params: BenchParams) -> tuple[LoadPlan, str | None]:
     """The load plan and the HAProxy binary (None: not measured); ConfigError for an impossible request."""
-    for name in ("requests", "connections", "servers", "duration"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name}: {getattr(args, name)} must be greater than 0")
-    wrk = find_tool("wrk") if args.tool != "builtin" else None
-    if args.tool == "wrk" and wrk is None:
+    for name, flag in _PARAM_FLAGS.items():
+        if getattr(params, name) <= 0:
+            raise ConfigError(f"{flag}: {getattr(params, name)} must be greater than 0")
+    wrk = find_tool("wrk") if params.tool != "builtin" else None
+    if params.tool == "wrk" and wrk is None:
         raise ConfigError("--tool wrk: wrk is not installed; install it (apt-get install wrk) or use --tool builtin")
-    haproxy = find_tool("haproxy") if args.haproxy != "no" else None
-    if args.haproxy == "yes" and haproxy is None:
+    haproxy = find_tool("haproxy") if params.haproxy != "no" else None
+    if params.haproxy == "yes" and haproxy is None:
         raise ConfigError("--haproxy yes: haproxy is not installed; install it or use --haproxy no")
-    plan = LoadPlan(wrk, args.connections, args.duration, args.requests)
+    plan = LoadPlan(wrk, params.connections, params.duration_s, params.requests)
     return plan, haproxy
 
 
-def build_report(figures: list[Figures], setup: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BenchReport:
+    """What one bench run measured: the setup, a row per target, and lbsession's figures beside HAProxy's."""
+
+    upstream: str  # "nginx" or "server"
+    servers: int
+    tool: str  # the load generator and its bounds
+    loop: str
+    strategy: str
+    figures: tuple[Figures, ...]
+    cpu_ratio: float | None = None  # lbsession / HAProxy CPU per request; None: HAProxy not run
+    rps_ratio: float | None = None
+    cpu_target_met: bool | None = None  # None: HAProxy not run, nothing to compare with
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as its JSON file holds it."""
+        out: dict[str, Any] = {
+            "upstream": self.upstream,
+            "servers": self.servers,
+            "tool": self.tool,
+            "loop": self.loop,
+            "strategy": self.strategy,
+            "targets": [f.as_dict() for f in self.figures],
+            "cpu_ratio_target": CPU_RATIO_TARGET,
+        }
+        if self.cpu_target_met is not None:
+            out.update(cpu_ratio=self.cpu_ratio, rps_ratio=self.rps_ratio, cpu_target_met=self.cpu_target_met)
+        return out
+
+
+def build_report(figures: list[Figures], setup: dict[str, Any]) -> BenchReport:
     """The figures, plus the lbsession/HAProxy ratios and the verdict against the CPU target."""
+    defaults: dict[str, Any] = {"upstream": "", "servers": 0, "tool": "", "loop": "", "strategy": ""}
+    report = BenchReport(**{**defaults, **setup}, figures=tuple(figures))
     rows = {f.target: f for f in figures}
-    report: dict[str, Any] = {**setup, "targets": [f.as_dict() for f in figures], "cpu_ratio_target": CPU_RATIO_TARGET}
-    if "lbsession" in rows and "haproxy" in rows:
-        lb, ha = rows["lbsession"], rows["haproxy"]
-        report["cpu_ratio"] = round(lb.cpu_us_per_request / ha.cpu_us_per_request, 2) if ha.cpu_us_per_request else None
-        report["rps_ratio"] = round(lb.load.rps / ha.load.rps, 2) if ha.load.rps else None
-        report["cpu_target_met"] = report["cpu_ratio"] is not None and report["cpu_ratio"] <= CPU_RATIO_TARGET
-    return report
+    if "lbsession" not in rows or "haproxy" not in rows:
+        return report
+    lb, ha = rows["lbsession"], rows["haproxy"]
+    cpu_ratio = round(lb.cpu_us_per_request / ha.cpu_us_per_request, 2) if ha.cpu_us_per_request else None
+    rps_ratio = round(lb.load.rps / ha.load.rps, 2) if ha.load.rps else None
+    met = cpu_ratio is not None and cpu_ratio <= CPU_RATIO_TARGET
+    return dataclasses.replace(report, cpu_ratio=cpu_ratio, rps_ratio=rps_ratio, cpu_target_met=met)
 
 
-_ROW = "{:<14}{:>10}{:>9}{:>9}{:>12}{:>17}{:>8}"
-
-
-def print_report(report: dict[str, Any], json_path: Path | None) -> None:
-    """Print the report as a table and the ratios as facts (the bench's only printing)."""
-    print(f"lbsession bench: {report['servers']} {report['upstream']} upstreams, {report['tool']}, ", end="")
-    print(f"balancer loop {report['loop']}, strategy {report['strategy']}")
-    print(_ROW.format("target", "req/s", "p50 ms", "p99 ms", "CPU us/req", "upstream us/req", "errors"))
-    for row in report["targets"]:
-        figures = [f"{row['rps']:.0f}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}"]
-        figures += [f"{row['cpu_us_per_request']:.1f}", f"{row['upstream_cpu_us_per_request']:.1f}"]
-        print(_ROW.format(row["target"], *figures, row["errors"]))
-    if report.get("cpu_ratio") is not None:
-        verdict = "met" if report["cpu_target_met"] else "not met"
-        print(f"CPU per request, lbsession / haproxy: ratio {report['cpu_ratio']:.2f}x ", end="")
-        print(f"(target <= {CPU_RATIO_TARGET}x): {verdict}")
-        print(f"req/s, lbsession / haproxy: {report['rps_ratio']:.2f}x")
-    else:
-        print("CPU per request, lbsession / haproxy: not measured (HAProxy not run)")
-    if json_path is not None:
-        print(f"figures written to {json_path}")
-
-
-async def measure_all(
-    children: Children, plan: LoadPlan, args: argparse.Namespace, haproxy: str | None
-) -> dict[str, Any]:
+async def measure_all(children: Children, plan: LoadPlan, params: BenchParams, haproxy: str | None) -> BenchReport:
     """Start every process, measure each target in turn, and return the report."""
-    loop = args.loop if args.loop != "auto" else ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
-    upstreams = await start_upstreams(children, args.servers)
+    loop = params.loop if params.loop != "auto" else ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+    upstreams = await start_upstreams(children, params.servers)
     direct = Target(
         f"direct {upstreams.kind}", f"http://{HOST}:{upstreams.ports[0]}{upstreams.path}", upstreams.pids[:1]
     )
-    targets = [direct, *await start_balancers(children, upstreams, args, loop, haproxy)]
+    targets = [direct, *await start_balancers(children, upstreams, params, loop, haproxy)]
     figures = [await measure(plan, target, upstreams.pids) for target in targets]
-    setup = {"upstream": upstreams.kind, "servers": args.servers, "tool": plan.describe(), "loop": loop}
-    return build_report(figures, {**setup, "strategy": args.strategy})
+    setup = {"upstream": upstreams.kind, "servers": params.servers, "tool": plan.describe(), "loop": loop}
+    return build_report(figures, {**setup, "strategy": params.strategy})
 
 
-async def run_bench(args: argparse.Namespace) -> int:
-    """`lbsession bench`: start upstreams, lbsession and HAProxy; measure each; print and save the figures."""
-    plan, haproxy = plan_from_args(args)
+async def run_bench(params: BenchParams) -> BenchReport:
+    """Start upstreams, lbsession and HAProxy; measure each; return the figures (the caller prints them)."""
+    plan, haproxy = plan_for(params)
     children = Children(Path(tempfile.mkdtemp(prefix="lbsession-bench-")))
     keep_logs = False
     try:
-        report = await measure_all(children, plan, args, haproxy)
+        return await measure_all(children, plan, params, haproxy)
     except TopologyError:
         keep_logs = True  # the error names a log in the directory
         raise
@@ -537,7 +516,3 @@ async def run_bench(args: argparse.Namespace) -> int:
         await children.stop_all()
         if not keep_logs:
             shutil.rmtree(children.log_dir, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print_report(report, args.json)
-    return 0

@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.resources
 import logging
 import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from lbsession.config import RedisConfig
 from lbsession.errors import TopologyError
+from lbsession.lab.process import Child, free_port, free_ports, spawn, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +67,6 @@ def find_cli_binary(server: Path) -> Path:
     return cli
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now, for a server that must know its port before it starts.
-
-    Not from port 0: that hands out a number from the ephemeral range, which the kernel also
-    gives to outgoing connections as their source port, so between the choice and the bind
-    some connection may take it (a cluster node's links start before its listener). A port
-    below the ephemeral range is never handed out that way.
-    """
-    low = _ephemeral_low()
-    while True:
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue  # taken: draw again
-            return port
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
-
-
 @dataclass
 class RedisProcess:
     """One redis-server (or Sentinel) process on a loopback port."""
@@ -102,12 +77,12 @@ class RedisProcess:
     port: int = field(default_factory=free_port)
     extra: list[str] = field(default_factory=list)  # more server options, e.g. --replicaof
     config_text: str | None = None  # for a Sentinel: the config file it must be able to rewrite
-    process: subprocess.Popen[bytes] | None = None
+    process: Child | None = None
 
     @property
     def pid(self) -> int | None:
         """The OS process id, or None when not running."""
-        return self.process.pid if self.process is not None and self.process.poll() is None else None
+        return self.process.pid if self.process is not None else None
 
     @property
     def url(self) -> str:
@@ -131,33 +106,20 @@ class RedisProcess:
     async def start(self) -> None:
         """Start the process and return once it answers PING."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.workdir / f"{self.name}.log", "ab") as log_file:  # noqa: ASYNC230 - a local log file
-            # Popen rather than asyncio's subprocesses: the handle must outlive the loop that started it
-            # (the tests' session-wide Redis is started in a loop of its own). Starting does not block.
-            self.process = subprocess.Popen(  # noqa: ASYNC220
-                self.argv(), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
-            )
+        self.process = spawn(self.name, self.argv(), self.workdir / f"{self.name}.log")
         async with _client(self.port) as client:
             await _until(lambda: client.ping(), f"{self.name} on port {self.port} to answer PING", self)
 
     async def kill(self) -> None:
         """SIGKILL: no shutdown save, memory gone."""
-        if self.pid is None:
+        if self.process is None or self.pid is None:
             raise TopologyError(f"{self.name} is not running")
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(self.process.wait)
+        await self.process.kill()
 
     async def stop(self) -> None:
         """Stop politely (SIGTERM), then SIGKILL after a grace period."""
-        if self.pid is None:
-            return
-        assert self.process is not None
-        self.process.terminate()
-        try:
-            await asyncio.wait_for(asyncio.to_thread(self.process.wait), 5.0)
-        except TimeoutError:
-            await self.kill()
+        if self.process is not None:
+            await self.process.stop()
 
     def as_dict(self) -> dict[str, Any]:
         """The process as the admin API shows it."""
@@ -201,14 +163,12 @@ class RedisTopology:
         """Stop every process."""
         await asyncio.gather(*(p.stop() for p in [*self.sentinels, *self.nodes]))
 
-    def app_server_args(self) -> list[str]:
-        """The flags that point an app server at this Redis."""
+    def client_config(self, base: RedisConfig) -> RedisConfig:
+        """`base` pointed at this Redis: its URL, or its Sentinels and the service they monitor."""
         if not self.ha:
-            return ["--redis-url", self.nodes[0].url]
-        args = ["--redis-service", SERVICE_NAME]
-        for sentinel in self.sentinels:
-            args += ["--redis-sentinel", f"127.0.0.1:{sentinel.port}"]
-        return args
+            return dataclasses.replace(base, url=self.nodes[0].url, sentinels=())
+        sentinels = tuple(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return dataclasses.replace(base, url=None, sentinels=sentinels, service_name=SERVICE_NAME)
 
     async def primary(self) -> RedisProcess:
         """The node that is primary now (Sentinel's view when there is one)."""
@@ -275,10 +235,7 @@ class RedisClusterTopology:
         self.binary = find_redis_binary(binary)
         self.cli = find_cli_binary(self.binary)
         # Each node's bus port is chosen too: the default, port + 10000, may fall in the ephemeral range.
-        ports: set[int] = set()
-        while len(ports) < 2 * primaries:
-            ports.add(free_port())  # distinct, or two listeners would fight over one
-        drawn = iter(ports)
+        drawn = iter(free_ports(2 * primaries))  # distinct, or two listeners would fight over one
         self.nodes: list[RedisProcess] = []
         for n in range(1, primaries + 1):
             name = f"cluster-{n}"
@@ -354,16 +311,14 @@ async def _client(port: int) -> Any:
         await client.aclose()
 
 
-async def _until(probe: Any, what: str, process: RedisProcess) -> None:
-    """Ask `probe()` until it returns truthy; TopologyError naming `what` after READY_TIMEOUT_S."""
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            while True:
-                if process.pid is None:
-                    raise TopologyError(f"{process.name} exited; see {process.workdir / (process.name + '.log')}")
-                with contextlib.suppress(OSError, aioredis.RedisError):
-                    if await probe():
-                        return
-                await asyncio.sleep(0.02)  # the next readiness probe, not a guess at how long it takes
-    except TimeoutError:
-        raise TopologyError(f"timed out after {READY_TIMEOUT_S:g} s waiting for {what}") from None
+async def _until(probe: Callable[[], Awaitable[Any]], what: str, node: RedisProcess) -> None:
+    """Ask `probe()` until it returns truthy (a Redis error meaning "not yet"); TopologyError after READY_TIMEOUT_S."""
+
+    async def answered() -> bool:
+        with contextlib.suppress(OSError, aioredis.RedisError):
+            return bool(await probe())
+        return False
+
+    if node.process is None:
+        raise TopologyError(f"{node.name} is not started")
+    await wait_until(node.process, answered, what, READY_TIMEOUT_S)

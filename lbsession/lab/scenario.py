@@ -1,7 +1,7 @@
 """Scenarios: a topology, virtual users, their steps, faults on a timeline, and the predicted outcome.
 
 A scenario is one YAML file in `configs/scenarios/`, labelled with the claim of
-the seed it measures (C1..C12; B1.. for those beyond the seed):
+the seed it measures (the id families are CLAIM_FAMILIES below):
 
     claim: C6
     title: sticky cookie + local sessions, a server killed: its users log in again
@@ -53,7 +53,22 @@ FaultAction = Literal[
 FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
 SERVER_FAULTS = ("kill-server", "restart-server", "drain-server", "remove-server", "cut-peer", "heal-peer")
 OPERATORS = (">=", "<=", "==", "!=", ">", "<")
-CLAIM_PATTERN = re.compile(r"^(C([1-9]|1[0-2])|B[1-9][0-9]?)$")
+# Every family of claim ids, in one place: the file check, the lookup by id and the hints follow it.
+CLAIM_FAMILIES: dict[str, str] = {
+    "C": "C1..C12 (the seed's claims)",
+    "B": "B1.. (beyond the seed)",
+    "F": "F1.. (failures)",
+}
+_OPEN_FAMILIES = "".join(family for family in CLAIM_FAMILIES if family != "C")  # C stops at the seed's 12
+CLAIM_PATTERN = re.compile(rf"^(C([1-9]|1[0-2])|[{_OPEN_FAMILIES}][1-9][0-9]?)$")
+_CLAIM_ID = re.compile(rf"([{''.join(CLAIM_FAMILIES)}])(\d{{1,2}})", re.IGNORECASE)
+
+
+def claim_families() -> str:
+    """Every family of claim ids in words, for hints: `C1..C12 (the seed's claims), B1.. (...) or F1.. (...)`."""
+    *first, last = CLAIM_FAMILIES.values()
+    return f"{', '.join(first)} or {last}" if first else last
+
 
 # What a scenario's topology starts from: free ports, and health checks fast enough that a
 # killed server is noticed within a fraction of a second of a run lasting a few seconds.
@@ -183,7 +198,7 @@ class Scenario:
     def problems(self) -> list[str]:
         out = [] if 0.2 <= self.duration_s <= 600 else [f"duration_s: {self.duration_s} must be 0.2 to 600"]
         if self.claim is not None and not CLAIM_PATTERN.match(self.claim):
-            out.append(f"claim: {self.claim!r} is not a claim id; use C1..C12 (the seed's) or B1.. (beyond it)")
+            out.append(f"claim: {self.claim!r} is not a claim id; use {claim_families()}")
         if not 0 <= self.settle_s <= 60:
             out.append(f"settle_s: {self.settle_s} must be between 0 and 60")
         if self.population.ramp_s >= self.duration_s:
@@ -335,11 +350,14 @@ def _deep_merge(base: Mapping[str, Any], over: Any) -> Any:
 # --------------------------------------------------------------------------- finding files
 
 
+# The scenarios shipped in the package: in a checkout a link to configs/scenarios, in a wheel a copy.
+PACKAGED_SCENARIOS = Path(__file__).parent / "scenarios"
+
+
 def scenario_dirs() -> list[Path]:
-    """Where scenario names are looked up: ./configs/scenarios, then the source checkout's."""
+    """Where scenario names are looked up: ./configs/scenarios, then the ones shipped in the package."""
     here = Path("configs") / "scenarios"  # relative, so reports name the file as the user would
-    checkout = Path(__file__).resolve().parents[2] / "configs" / "scenarios"
-    return [here] if here.resolve() == checkout else [here, checkout]
+    return [here] if here.resolve() == PACKAGED_SCENARIOS.resolve() else [here, PACKAGED_SCENARIOS]
 
 
 def find_scenario(name: str) -> Path:
@@ -356,10 +374,12 @@ def find_scenario(name: str) -> Path:
     if len(by_claim) == 1:
         return by_claim[0]
     choices = ", ".join(known) or f"none found in {', '.join(str(d) for d in scenario_dirs())}"
-    raise ConfigError(f"scenario {name!r}: no such file or claim; choose a file, a claim id (C1..C12) or: {choices}")
+    raise ConfigError(
+        f"scenario {name!r}: no such file or claim; choose a file, a claim id ({claim_families()}) or: {choices}"
+    )
 
 
 def _claim_prefix(name: str) -> str:
     """`C6` -> `C06`, the prefix of claim files (c06-...), so that c1 and c10 are not confused."""
-    match = re.fullmatch(r"([CcBb])(\d{1,2})", name)
+    match = _CLAIM_ID.fullmatch(name)
     return f"{match.group(1).upper()}{int(match.group(2)):02d}" if match else name.upper()

@@ -8,12 +8,18 @@ is a child process (`python -m lbsession server`), so a fault is what it would
 be in production: `SIGKILL`, the process gone with everything in its memory.
 A child reports readiness by printing one JSON line on its stdout once its
 port is bound, which also tells the parent the port it was given (port 0).
+
+A child gets its whole configuration by one mechanism: the `LBSESSION_APP__*`
+environment (lbsession.config.to_environ), which its `load_config` reads as any
+user's variables. Its command line carries no setting, so nothing in it (a
+Redis password, the cluster secret) shows in `ps`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,10 +35,11 @@ import aiohttp
 from lbsession.appserver.lab_control import LAB_TOKEN_ENV, LAB_TOKEN_HEADER, REPLICATION_PATH
 from lbsession.balancer.balancer import LoadBalancer
 from lbsession.balancer.upstream import Upstream
-from lbsession.config import Config
+from lbsession.config import AppServerConfig, Config, RedisConfig, to_environ
 from lbsession.errors import TopologyError
 from lbsession.lab.control import LabControl, LbsessionView
-from lbsession.lab.redis_servers import RedisTopology, free_port
+from lbsession.lab.process import Child, child_environ, free_port, read_ready_line, spawn
+from lbsession.lab.redis_servers import RedisTopology
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +52,14 @@ class ManagedServer:
 
     server_id: str
     port: int = 0
-    process: asyncio.subprocess.Process | None = None
+    process: Child | None = None
     log_path: Path | None = None
     restarts: int = 0
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # command-line flags that are not settings (--access-log)
     cluster_port: int = 0  # backend cluster: the replication listener, fixed so peers can list it
-    cluster_args: list[str] = field(default_factory=list)  # peers or join: fixed at creation, kept on restart
+    # Backend cluster: whom it replicates to, fixed at creation and kept on restart.
+    cluster_peers: tuple[str, ...] = ()
+    cluster_join: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)  # kill/restart one at a time
 
     @property
@@ -61,7 +70,7 @@ class ManagedServer:
     @property
     def pid(self) -> int | None:
         """The OS process id, or None when not running."""
-        return self.process.pid if self.process is not None and self.process.returncode is None else None
+        return self.process.pid if self.process is not None else None
 
     def as_dict(self) -> dict[str, Any]:
         """The server as the ready file and the admin API describe it."""
@@ -77,7 +86,7 @@ class Topology:
     def __init__(self, config: Config, *, log_dir: Path | None = None, server_args: list[str] | None = None) -> None:
         self.config = config
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lbsession-"))
-        self.server_args = server_args or []  # extra flags for every app server
+        self.server_args = server_args or []  # flags that are not settings, for every app server
         self.servers: dict[str, ManagedServer] = {}
         self.lb: LoadBalancer | None = None
         self.redis: RedisTopology | None = None  # the Redis this lab started, if it started one
@@ -101,7 +110,7 @@ class Topology:
             await self._start_redis()
             servers = [self._new_server() for _ in range(self.config.servers)]
             for server in servers:  # every first server lists all the others
-                server.cluster_args = self._peer_args([s for s in servers if s is not server])
+                server.cluster_peers = self._cluster_addresses([s for s in servers if s is not server])
             await asyncio.gather(*(self._spawn(s) for s in servers))
             self.lb = LoadBalancer(self.config.balancer)
             for server in servers:
@@ -109,7 +118,14 @@ class Topology:
             await self.lb.start(admin=False)  # the lab's control listener serves its admin API
             self.control = LabControl(self, LbsessionView(self.lb), self.lb.config)
             await self.control.start()
-            await self.wait_healthy()
+            try:
+                await self.wait_healthy()
+            except TimeoutError:
+                unhealthy = [s.server_id for s in servers if not self.lb.pool.upstreams[s.server_id].healthy]
+                raise TopologyError(
+                    f"{', '.join(unhealthy)} did not pass the balancer's health check in {READY_TIMEOUT_S:g} s; "
+                    f"see {self.log_dir}"
+                ) from None
         except BaseException:
             await self.stop()
             raise
@@ -190,10 +206,9 @@ class Topology:
         return server
 
     async def _kill(self, server: ManagedServer) -> None:
-        if server.process is None or server.process.returncode is not None:
+        if server.process is None or server.pid is None:
             raise TopologyError(f"{server.server_id} is not running")
-        server.process.kill()
-        await server.process.wait()
+        await server.process.kill()
         log.info("killed %s (SIGKILL)", server.server_id)
 
     async def restart_server(self, server_id: str) -> ManagedServer:
@@ -223,9 +238,9 @@ class Topology:
         others = [s for s in self.servers.values() if s.pid is not None]
         server = self._new_server()
         if self.config.app.cluster.membership == "join" and others:
-            server.cluster_args = ["--cluster-join", f"127.0.0.1:{others[0].cluster_port}"]
+            server.cluster_join = f"127.0.0.1:{others[0].cluster_port}"
         else:
-            server.cluster_args = self._peer_args(others)
+            server.cluster_peers = self._cluster_addresses(others)
         await self._spawn(server)
         self._balancer().pool.add(server.server_id, server.url)
         return server
@@ -264,93 +279,52 @@ class Topology:
         return server
 
     def server_argv(self, server: ManagedServer) -> list[str]:
-        """The command line of an app server, as a user would type it."""
+        """The command line of an app server: no setting, those are in `server_environ`."""
+        argv = [sys.executable, "-m", "lbsession", "server", "--ready-line"]
+        return argv + self.server_args + server.extra_args
+
+    def server_config(self, server: ManagedServer) -> AppServerConfig:
+        """The lab's app-server config as this one server gets it: its id, ports, peers and Redis."""
         app = self.config.app
-        session = app.session
-        argv = [
-            sys.executable, "-m", "lbsession", "server", "--id", server.server_id,
-            "--host", "127.0.0.1", "--port", str(server.port), "--backend", app.backend,
-            "--session-cookie", session.cookie_name, "--session-ttl", f"{session.ttl_s:g}", "--ready-line",
-        ]  # fmt: skip
-        if session.secure:
-            argv.append("--secure-cookies")
-        return argv + self._redis_args() + self._cluster_args(server) + self.server_args + server.extra_args
+        cluster = dataclasses.replace(
+            app.cluster,
+            port=server.cluster_port,
+            peers=server.cluster_peers,
+            join=server.cluster_join,
+            secret=self._cluster_secret,
+        )
+        cookie = dataclasses.replace(app.cookie, keys=self._cookie_keys)
+        return dataclasses.replace(
+            app, id=server.server_id, host="127.0.0.1", port=server.port, cluster=cluster, cookie=cookie,
+            redis=self._redis_config(),
+        )  # fmt: skip
 
-    def _peer_args(self, peers: list[ManagedServer]) -> list[str]:
-        if self.config.app.backend != "cluster":
-            return []
-        return ["--cluster-peers", ",".join(f"127.0.0.1:{p.cluster_port}" for p in peers)]
+    def server_environ(self, server: ManagedServer) -> dict[str, str]:
+        """The environment of an app server: this process's, with its config as the only `LBSESSION_*`."""
+        return child_environ({LAB_TOKEN_ENV: self._lab_token, **to_environ(self.server_config(server), "app")})
 
-    def _cluster_args(self, server: ManagedServer) -> list[str]:
-        cluster = self.config.app.cluster
-        if self.config.app.backend != "cluster":
-            return []
-        return [
-            "--cluster-port", str(server.cluster_port), "--cluster-replication", cluster.replication,
-            "--cluster-membership", cluster.membership, *server.cluster_args,
-        ]  # fmt: skip
+    def _cluster_addresses(self, peers: list[ManagedServer]) -> tuple[str, ...]:
+        return tuple(f"127.0.0.1:{p.cluster_port}" for p in peers) if self.config.app.backend == "cluster" else ()
 
-    def _redis_args(self) -> list[str]:
+    def _redis_config(self) -> RedisConfig:
         """How the app servers reach Redis: the lab's own, or the one configured."""
         redis = self.config.app.redis
-        if self.config.app.backend != "redis":
-            return []
-        if self.redis is not None:
-            args = self.redis.app_server_args()
-        else:
-            # A configured URL may carry a password: it reaches the servers through their environment.
-            args = [] if redis.url else ["--redis-service", redis.service_name]
-            args += [arg for address in redis.sentinels for arg in ("--redis-sentinel", address)]
-            args += ["--redis-cluster"] if redis.cluster else []
-        return [*args, "--redis-prefix", redis.key_prefix, "--redis-retry", f"{redis.retry_s:g}"]
+        return self.redis.client_config(redis) if self.redis is not None else redis
 
     async def _spawn(self, server: ManagedServer) -> None:
         assert server.log_path is not None
-        with open(server.log_path, "ab") as log_file:  # noqa: ASYNC230 - opening a local log file does not block
-            server.process = await asyncio.create_subprocess_exec(
-                *self.server_argv(server),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
-                env={
-                    **os.environ,
-                    "PYTHONUNBUFFERED": "1",
-                    "LBSESSION_APP__CLUSTER__SECRET": self._cluster_secret,
-                    "LBSESSION_APP__COOKIE__KEYS": json.dumps(list(self._cookie_keys)),
-                    LAB_TOKEN_ENV: self._lab_token,
-                    **({"LBSESSION_REDIS_URL": self.config.app.redis.url} if self.config.app.redis.url else {}),
-                },
-                start_new_session=True,  # Ctrl-C in a terminal reaches `run`, which stops children itself
-            )
-        assert server.process.stdout is not None
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                line = await server.process.stdout.readline()
-        except TimeoutError:
-            server.process.kill()
-            await server.process.wait()
-            raise TopologyError(
-                f"{server.server_id} did not report ready in {READY_TIMEOUT_S:g} s; see {server.log_path}"
-            ) from None
-        if not line:
-            await server.process.wait()
-            tail = server.log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise TopologyError(
-                f"{server.server_id} exited with status {server.process.returncode}: {' | '.join(tail)}"
-            )
-        server.port = json.loads(line)["port"]
+        server.process = spawn(
+            server.server_id,
+            self.server_argv(server),
+            server.log_path,
+            env=self.server_environ(server),
+            ready_line=True,
+        )
+        server.port = (await read_ready_line(server.process, READY_TIMEOUT_S))["port"]
 
     async def _terminate(self, server: ManagedServer) -> None:
-        process = server.process
-        if process is None or process.returncode is not None:
-            return
-        process.terminate()
-        try:
-            async with asyncio.timeout(5.0):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        if server.process is not None:
+            await server.process.stop()
 
     def _server(self, server_id: str) -> ManagedServer:
         if server_id not in self.servers:

@@ -28,7 +28,8 @@ import redis.asyncio as aioredis
 import yaml
 
 from lbsession.cli import build_parser, config_from_args
-from lbsession.lab.redis_servers import find_redis_binary, free_port
+from lbsession.lab.process import free_port
+from lbsession.lab.redis_servers import find_redis_binary
 from lbsession.lab.scenario import load_scenario
 
 pytestmark = pytest.mark.integration

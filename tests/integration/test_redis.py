@@ -40,15 +40,19 @@ async def test_a_killed_app_server_logs_nobody_out(start_lab, users):
 async def test_a_server_added_at_run_time_serves_logged_in_users_with_nothing_reconfigured(start_lab, users):
     lab: Topology = await start_lab("round-robin", backend="redis")
     people = await logged_in_users(lab, users, 4)
-    before = {s.server_id: (s.pid, lab.server_argv(s)) for s in lab.servers.values()}
+    before = {s.server_id: (s.pid, lab.server_argv(s), lab.server_environ(s)) for s in lab.servers.values()}
 
     new = await lab.add_server()
     replies = [await p.me() for p in people for _ in range(4)]
 
     assert all(r.status == 200 for r in replies), replies
     assert new.server_id in {r.server for r in replies}  # the newcomer knew them at once
-    after = {sid: (lab.servers[sid].pid, lab.server_argv(lab.servers[sid])) for sid in before}
-    assert after == before  # same processes, same command lines: the others were not touched
+    after = {
+        sid: (lab.servers[sid].pid, lab.server_argv(s), lab.server_environ(s))
+        for sid, s in lab.servers.items()
+        if sid in before
+    }
+    assert after == before  # same processes, same command lines and config: the others were not touched
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ No child process is started here: wrk's output is parsed from captured text,
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,20 +16,21 @@ from aiohttp import web
 from lbsession.errors import ConfigError
 from lbsession.lab.bench import (
     CPU_RATIO_TARGET,
+    BenchParams,
     Figures,
     LoadResult,
     build_report,
     cpu_us_per_request,
-    free_ports,
     generate_load,
     haproxy_config,
     latency_ms,
     nginx_config,
     parse_wrk,
     percentile_ms,
-    plan_from_args,
+    plan_for,
     proc_stat_ticks,
 )
+from lbsession.lab.process import free_ports
 
 WRK_MS = """\
 Running 10s test @ http://127.0.0.1:50001/
@@ -150,28 +150,28 @@ def _figures(target: str, cpu_us: float, rps: float) -> Figures:
 
 
 def test_report_ratio_and_verdict() -> None:
-    report = build_report([_figures("lbsession", 12.0, 50_000), _figures("haproxy", 10.0, 100_000)], {})
+    report = build_report([_figures("lbsession", 12.0, 50_000), _figures("haproxy", 10.0, 100_000)], {}).as_dict()
     assert (report["cpu_ratio"], report["rps_ratio"], report["cpu_target_met"]) == (1.2, 0.5, True)
-    report = build_report([_figures("lbsession", 28.0, 30_000), _figures("haproxy", 10.0, 100_000)], {})
+    report = build_report([_figures("lbsession", 28.0, 30_000), _figures("haproxy", 10.0, 100_000)], {}).as_dict()
     assert report["cpu_ratio"] > CPU_RATIO_TARGET and report["cpu_target_met"] is False
 
 
 def test_report_without_haproxy_has_no_ratio() -> None:
-    assert "cpu_ratio" not in build_report([_figures("lbsession", 12.0, 50_000)], {})
+    assert "cpu_ratio" not in build_report([_figures("lbsession", 12.0, 50_000)], {}).as_dict()
 
 
-def _bench_args(**changes: object) -> argparse.Namespace:
-    defaults = {"requests": 200, "connections": 5, "servers": 3, "duration": 5, "tool": "builtin", "haproxy": "no"}
-    return argparse.Namespace(**{**defaults, **changes})
+def _bench_args(**changes: object) -> BenchParams:
+    defaults = {"requests": 200, "connections": 5, "servers": 3, "duration_s": 5, "tool": "builtin", "haproxy": "no"}
+    return BenchParams(**{**defaults, **changes})  # type: ignore[arg-type]
 
 
 def test_plan_refuses_a_non_positive_count() -> None:
     with pytest.raises(ConfigError, match="--connections: 0 must be greater than 0"):
-        plan_from_args(_bench_args(connections=0))
+        plan_for(_bench_args(connections=0))
 
 
 def test_plan_builtin_needs_no_wrk_nor_haproxy() -> None:
-    plan, haproxy = plan_from_args(_bench_args())
+    plan, haproxy = plan_for(_bench_args())
     assert (plan.wrk, haproxy, plan.requests) == (None, None, 200)
 
 

@@ -1,0 +1,104 @@
+"""The lab's process module against real child processes: ready lines, probes, stopping, ports."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from lbsession.errors import TopologyError
+from lbsession.lab.process import (
+    _ephemeral_low,
+    child_environ,
+    free_ports,
+    port_in_use,
+    read_ready_line,
+    spawn,
+    wait_http,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+async def test_the_ready_line_is_read_and_the_child_stopped_by_handle(tmp_path: Path) -> None:
+    code = (
+        "import json, sys, time; print(json.dumps({'port': 1234}), flush=True); "
+        "print('log', file=sys.stderr, flush=True); time.sleep(60)"
+    )
+    child = spawn("sleeper", python(code), tmp_path / "sleeper.log", ready_line=True)
+    try:
+        assert await read_ready_line(child, timeout_s=20) == {"port": 1234}
+        assert child.pid is not None
+    finally:
+        await child.stop()
+    assert child.pid is None and child.returncode == -signal.SIGTERM
+    assert "log" in (tmp_path / "sleeper.log").read_text()
+
+
+async def test_a_child_that_exits_before_ready_is_an_error_naming_its_status_and_log(tmp_path: Path) -> None:
+    code = "import sys; print('no such thing', file=sys.stderr); sys.exit(3)"
+    child = spawn("broken", python(code), tmp_path / "broken.log", ready_line=True)
+    with pytest.raises(TopologyError, match="broken exited with status 3: no such thing"):
+        await read_ready_line(child, timeout_s=20)
+
+
+async def test_a_child_silent_past_the_timeout_is_killed(tmp_path: Path) -> None:
+    child = spawn("mute", python("import time; time.sleep(60)"), tmp_path / "mute.log", ready_line=True)
+    with pytest.raises(TopologyError, match=r"did not report ready in 0\.5 s"):
+        await read_ready_line(child, timeout_s=0.5)
+    assert child.returncode == -signal.SIGKILL
+
+
+async def test_stop_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
+    code = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('{}', flush=True); time.sleep(60)"
+    child = spawn("stubborn", python(code), tmp_path / "stubborn.log", ready_line=True)
+    await read_ready_line(child, timeout_s=20)  # its SIGTERM handler is installed by now
+    await child.stop(grace_s=0.3)
+    assert child.returncode == -signal.SIGKILL
+
+
+async def test_wait_http_fails_fast_when_the_child_dies(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    child = spawn("dies", python("raise SystemExit(4)"), tmp_path / "dies.log")
+    with pytest.raises(TopologyError, match="dies exited with status 4"):
+        await wait_http(child, port, "/", timeout_s=20)
+
+
+async def test_wait_http_returns_once_the_child_answers_200(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    child = spawn("http", argv, tmp_path / "http.log")
+    try:
+        await wait_http(child, port, "/", timeout_s=20)
+    finally:
+        await child.stop()
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    ports = free_ports(20)
+    assert len(set(ports)) == 20
+    assert all(1024 <= p < _ephemeral_low() for p in ports)
+    assert not any(port_in_use("127.0.0.1", p) for p in ports)
+
+
+def test_port_in_use_sees_a_listener() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert port_in_use("127.0.0.1", busy.getsockname()[1])
+    assert not port_in_use("127.0.0.1", 0)
+
+
+def test_a_childs_only_lbsession_variables_are_the_ones_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LBSESSION_BACKEND", "redis")  # read by the parent already; the child must not read it again
+    monkeypatch.setenv("UNRELATED", "kept")
+    environ = child_environ({"LBSESSION_APP__BACKEND": '"local"'})
+    assert {k: v for k, v in environ.items() if k.startswith("LBSESSION_")} == {"LBSESSION_APP__BACKEND": '"local"'}
+    assert environ["UNRELATED"] == "kept"
