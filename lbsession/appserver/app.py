@@ -27,11 +27,11 @@ from typing import Any
 
 from aiohttp import web
 
+from lbsession.appserver.config import AppServerConfig
 from lbsession.appserver.lab_control import add_lab_routes
 from lbsession.appserver.metrics import AppMetrics
 from lbsession.appserver.session import get_session, session_middleware
 from lbsession.appserver.stores import SessionStore, Store, create_store
-from lbsession.config import AppServerConfig
 from lbsession.errors import StoreUnavailable
 
 CONFIG = web.AppKey("lbsession_config", AppServerConfig)

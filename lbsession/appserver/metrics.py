@@ -24,7 +24,7 @@ from lbsession.appserver.stores.base import SessionStore, Store
 from lbsession.errors import StoreUnavailable
 
 if TYPE_CHECKING:
-    from lbsession.config import AppServerConfig
+    from lbsession.appserver.config import AppServerConfig
 
 T = TypeVar("T")
 

@@ -37,8 +37,8 @@ from typing import Any, TypedDict
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from lbsession.appserver.config import SessionConfig
 from lbsession.appserver.stores.base import ClientSideStore, SessionStore, Store
-from lbsession.config import SessionConfig
 from lbsession.errors import SessionTooLarge, StoreUnavailable
 
 # token_urlsafe(32): 256 random bits in 43 characters; OWASP asks for at least 64, this project for 128 (SECURITY.md).

@@ -45,7 +45,7 @@ from lbsession.errors import ConfigError, ServerIdInUse
 
 if TYPE_CHECKING:
     from lbsession.balancer.balancer import LoadBalancer
-    from lbsession.config import BalancerConfig
+    from lbsession.balancer.config import BalancerConfig
 
 LB_KEY: web.AppKey[LoadBalancer] = web.AppKey("lb")
 

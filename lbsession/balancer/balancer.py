@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from lbsession.balancer.config import BalancerConfig
 from lbsession.balancer.events import EventBus
 from lbsession.balancer.proxy import ClientConnection, UpstreamConnection
 from lbsession.balancer.strategies import STRATEGIES, Strategy, create_strategy
 from lbsession.balancer.strategies.base import ROUTE_REASONS
 from lbsession.balancer.upstream import Upstream, UpstreamPool
-from lbsession.config import BalancerConfig
 
 if TYPE_CHECKING:
     from aiohttp import web

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from lbsession.config import HealthConfig, UpstreamConfig, parse_http_url
+from lbsession.balancer.config import HealthConfig, UpstreamConfig
 from lbsession.errors import ConfigError, ServerIdInUse
+from lbsession.settings import parse_http_url
 
 if TYPE_CHECKING:
     from lbsession.balancer.proxy import UpstreamConnection

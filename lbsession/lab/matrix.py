@@ -22,12 +22,11 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from lbsession import __version__
 from lbsession.appserver.stores import STORES, store_class
 from lbsession.balancer.strategies import STRATEGIES, strategy_class
-from lbsession.config import BackendName, StrategyName
 from lbsession.errors import ConfigError, LBSessionError
 from lbsession.lab.measures import METRICS
 from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport
@@ -104,8 +103,8 @@ def _cell(standard: Scenario, scenarios: Sequence[Scenario], strategy: str, back
     topology = standard.topology
     topology = dataclasses.replace(
         topology,
-        balancer=dataclasses.replace(topology.balancer, strategy=cast(StrategyName, strategy)),
-        app=dataclasses.replace(topology.app, backend=cast(BackendName, backend)),
+        balancer=dataclasses.replace(topology.balancer, strategy=strategy),
+        app=dataclasses.replace(topology.app, backend=backend),
     )
     expect = theory(strategy, backend)
     title = f"{strategy} + {backend}: {'re-logins' if expect[0].op == '>' else 'no re-login'}, by the theory"

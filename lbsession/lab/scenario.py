@@ -36,6 +36,7 @@ import yaml
 from lbsession.config import STRATEGY_NAMES, Config, StrategyName, build_dataclass
 from lbsession.errors import ConfigError
 from lbsession.lab.measures import METRICS
+from lbsession.settings import choice
 
 AddressMode = Literal["distinct", "shared"]
 FaultAction = Literal[
@@ -131,7 +132,7 @@ class Fault:
     server: str | None = None  # kill/restart/drain/remove/cut/heal: the app server, e.g. was-1
     peer: str | None = None  # cut-peer/heal-peer: the peer it stops (resumes) replicating to; none: all
     node: str = "redis-1"  # restart-redis: the Redis node
-    strategy: StrategyName | None = None  # set-strategy
+    strategy: StrategyName | None = choice(None, lambda: STRATEGY_NAMES)  # set-strategy
 
     def problems(self) -> list[str]:
         out = [] if self.at_s >= 0 else [f"at_s: {self.at_s} must not be negative"]

@@ -25,7 +25,7 @@ from typing import Any
 from lbsession.appserver.cluster.link import PeerLink
 from lbsession.appserver.cluster.protocol import Channel, MessageTooLarge, ProtocolError
 from lbsession.appserver.cluster.table import SessionTable
-from lbsession.config import ClusterConfig
+from lbsession.appserver.config import ClusterConfig
 from lbsession.errors import PeerRefused
 
 log = logging.getLogger(__name__)

@@ -1,16 +1,21 @@
 """Session stores, by the name the CLI and the config use (`--backend`).
 
 A name maps to `module:Class`, imported only when chosen, so a backend's client
-library is needed only by those who pick it. The names are the `BackendName`
-Literal of lbsession.config; a unit test checks the two lists agree.
+library is needed only by those who pick it. Everything that lists stores reads
+them here, through BACKEND_NAMES: config validation, the CLI's choices, the
+matrix and its schema. So a new store is its module plus its line below.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from lbsession.appserver.stores.base import ClientSideStore, SessionStore, Store
-from lbsession.config import AppServerConfig
+from lbsession.settings import RegistryNames
+
+if TYPE_CHECKING:
+    from lbsession.appserver.config import AppServerConfig
 
 STORES: dict[str, str] = {
     "local": "lbsession.appserver.stores.local:LocalStore",
@@ -18,6 +23,7 @@ STORES: dict[str, str] = {
     "cluster": "lbsession.appserver.stores.cluster:ClusterStore",
     "cookie": "lbsession.appserver.stores.cookie:CookieStore",
 }
+BACKEND_NAMES = RegistryNames(STORES)  # live: a store registered later is listed too
 
 
 def store_class(name: str) -> type[Store]:
@@ -31,4 +37,4 @@ def create_store(config: AppServerConfig) -> Store:
     return store_class(config.backend).from_config(config)
 
 
-__all__ = ["STORES", "ClientSideStore", "SessionStore", "Store", "create_store", "store_class"]
+__all__ = ["BACKEND_NAMES", "STORES", "ClientSideStore", "SessionStore", "Store", "create_store", "store_class"]

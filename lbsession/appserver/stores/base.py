@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Set
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 if TYPE_CHECKING:
-    from lbsession.config import AppServerConfig
+    from lbsession.appserver.config import AppServerConfig
 
 
 class StoreStat(NamedTuple):

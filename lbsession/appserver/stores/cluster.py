@@ -22,9 +22,9 @@ from typing import Any
 
 from lbsession.appserver.cluster.node import ClusterNode
 from lbsession.appserver.cluster.table import SessionTable
+from lbsession.appserver.config import AppServerConfig, ClusterConfig
 from lbsession.appserver.stores.base import SessionStore, StoreStat
 from lbsession.appserver.stores.codec import decode_attributes, encode_attributes
-from lbsession.config import AppServerConfig, ClusterConfig
 from lbsession.errors import ConfigError
 
 ACK_WAIT = "lbsession_cluster_ack_wait_seconds"

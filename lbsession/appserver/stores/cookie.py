@@ -29,8 +29,8 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from lbsession.appserver.config import AppServerConfig, CookieStoreConfig
 from lbsession.appserver.stores.base import ClientSideStore, Opened, StoreStat
-from lbsession.config import AppServerConfig, CookieStoreConfig
 from lbsession.errors import ConfigError, SessionTooLarge
 
 _HKDF_INFO = b"lbsession cookie store v1"

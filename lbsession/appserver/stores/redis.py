@@ -54,9 +54,9 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from lbsession.appserver.config import AppServerConfig, RedisConfig
 from lbsession.appserver.stores.base import SessionStore, StoreStat
 from lbsession.appserver.stores.codec import decode_attributes, encode_attributes
-from lbsession.config import AppServerConfig, RedisConfig
 from lbsession.errors import ConfigError, StoreUnavailable
 
 log = logging.getLogger(__name__)

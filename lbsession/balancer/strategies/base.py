@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol, get_a
 from lbsession.errors import NoHealthyUpstream
 
 if TYPE_CHECKING:
-    from lbsession.config import BalancerConfig
+    from lbsession.balancer.config import BalancerConfig
 
 RouteReason = Literal["new", "pinned", "rehashed", "redispatched", "forged-cookie", "expired-cookie", "retried"]
 ROUTE_REASONS: tuple[RouteReason, ...] = get_args(RouteReason)

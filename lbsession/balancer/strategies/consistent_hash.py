@@ -17,6 +17,7 @@ from __future__ import annotations
 from bisect import bisect
 from collections.abc import Iterator, Sequence
 
+from lbsession.balancer.config import BalancerConfig
 from lbsession.balancer.strategies.base import (
     RequestFacts,
     Route,
@@ -26,7 +27,6 @@ from lbsession.balancer.strategies.base import (
     hash_key,
     stable_hash,
 )
-from lbsession.config import BalancerConfig
 
 
 class HashRing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lbsession.balancer.config import BalancerConfig
 from lbsession.balancer.strategies.base import (
     RequestFacts,
     Route,
@@ -18,7 +19,6 @@ from lbsession.balancer.strategies.base import (
     hash_key,
     stable_hash,
 )
-from lbsession.config import BalancerConfig
 
 
 class IpHashStrategy(Strategy):

@@ -16,9 +16,9 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 
+from lbsession.balancer.config import BalancerConfig
 from lbsession.balancer.strategies.base import RequestFacts, Route, Strategy, UpstreamView
 from lbsession.balancer.strategies.round_robin import RoundRobinStrategy
-from lbsession.config import BalancerConfig
 from lbsession.errors import NoHealthyUpstream
 
 

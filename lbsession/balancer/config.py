@@ -1,0 +1,170 @@
+"""The balancer's settings: listeners, upstreams, strategy, sticky cookie, hashing, health, limits.
+
+Declared with lbsession.settings, and imported by the balancer from here only: the
+balancer's config depends on no other part of lbsession (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field
+
+from lbsession.balancer.strategies import STRATEGY_NAMES
+from lbsession.settings import (
+    LISTENERS,
+    addresses_overlap,
+    is_loopback,
+    parse_http_url,
+    port_problems,
+    positive,
+    setting,
+)
+
+StrategyName = str  # one of STRATEGY_NAMES, the strategy registry's names, checked at load time
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One app server behind the balancer."""
+
+    id: str
+    url: str
+
+    def problems(self) -> list[str]:
+        try:
+            parse_http_url(self.url)
+        except ValueError as exc:
+            return [f"url: {exc}"]
+        return [] if self.id else ["id: must not be empty"]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the upstream."""
+        return parse_http_url(self.url)
+
+
+@dataclass(frozen=True)
+class StickyConfig:
+    """The LB-inserted server cookie (HAProxy `cookie SERVERID insert`, AWS ELB's AWSELB)."""
+
+    cookie_name: str = "LBSERVER"
+    secret: str | None = setting(  # None: a random one per start, and a warning
+        None, "--sticky-secret", "HMAC key of the sticky cookie", commands=LISTENERS, default_text="random per start"
+    )
+    max_age_s: int | None = None  # None: a browser-session cookie
+    secure: bool = False
+    redispatch: bool = True  # HAProxy `option redispatch`: re-pin when the server is down
+
+    def problems(self) -> list[str]:
+        out = (
+            []
+            if self.cookie_name.isascii() and self.cookie_name.isidentifier()
+            else [f"cookie_name: {self.cookie_name!r} must be a plain cookie name such as LBSERVER"]
+        )
+        if self.max_age_s is not None:
+            out += positive(max_age_s=self.max_age_s)
+        if self.secret is not None and len(self.secret) < 16:
+            out.append("secret: must be at least 16 characters, or left out to generate one")
+        return out
+
+
+@dataclass(frozen=True)
+class HashConfig:
+    """The key and ring of the `ip-hash` and `consistent-hash` strategies."""
+
+    key: str = "client-ip"  # or "header:<name>" or "cookie:<name>"
+    vnodes: int = 160  # points per server on the ring, as in ketama
+    balance_factor: int = 0  # consistent-hash with bounded loads, % of the mean in-flight (HAProxy's unit); 0: off
+
+    def problems(self) -> list[str]:
+        out = positive(vnodes=self.vnodes)
+        if self.balance_factor != 0 and not 100 <= self.balance_factor <= 10000:
+            out.append(f"balance_factor: {self.balance_factor} must be 0 (off) or a percentage from 100, e.g. 125")
+        kind, _, name = self.key.partition(":")
+        if not (self.key == "client-ip" or (kind in ("header", "cookie") and name)):
+            out.append(f"key: {self.key!r} is not valid; choose client-ip, header:<name> or cookie:<name>")
+        return out
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Active health checks, with HAProxy's `inter`, `rise` and `fall` meaning."""
+
+    path: str = "/healthz"
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+    rise: int = 2
+    fall: int = 2
+
+    def problems(self) -> list[str]:
+        out = positive(interval_s=self.interval_s, timeout_s=self.timeout_s, rise=self.rise, fall=self.fall)
+        return out + ([] if self.path.startswith("/") else [f"path: {self.path!r} must start with /"])
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Timeouts and size limits of the proxy."""
+
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 30.0  # upstream silence while a response is due (HAProxy `timeout server`)
+    header_timeout_s: float = 10.0  # a request head must arrive within this (slowloris)
+    idle_timeout_s: float = 60.0  # client keep-alive idle time
+    pool_idle_s: float = 15.0  # idle upstream connections; below aiohttp's 75 s keep-alive
+    max_head_bytes: int = 32768
+    max_body_bytes: int = 64 * 1024 * 1024
+    # Client connections at once; past it a new one gets a 503 at once rather than a place in an
+    # unbounded queue (HAProxy's maxconn queues instead). Each may hold an upstream connection too,
+    # so keep it under half the file descriptors (the balancer raises its soft limit to the hard one).
+    max_connections: int = setting(
+        8192, "--max-connections", "client connections at once; more get a 503", commands=LISTENERS
+    )
+
+    def problems(self) -> list[str]:
+        return positive(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    """`lbsession lb`: one public listener that proxies, one admin listener."""
+
+    host: str = setting("127.0.0.1", "--host", "public listen address", commands=LISTENERS)
+    port: int = setting(8080, "--port", "public port; 0 = any free port", commands=LISTENERS)
+    # Loopback: the admin API changes routing, and under `run` it kills servers.
+    admin_host: str = setting(
+        "127.0.0.1", "--admin-host", "admin listen address; off loopback it needs an admin token", commands=LISTENERS
+    )
+    admin_port: int = setting(8081, "--admin-port", "admin port; 0 = any free port", commands=LISTENERS)
+    strategy: StrategyName = setting(
+        "round-robin", "--strategy", "routing", commands=LISTENERS, choices=lambda: STRATEGY_NAMES
+    )
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
+    drain_timeout_s: float = 30.0  # a drained server keeps its pinned clients this long
+    admin_allow: tuple[str, ...] = ()  # CIDRs besides loopback that may use the admin API
+    admin_token: str | None = None  # required for changes when set; an exposed admin listener must set it
+    sticky: StickyConfig = field(default_factory=StickyConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def problems(self) -> list[str]:
+        out = port_problems("port", self.port) + port_problems("admin_port", self.admin_port)
+        if self.admin_port == self.port != 0 and addresses_overlap(self.host, self.admin_host):
+            out.append(f"admin_port: {self.port} is the public port too; give the two listeners different ports")
+        if not is_loopback(self.admin_host) and not self.admin_token:
+            out.append(
+                f"admin_host: {self.admin_host!r} exposes the admin API, which can kill servers: set "
+                "balancer.admin_token (LBSESSION_BALANCER__ADMIN_TOKEN), or bind it to 127.0.0.1"
+            )
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            out.append("admin_token: must be at least 16 characters")
+        for key, cidrs in (("trusted_proxies", self.trusted_proxies), ("admin_allow", self.admin_allow)):
+            for cidr in cidrs:
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    out.append(f"{key}: {cidr!r} is not an address or CIDR like 10.0.0.0/8")
+        ids = [u.id for u in self.upstreams]
+        out += [f"upstreams: id {i!r} appears twice" for i in sorted({i for i in ids if ids.count(i) > 1})]
+        return out
