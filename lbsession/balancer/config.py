@@ -154,8 +154,9 @@ class BalancerConfig:
             out.append(f"admin_port: {self.port} is the public port too; give the two listeners different ports")
         if not is_loopback(self.admin_host) and not self.admin_token:
             out.append(
-                f"admin_host: {self.admin_host!r} exposes the admin API, which can change the upstream pool (and, in a lab, kill servers): set "
-                "balancer.admin_token (LBSESSION_BALANCER__ADMIN_TOKEN), or bind it to 127.0.0.1"
+                f"admin_host: {self.admin_host!r} exposes the admin API, which can change the upstream pool "
+                "(and, in a lab, kill servers): set balancer.admin_token (LBSESSION_BALANCER__ADMIN_TOKEN), "
+                "or bind it to 127.0.0.1"
             )
         if self.admin_token is not None and len(self.admin_token) < 16:
             out.append("admin_token: must be at least 16 characters")
