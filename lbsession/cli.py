@@ -118,6 +118,12 @@ def _bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     bench.add_argument(
         "--haproxy", default="auto", choices=["auto", "yes", "no"], help="also measure HAProxy in the same setup"
     )
+    bench.add_argument(
+        "--body-bytes",
+        type=int,
+        metavar="N",
+        help="each response's body size in bytes (nginx serves a file of N bytes; default: a 3-byte answer)",
+    )
     bench.add_argument("--json", type=Path, help="also write the figures as JSON here")
 
 
@@ -360,6 +366,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         tool=args.tool,
         haproxy=args.haproxy,
         loop=args.loop,
+        body_bytes=args.body_bytes,
     )
     report = await run_bench(params)
     if args.json:

@@ -38,10 +38,12 @@ import dataclasses
 import importlib.util
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +52,7 @@ from urllib.parse import urlsplit
 from lbsession.config import (
     AppServerConfig,
     BalancerConfig,
+    LimitsConfig,
     StickyConfig,
     StrategyName,
     UpstreamConfig,
@@ -80,6 +83,7 @@ class BenchParams:
     tool: Literal["auto", "wrk", "builtin"] = "auto"
     haproxy: Literal["auto", "yes", "no"] = "auto"
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"  # the measured balancer's event loop
+    body_bytes: int | None = None  # each response's body size (nginx serves a file); None: nginx's "ok\n"
 
 
 @dataclass(frozen=True)
@@ -228,23 +232,34 @@ def percentile_ms(sorted_s: list[float], q: float) -> float:
     return sorted_s[int(rank) - 1] * 1000
 
 
-def nginx_config(ports: list[int], prefix: Path) -> str:
-    """A one-process nginx answering `200 ok` on each port; temp paths kept inside `prefix`."""
-    servers = "\n".join(
-        f'    server {{ listen {HOST}:{port}; location / {{ return 200 "ok\\n"; }} }}' for port in ports
-    )
+def nginx_config(ports: list[int], prefix: Path, *, body_file: Path | None = None, connections: int = 0) -> str:
+    """A one-process nginx answering `200 ok` (or `body_file`) on each port; temp paths kept inside `prefix`.
+
+    `connections`: the client connections it must hold at once (0: nginx's default of 512).
+    """
+    if body_file is None:
+        location = 'return 200 "ok\\n";'
+    else:
+        location = f"root {body_file.parent}; try_files /{body_file.name} =404;"
+    servers = "\n".join(f"    server {{ listen {HOST}:{port}; location / {{ {location} }} }}" for port in ports)
+    events = f"events {{ worker_connections {connections}; }}" if connections else "events {}"
     temp_paths = "\n".join(
         f"    {kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     return (
         f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
-        f"error_log {prefix}/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n"
+        f"error_log {prefix}/error.log;\n{events}\nhttp {{\n    access_log off;\n"
         f"{temp_paths}\n{servers}\n}}\n"
     )
 
 
 def haproxy_config(
-    port: int, upstream_ports: list[int], balance: tuple[str, ...] = ("balance roundrobin",), *, cookie: bool = False
+    port: int,
+    upstream_ports: list[int],
+    balance: tuple[str, ...] = ("balance roundrobin",),
+    *,
+    cookie: bool = False,
+    maxconn: int = 4096,
 ) -> str:
     """HAProxy in front of the upstreams as lbsession is: keep-alive, one thread, no logs, `balance` as given."""
     servers = "\n".join(
@@ -252,7 +267,7 @@ def haproxy_config(
     )
     directives = "".join(f"    {line}\n" for line in balance)
     return (
-        "global\n    nbthread 1\n    maxconn 4096\n\n"
+        f"global\n    nbthread 1\n    maxconn {maxconn}\n\n"
         "defaults\n    mode http\n    option http-keep-alive\n"
         "    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\n"
         f"frontend bench\n    bind {HOST}:{port}\n    default_backend upstreams\n\n"
@@ -422,12 +437,35 @@ class Upstreams:
     pids: tuple[int, ...]
 
 
-async def start_upstreams(children: Children, count: int) -> Upstreams:
-    """Start one nginx serving `count` ports when installed, else `count` lbsession servers."""
+def client_room(connections: int) -> int:
+    """The client connections a balancer must admit for `connections` clients: HAProxy's `maxconn`."""
+    return max(4096, connections + 64)  # room for health checks and the warm-up's leftovers
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (children inherit it); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+async def start_upstreams(children: Children, params: BenchParams) -> Upstreams:
+    """Start one nginx serving `params.servers` ports when installed, else as many lbsession servers."""
+    count = params.servers
     nginx = find_tool("nginx")
+    if nginx is None and params.body_bytes is not None:
+        raise ConfigError("--body-bytes needs nginx as the upstream: install it (apt-get install nginx)")
     if nginx is not None:
         ports, conf = free_ports(count), children.log_dir / "nginx.conf"
-        conf.write_text(nginx_config(ports, children.log_dir))
+        body_file = None
+        if params.body_bytes is not None:
+            body_file = children.log_dir / "www" / "body"
+            body_file.parent.mkdir()
+            body_file.write_bytes(b"x" * params.body_bytes)
+        # Each client of a balancer may hold an upstream connection of its own (`http-reuse safe`).
+        room = 2 * params.connections + 512
+        conf.write_text(nginx_config(ports, children.log_dir, body_file=body_file, connections=room))
         argv = [nginx, "-p", str(children.log_dir), "-c", str(conf), "-e", str(children.log_dir / "error.log")]
         child = children.start("nginx", argv)
         for port in ports:
@@ -454,29 +492,35 @@ async def start_target(
     return Target(name, f"http://{HOST}:{port}{path}", (child.popen.pid,))
 
 
-async def start_balancers(
-    children: Children, upstreams: Upstreams, case: BenchCase, loop: str, haproxy: str | None
-) -> list[Target]:
-    """Start `lbsession lb` with the case's strategy and, unless `haproxy` is None, HAProxy's equivalent."""
-    strategy = case.strategy
+async def start_lbsession(
+    children: Children, upstreams: Upstreams, case: BenchCase, loop: str, connections: int
+) -> Target:
+    """Start `lbsession lb` with the case's strategy in front of the upstreams."""
     port, admin_port = free_ports(2)
     balancer = BalancerConfig(
         port=port,
         admin_port=admin_port,
-        strategy=strategy,
+        strategy=case.strategy,
         upstreams=tuple(UpstreamConfig(f"u{i}", f"http://{HOST}:{p}") for i, p in enumerate(upstreams.ports, 1)),
         sticky=StickyConfig(secret=STICKY_SECRET),
+        limits=LimitsConfig(max_connections=max(LimitsConfig().max_connections, client_room(connections))),
     )
     argv = [sys.executable, "-m", "lbsession", "--loop", loop, "--log-level", "warning", "lb"]
     settings = to_environ(balancer, "balancer")
-    targets = [await start_target(children, f"lbsession-{strategy}", argv, port, upstreams.path, settings)]
-    if haproxy is not None and case.haproxy is not None:
-        (port,) = free_ports(1)
-        conf = children.log_dir / f"haproxy-{strategy}.cfg"
-        conf.write_text(haproxy_config(port, upstreams.ports, case.haproxy, cookie=case.cookie))
-        argv = [haproxy, "-f", str(conf), "-db"]
-        targets.append(await start_target(children, f"haproxy-{strategy}", argv, port, upstreams.path))
-    return targets
+    return await start_target(children, f"lbsession-{case.strategy}", argv, port, upstreams.path, settings)
+
+
+async def start_haproxy(
+    children: Children, upstreams: Upstreams, case: BenchCase, haproxy: str, connections: int
+) -> Target:
+    """Start HAProxy with the case's equivalent of its strategy (`case.haproxy`) in front of the upstreams."""
+    assert case.haproxy is not None
+    (port,) = free_ports(1)
+    conf = children.log_dir / f"haproxy-{case.strategy}.cfg"
+    maxconn = client_room(connections)
+    conf.write_text(haproxy_config(port, upstreams.ports, case.haproxy, cookie=case.cookie, maxconn=maxconn))
+    argv = [haproxy, "-f", str(conf), "-db"]
+    return await start_target(children, f"haproxy-{case.strategy}", argv, port, upstreams.path)
 
 
 # --------------------------------------------------------------------------- measuring and reporting
@@ -515,6 +559,13 @@ def plan_for(params: BenchParams) -> tuple[LoadPlan, str | None]:
     for name, flag in _PARAM_FLAGS.items():
         if getattr(params, name) <= 0:
             raise ConfigError(f"{flag}: {getattr(params, name)} must be greater than 0")
+    if params.body_bytes is not None and params.body_bytes < 0:
+        raise ConfigError(f"--body-bytes: {params.body_bytes} must be 0 or more")
+    if params.connections > (limit := resource.getrlimit(resource.RLIMIT_NOFILE)[1]) // 2 - 64:
+        raise ConfigError(
+            f"--connections: {params.connections} needs about {2 * params.connections + 64} open files in the "
+            f"balancer (a client and an upstream connection each), over this machine's hard limit of {limit}"
+        )
     wrk = find_tool("wrk") if params.tool != "builtin" else None
     if params.tool == "wrk" and wrk is None:
         raise ConfigError("--tool wrk: wrk is not installed; install it (apt-get install wrk) or use --tool builtin")
@@ -609,42 +660,63 @@ class BenchReport:
         }
 
 
-async def measure_case(
-    children: Children, plan: LoadPlan, upstreams: Upstreams, strategy: str, loop: str, haproxy: str | None
-) -> list[CaseReport]:
-    """Start one lbsession/HAProxy pair for `strategy`, measure each of its cases on both, stop the pair."""
-    cases = cases_for(strategy)
+async def measure_balancer(
+    children: Children, start: Awaitable[Target], plan: LoadPlan, upstreams: Upstreams, cases: tuple[BenchCase, ...]
+) -> list[Figures]:
+    """Start one balancer, measure each case on it, stop it: the machine holds one balancer at a time."""
     started = len(children.processes)
-    targets = await start_balancers(children, upstreams, cases[0], loop, haproxy)
-    reports = []
     try:
+        target = await start
+        balancer = target.name.partition("-")[0]
+        rows = []
         for case in cases:
-            rows = []
-            for target in targets:
-                figures = await measure(plan, target, upstreams.pids, pinned=case.pinned)
-                balancer = target.name.removesuffix(f"-{strategy}")  # the row: "haproxy ip-hash"
-                rows.append(dataclasses.replace(figures, target=f"{balancer} {case.name}"))
-            if haproxy is None:
-                compared = "HAProxy not run"
-            else:
-                compared = "; ".join(case.haproxy) if case.haproxy else "no HAProxy equivalent"
-            reports.append(compare(case.name, rows[0], rows[1] if len(rows) > 1 else None, compared))
+            figures = await measure(plan, target, upstreams.pids, pinned=case.pinned)
+            rows.append(dataclasses.replace(figures, target=f"{balancer} {case.name}"))  # "haproxy ip-hash"
+        return rows
     finally:
-        pair, children.processes[started:] = children.processes[started:], []
-        await asyncio.gather(*(child.stop() for child in pair))
+        mine, children.processes[started:] = children.processes[started:], []
+        await asyncio.gather(*(child.stop() for child in mine))
+
+
+async def measure_strategy(
+    children: Children, plan: LoadPlan, upstreams: Upstreams, params: BenchParams, strategy: str, loop: str,
+    haproxy: str | None,
+) -> list[CaseReport]:  # fmt: skip
+    """Each case of `strategy` on lbsession, then on its HAProxy equivalent; one report per case."""
+    cases = cases_for(strategy)
+    first, connections = cases[0], params.connections
+    ours = await measure_balancer(
+        children, start_lbsession(children, upstreams, first, loop, connections), plan, upstreams, cases
+    )
+    theirs: list[Figures | None] = [None] * len(cases)
+    if haproxy is not None and first.haproxy is not None:
+        start = start_haproxy(children, upstreams, first, haproxy, connections)
+        theirs = [*await measure_balancer(children, start, plan, upstreams, cases)]
+    reports = []
+    for case, lbsession_row, haproxy_row in zip(cases, ours, theirs, strict=True):
+        if haproxy is None:
+            compared = "HAProxy not run"
+        else:
+            compared = "; ".join(case.haproxy) if case.haproxy else "no HAProxy equivalent"
+        reports.append(compare(case.name, lbsession_row, haproxy_row, compared))
     return reports
 
 
 async def measure_all(children: Children, plan: LoadPlan, params: BenchParams, haproxy: str | None) -> BenchReport:
     """Start the upstreams, measure them direct, then each strategy's pair in turn; return the report."""
     loop = params.loop if params.loop != "auto" else ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
-    upstreams = await start_upstreams(children, params.servers)
+    raise_fd_limit()
+    upstreams = await start_upstreams(children, params)
     direct = Target(
         f"direct {upstreams.kind}", f"http://{HOST}:{upstreams.ports[0]}{upstreams.path}", upstreams.pids[:1]
     )
     direct_figures = await measure(plan, direct, upstreams.pids)
     strategies = list(dict.fromkeys(case.strategy for case in cases_for(params.strategy)))
-    cases = [r for s in strategies for r in await measure_case(children, plan, upstreams, s, loop, haproxy)]
+    cases = [
+        report
+        for strategy in strategies
+        for report in await measure_strategy(children, plan, upstreams, params, strategy, loop, haproxy)
+    ]
     return BenchReport(
         upstream=upstreams.kind,
         servers=params.servers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -29,3 +30,13 @@ async def test_sticky_cookie_is_measured_inserted_and_present_on_both_balancers(
             assert (case.haproxy.load.requests, case.haproxy.load.errors) == (300, 0)
             assert case.p99_ratio is not None and case.rps_ratio is not None  # CPU: few ticks in 300 requests
     assert HOST == "127.0.0.1"  # loopback only
+
+
+async def test_a_body_size_is_served_by_nginx_through_the_balancer():
+    if not _installed("nginx"):
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    params = BenchParams(requests=200, connections=4, strategy="round-robin", tool="builtin", haproxy="no")
+    report = await run_bench(dataclasses.replace(params, body_bytes=65536))
+    assert report.upstream == "nginx" and [c.case for c in report.cases] == ["round-robin"]
+    assert (report.cases[0].lbsession.load.requests, report.cases[0].lbsession.load.errors) == (200, 0)
+    assert report.cases[0].haproxy is None and report.cases[0].haproxy_config == "HAProxy not run"

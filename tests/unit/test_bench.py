@@ -256,3 +256,27 @@ async def test_builtin_generator_against_nothing_stops_with_errors() -> None:
     result = await generate_load(port, "/", connections=2, requests=10, deadline_s=30.0)
     assert (result.requests, result.errors, result.rps) == (0, 10, 0.0)
     assert not math.isnan(result.p99_ms)
+
+
+def test_nginx_serves_a_body_file_and_holds_the_connections_asked(tmp_path: Path) -> None:
+    body = tmp_path / "www" / "body"
+    text = nginx_config([8001], tmp_path, body_file=body, connections=2612)
+    assert f"location / {{ root {tmp_path}/www; try_files /body =404; }}" in text
+    assert "events { worker_connections 2612; }" in text and "return 200" not in text
+    assert text.count("{") == text.count("}")
+
+
+def test_haproxy_maxconn_follows_the_run() -> None:
+    assert "    maxconn 10064\n" in haproxy_config(9000, [8001], maxconn=10064)
+
+
+def test_plan_refuses_more_connections_than_the_file_limit_allows() -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here")
+    with pytest.raises(ConfigError, match=f"--connections: {hard} needs about .* hard limit of {hard}"):
+        plan_for(_bench_args(connections=hard))
+    with pytest.raises(ConfigError, match="--body-bytes: -1 must be 0 or more"):
+        plan_for(_bench_args(body_bytes=-1))
