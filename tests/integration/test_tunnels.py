@@ -349,6 +349,7 @@ async def test_a_websocket_through_a_sticky_lab_stays_on_its_server_and_knows_th
             assert response.status == 200
             home = response.headers["X-Served-By"]
         for _ in range(3):  # each new WebSocket goes back to the server that holds the session
+            await until(lambda: lab.lb.status()["tunnels"]["open"] == 0, "the last WebSocket's tunnel closed")
             async with http.ws_connect(f"{lab.lb.url}/ws") as ws:
                 assert ws._response.headers["X-Served-By"] == home
                 for word in ("hello", "again"):
