@@ -208,6 +208,39 @@ async def test_a_slow_reader_pauses_the_upstream_rather_than_filling_the_balance
         await client.close()
 
 
+async def test_a_slow_upstream_pauses_the_client_rather_than_filling_the_balancer(lab: ProxyLab) -> None:
+    flood = payload(24 * MIB)
+    may_read = asyncio.Event()
+    got: list[bytes] = []
+
+    async def respond(exchange: Exchange) -> bool:
+        exchange.writer.write(SWITCHED)
+        await may_read.wait()  # reads nothing until the test has seen the pause
+        got.append(await exchange.reader.readexactly(len(flood)))
+        return False
+
+    upstream = await lab.raw(respond)
+    lb = await lab.balancer({"raw": upstream.url})
+    client = await lab.client(lb)
+    await switched(client)
+    (tunnel,) = lb.tunnels
+    client.send(flood)  # the client writes as fast as the balancer takes it
+    await until(lambda: not tunnel.client.transport.is_reading(), "the client side paused")
+    assert tunnel.server.transport.get_write_buffer_size() < 2 * MIB  # bounded, though 24 MiB are on offer
+    may_read.set()
+    await until(lambda: got, "the upstream read the whole flood")
+    assert got == [flood]  # paused and resumed, nothing lost
+
+
+async def test_tunnels_count_against_the_connection_limit(lab: ProxyLab) -> None:
+    upstream = await lab.raw(switch_then_listen)
+    lb = await lab.balancer({"raw": upstream.url}, max_connections=1)
+    await switched(await lab.client(lb))
+    late = await lab.client(lb)  # the one tunnel holds the only place
+    assert (await late.request("/")).status == 503
+    assert lb.shed == 1
+
+
 async def test_a_silent_tunnel_is_closed_at_the_tunnel_timeout(lab: ProxyLab) -> None:
     async def respond(exchange: Exchange) -> bool:
         exchange.writer.write(SWITCHED + b"ping")
