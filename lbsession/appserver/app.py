@@ -31,7 +31,7 @@ from aiohttp import WSMsgType, web
 
 from lbsession.appserver.config import AppServerConfig
 from lbsession.appserver.lab_control import add_lab_routes
-from lbsession.appserver.metrics import AppMetrics
+from lbsession.appserver.metrics import ASKED_TO_LOG_IN, AppMetrics
 from lbsession.appserver.session import get_session, session_middleware
 from lbsession.appserver.stores import SessionStore, Store, create_store
 from lbsession.errors import StoreUnavailable
@@ -173,6 +173,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse()
     await ws.prepare(request)
     if user is None:
+        request[ASKED_TO_LOG_IN] = True  # counted as a re-login when a session cookie came
         await ws.close(code=WS_LOGIN_REQUIRED, message=b"login required")
         return ws
     server = request.app[CONFIG].id

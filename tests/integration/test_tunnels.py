@@ -397,9 +397,19 @@ async def test_a_websocket_through_a_sticky_lab_stays_on_its_server_and_knows_th
         await until(lambda: lab.lb.status()["tunnels"]["open"] == 0, "the tunnels closed")
 
 
-async def test_a_websocket_without_a_session_is_closed_with_4401(start_lab) -> None:
+@pytest.mark.parametrize("cookie", [None, "SESSION=" + "A" * 43], ids=["no-cookie", "unknown-session"])
+async def test_a_websocket_without_a_session_is_closed_with_4401(start_lab, cookie: str | None) -> None:
     lab = await start_lab("round-robin", servers=1)
-    async with aiohttp.ClientSession() as http, http.ws_connect(f"{lab.lb.url}/ws") as ws:
-        message = await ws.receive(timeout=READ_TIMEOUT_S)
-        assert message.type == aiohttp.WSMsgType.CLOSE
-        assert (message.data, message.extra) == (4401, "login required")
+    headers = {"Cookie": cookie} if cookie else {}
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{lab.lb.url}/ws", headers=headers) as ws:
+            message = await ws.receive(timeout=READ_TIMEOUT_S)
+            assert message.type == aiohttp.WSMsgType.CLOSE
+            assert (message.data, message.extra) == (4401, "login required")
+        async with http.get(f"{lab.lb.url}/metrics") as response:
+            metrics = await response.text()
+    # Asked to log in again while it carried a session cookie: the app server's re-login, as a 401 is.
+    relogins = [ln for ln in metrics.splitlines() if ln.startswith('lbsession_app_relogins_total{server="was-1"}')]
+    assert relogins == ([] if cookie is None else ['lbsession_app_relogins_total{server="was-1"} 1.0'])
+    ws_requests = [ln for ln in metrics.splitlines() if ln.startswith("lbsession_app_requests_total") and "/ws" in ln]
+    assert ws_requests == ['lbsession_app_requests_total{method="GET",route="/ws",server="was-1",status="101"} 1.0']
