@@ -4,7 +4,9 @@ Only what a reverse proxy needs (RFC 9112), done in one pass per head and kept
 to plain bytes operations, because this runs for every request:
 
 - a request head is validated (request line, header syntax, Host, the framing
-  headers) and rewritten for the upstream in the same loop;
+  headers) and rewritten for the upstream in the same loop; a request to
+  upgrade (RFC 9110 §7.8) keeps `Upgrade` and `Connection: Upgrade`, the only
+  hop-by-hop headers that go on;
 - a response head is parsed for its framing and stripped of hop-by-hop headers;
 - ChunkedScanner walks a chunked body to find its end, so bodies stream through
   unchanged, yet the next pipelined message starts at the right byte.

@@ -15,6 +15,11 @@ wait in its buffer and are answered in order (RFC 9112 §9.3.2). Backpressure
 is the transports' own: when one side's write buffer is full, the other side
 stops reading.
 
+A request that asks to switch protocols (`Connection: Upgrade` + `Upgrade`, a
+WebSocket) is routed like any other, but goes on an upstream connection of its
+own that is closed after the answer, never pooled; on a 101 both connections
+leave these protocols for a Tunnel (lbsession.balancer.tunnel).
+
 Timeouts use the balancer's coarse clock (updated by its sweeper a few times a
 second, as HAProxy's `now_ms`), so no timer is armed per request.
 """
