@@ -26,6 +26,7 @@ import signal
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
@@ -168,6 +169,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     then: a user whose server dies reconnects, and the new server's store decides whether the
     session is still known (the lab's B6).
     """
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.host:
+        # A page of another site may open a WebSocket to us with the user's cookies: the browser
+        # sends its Origin, and only our own pages may speak for the user (RFC 6455 §10.2).
+        raise _json_error(request, web.HTTPForbidden, f"a WebSocket from {origin} is refused: not this site's page")
     session = await get_session(request)
     user = session.get("user")
     ws = web.WebSocketResponse()

@@ -413,3 +413,16 @@ async def test_a_websocket_without_a_session_is_closed_with_4401(start_lab, cook
     assert relogins == ([] if cookie is None else ['lbsession_app_relogins_total{server="was-1"} 1.0'])
     ws_requests = [ln for ln in metrics.splitlines() if ln.startswith("lbsession_app_requests_total") and "/ws" in ln]
     assert ws_requests == ['lbsession_app_requests_total{method="GET",route="/ws",server="was-1",status="101"} 1.0']
+
+
+async def test_a_websocket_opened_by_another_site_s_page_is_refused(start_lab) -> None:
+    lab = await start_lab("round-robin", servers=1)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.post(f"{lab.lb.url}/login", json={"username": "alice"}) as response:
+            assert response.status == 200
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{lab.lb.url}/ws", origin="http://evil.example")
+        assert refused.value.status == 403
+        async with http.ws_connect(f"{lab.lb.url}/ws", origin=lab.lb.url) as ws:  # our own page's origin
+            await ws.send_str("hi")
+            assert (await ws.receive_json(timeout=READ_TIMEOUT_S))["user"] == "alice"
