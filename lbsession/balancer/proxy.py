@@ -68,6 +68,12 @@ OVERLOADED = error_response(
 )
 
 
+def _asked_for(switched: bytes, asked: bytes) -> bool:
+    """True if the protocol a 101 names is among those the request's Upgrade listed (by name, any case)."""
+    names = {p.strip(b" \t").partition(b"/")[0].lower() for p in asked.split(b",")}
+    return all(p.strip(b" \t").partition(b"/")[0].lower() in names for p in switched.split(b","))
+
+
 def strip_cookies(cookie: bytes, names: tuple[bytes, ...]) -> bytes:
     """The Cookie header without the balancer's own cookies (the app server never sees them)."""
     kept = [p for p in cookie.split(b";") if p.partition(b"=")[0].strip() not in names]
@@ -610,6 +616,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if resp.upgrade is None:
             self._fail(502, "the upstream's 101 names no protocol in Upgrade")
+            return
+        if not _asked_for(resp.upgrade, req.upgrade):  # RFC 9110 §7.8: only to a protocol the client listed
+            self._fail(502, "the upstream switched to a protocol the client did not ask for")
             return
         head = resp.out
         if route.set_cookie:  # a sticky pin must reach a WebSocket client too: its 101 is the only answer

@@ -313,8 +313,10 @@ async def test_an_upgrade_the_balancer_cannot_tunnel_safely_is_refused(
         (UPGRADE.replace(b"Connection: keep-alive, Upgrade", b"Connection: keep-alive"), SWITCHED, False),
         # A 101 must say what it switches to (RFC 9110 §15.2.2).
         (UPGRADE, b"HTTP/1.1 101 Switching Protocols\r\n\r\n", True),
+        # ... and only to a protocol the client listed (RFC 9110 §7.8).
+        (UPGRADE, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", True),
     ],
-    ids=["http10", "not-in-connection", "101-without-upgrade"],
+    ids=["http10", "not-in-connection", "101-without-upgrade", "101-to-another-protocol"],
 )
 async def test_a_switch_nobody_asked_for_or_that_names_nothing_is_a_502(
     lab: ProxyLab, request_bytes: bytes, answer: bytes, forwarded_upgrade: bool
