@@ -356,6 +356,12 @@ def _read_codings(resp: ResponseHead, codings: bytes) -> None:
     resp.codings = len(names) > resp.chunked
 
 
+def switch_asked_for(switched: bytes, asked: bytes) -> bool:
+    """True if the protocols a 101's Upgrade names are among those the request's listed (by name, any case)."""
+    names = {p.strip(b" \t").partition(b"/")[0].lower() for p in asked.split(b",")}
+    return all(p.strip(b" \t").partition(b"/")[0].lower() in names for p in switched.split(b","))
+
+
 def response_has_body(method: bytes, status: int) -> bool:
     """False for the responses that never carry a body (RFC 9112 §6.3 rule 1)."""
     return not (method == b"HEAD" or status < 200 or status in (204, 304))

@@ -38,6 +38,7 @@ from lbsession.balancer.http import (
     parse_request_head,
     parse_response_head,
     response_has_body,
+    switch_asked_for,
 )
 from lbsession.balancer.strategies.base import RequestFacts, Route, parse_cookie_header
 from lbsession.balancer.tunnel import Tunnel
@@ -66,12 +67,6 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 OVERLOADED = error_response(
     503, "the balancer is at its connection limit; retry shortly", close=True, extra=b"Retry-After: 1\r\n"
 )
-
-
-def _asked_for(switched: bytes, asked: bytes) -> bool:
-    """True if the protocol a 101 names is among those the request's Upgrade listed (by name, any case)."""
-    names = {p.strip(b" \t").partition(b"/")[0].lower() for p in asked.split(b",")}
-    return all(p.strip(b" \t").partition(b"/")[0].lower() in names for p in switched.split(b","))
 
 
 def strip_cookies(cookie: bytes, names: tuple[bytes, ...]) -> bytes:
@@ -617,7 +612,7 @@ class UpstreamConnection(asyncio.Protocol):
         if resp.upgrade is None:
             self._fail(502, "the upstream's 101 names no protocol in Upgrade")
             return
-        if not _asked_for(resp.upgrade, req.upgrade):  # RFC 9110 §7.8: only to a protocol the client listed
+        if not switch_asked_for(resp.upgrade, req.upgrade):  # RFC 9110 §7.8: only to a protocol the client listed
             self._fail(502, "the upstream switched to a protocol the client did not ask for")
             return
         head = resp.out

@@ -155,6 +155,24 @@ async def test_a_half_close_is_passed_on_and_the_other_way_still_flows(lab: Prox
     await until(lambda: tunnel_counts(lb)[0] == 0, "both ways ended, so the tunnel did")
 
 
+async def test_a_client_that_half_closed_before_the_101_has_its_eof_passed_on_after_it(lab: ProxyLab) -> None:
+    async def respond(exchange: Exchange) -> bool:
+        exchange.writer.write(SWITCHED)
+        everything = await exchange.reader.read()
+        exchange.writer.write(b"got " + everything)
+        return False
+
+    upstream = await lab.raw(respond)
+    lb = await lab.balancer({"raw": upstream.url})
+    client = await lab.client(lb)
+    client.send(UPGRADE + b"early bytes")  # the new protocol's first bytes, then the client's EOF
+    client.writer.write_eof()
+    response = await client.response()
+    assert response.status == 101
+    assert await client.read_to_eof() == b"got early bytes"
+    await until(lambda: tunnel_counts(lb) == (0, 1), "the tunnel closed")
+
+
 async def test_the_upstream_half_closing_first_still_lets_the_client_speak(lab: ProxyLab) -> None:
     heard: list[bytes] = []
 
