@@ -4,7 +4,9 @@ Only what a reverse proxy needs (RFC 9112), done in one pass per head and kept
 to plain bytes operations, because this runs for every request:
 
 - a request head is validated (request line, header syntax, Host, the framing
-  headers) and rewritten for the upstream in the same loop;
+  headers) and rewritten for the upstream in the same loop; a request to
+  upgrade (RFC 9110 §7.8) keeps `Upgrade` and `Connection: Upgrade`, the only
+  hop-by-hop headers that go on;
 - a response head is parsed for its framing and stripped of hop-by-hop headers;
 - ChunkedScanner walks a chunked body to find its end, so bodies stream through
   unchanged, yet the next pipelined message starts at the right byte.
@@ -45,6 +47,9 @@ _URI_HOST = (
 _HOST = re.compile(_URI_HOST)
 # An absolute-form target (RFC 9112 §3.2.2): scheme, authority, then path and query.
 _ABSOLUTE_TARGET = re.compile(rb"https?://([^/?#]*)([/?][\x21-\x7e]*)?", re.I)
+# An Upgrade field value (RFC 9110 §7.8): a list of protocol-name ["/" protocol-version].
+_PROTOCOL = _TOKEN + rb"(?:/" + _TOKEN + rb")?"
+_UPGRADE = re.compile(_PROTOCOL + rb"(?:[ \t]*,[ \t]*" + _PROTOCOL + rb")*")
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 # de facto Proxy-Connection. Transfer-Encoding is kept: chunked bodies pass through as they are.
@@ -92,6 +97,7 @@ class RequestHead:
         "method",
         "out",
         "target",
+        "upgrade",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -104,6 +110,7 @@ class RequestHead:
         self.host: bytes | None = None
         self.cookie: bytes | None = None  # every Cookie header joined, or None
         self.forwarded: list[tuple[bytes, bytes]] = []  # the client's X-Forwarded-* (name, value)
+        self.upgrade: bytes | None = None  # the protocols asked for, when the request asks to upgrade
         # The request line and header block to forward, without the final blank line; the client's
         # hop-by-hop and forwarding headers are already gone. Usually the head exactly as it came.
         self.out = b""
@@ -153,6 +160,8 @@ def parse_request_head(head: bytes) -> RequestHead:
             block = b"".join(
                 b"\r\n" + line for line in block.split(b"\r\n")[1:] if line.partition(b":")[0].lower() not in extra
             )
+        if req.upgrade is not None:  # hop-by-hop, yet the upstream must see the request to switch (RFC 9110 §7.8)
+            block += b"\r\nUpgrade: " + req.upgrade + b"\r\nConnection: Upgrade"
         head = b"%s %s HTTP/1.1%s" % (req.method, req.target, block)
     req.out = head
     return req
@@ -197,6 +206,7 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
     lengths: list[bytes] = []
     cookies: list[bytes] = []
     connection: list[bytes] = []
+    upgrade: list[bytes] = []
     hosts = 0
     for raw_name, raw_value in _REQUEST_SPECIAL.findall(block):
         name, value = raw_name.lower(), raw_value.strip(b" \t")
@@ -221,6 +231,8 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
         else:  # hop-by-hop
             if name == b"connection":
                 connection += [t.strip(b" \t").lower() for t in value.split(b",")]
+            elif name == b"upgrade":
+                upgrade.append(value)
             drop.append(name)
     if hosts > 1:
         raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
@@ -239,7 +251,22 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
         # the body as the next request (request smuggling). No honest client asks for it.
         raise HTTPError(400, "the Connection header must not name Content-Length, Transfer-Encoding or Host")
     drop += [t for t in connection if t not in (b"close", b"keep-alive") and t]
+    # An Upgrade the Connection header does not name is not a request to upgrade (RFC 9110 §7.8), nor
+    # is one on HTTP/1.0, which a server must ignore; both are dropped as hop-by-hop like any other.
+    if upgrade and b"upgrade" in connection and not req.http10:
+        _read_upgrade(req, b", ".join(upgrade))
     return drop
+
+
+def _read_upgrade(req: RequestHead, value: bytes) -> None:
+    """Accept a request to switch protocols, or refuse one that cannot be tunnelled safely."""
+    if _UPGRADE.fullmatch(value) is None:
+        raise HTTPError(400, "the Upgrade header must list protocols like 'websocket'")
+    if req.chunked or req.content_length:
+        # RFC 9110 §7.8 would have the body read first, then the switch; no WebSocket client sends
+        # one, and a body ahead of the new protocol is a place for two readings to differ. Refused.
+        raise HTTPError(400, "a request to upgrade must not have a body")
+    req.upgrade = value
 
 
 _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host"})
@@ -248,7 +275,7 @@ _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host"})
 class ResponseHead:
     """A parsed response head: its framing, whether the connection may be reused, the head to forward."""
 
-    __slots__ = ("chunked", "codings", "content_length", "http10", "keep_alive", "out", "status")
+    __slots__ = ("chunked", "codings", "content_length", "http10", "keep_alive", "out", "status", "upgrade")
 
     def __init__(self) -> None:
         self.status = 0
@@ -257,6 +284,7 @@ class ResponseHead:
         self.content_length: int | None = None  # None and not chunked: the body ends at close
         self.chunked = False
         self.codings = False  # a transfer coding other than chunked was applied (gzip, ...)
+        self.upgrade: bytes | None = None  # the protocol a 101 switches to
         self.out = b""  # status line (as HTTP/1.1) and headers, hop-by-hop ones gone, no final blank line
 
     def without_transfer_encoding(self) -> bytes:
@@ -293,6 +321,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
             drop = True
             if name == b"connection":
                 connection += b"," + value.lower()
+            elif name == b"upgrade":
+                resp.upgrade = value
     if codings:
         _read_codings(resp, codings)
     if b"close" in connection or (resp.http10 and b"keep-alive" not in connection):
@@ -324,6 +354,12 @@ def _read_codings(resp: ResponseHead, codings: bytes) -> None:
     # Any other final coding leaves the body delimited by close.
     resp.chunked = bool(names) and names[-1] == b"chunked"
     resp.codings = len(names) > resp.chunked
+
+
+def switch_asked_for(switched: bytes, asked: bytes) -> bool:
+    """True if the protocols a 101's Upgrade names are among those the request's listed (by name, any case)."""
+    names = {p.strip(b" \t").partition(b"/")[0].lower() for p in asked.split(b",")}
+    return all(p.strip(b" \t").partition(b"/")[0].lower() in names for p in switched.split(b","))
 
 
 def response_has_body(method: bytes, status: int) -> bool:
