@@ -21,6 +21,7 @@ request ends differently from the server behind it is open to request smuggling
 from __future__ import annotations
 
 import re
+from collections.abc import Set
 from http import HTTPStatus
 
 # RFC 9110 §5.6.2 token characters.
@@ -157,14 +158,18 @@ def parse_request_head(head: bytes) -> RequestHead:
             block = _CONTENT_LENGTH_LINES.sub(b"", block) + b"\r\nContent-Length: %d" % req.content_length
         extra = {name for name in drop if name not in HOP_BY_HOP and name not in FORWARDED and name not in _REBUILT}
         if extra:  # headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1)
-            block = b"".join(
-                b"\r\n" + line for line in block.split(b"\r\n")[1:] if line.partition(b":")[0].lower() not in extra
-            )
+            block = _without_fields(block, extra)
         if req.upgrade is not None:  # hop-by-hop, yet the upstream must see the request to switch (RFC 9110 §7.8)
             block += b"\r\nUpgrade: " + req.upgrade + b"\r\nConnection: Upgrade"
         head = b"%s %s HTTP/1.1%s" % (req.method, req.target, block)
     req.out = head
     return req
+
+
+def _without_fields(block: bytes, names: Set[bytes]) -> bytes:
+    """`block` (header lines, each after a CRLF) without the lines whose lower-case name is in `names`."""
+    lines = block.split(b"\r\n")[1:]
+    return b"".join(b"\r\n" + line for line in lines if line.partition(b":")[0].lower() not in names)
 
 
 def _other_target_form(req: RequestHead) -> bytes | None:
@@ -329,6 +334,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
         resp.keep_alive = False
     if drop:
         block = _RESPONSE_DROP.sub(b"", block)
+        if connection not in _USUAL_CONNECTION:  # a list naming fields: they are hop-by-hop too (RFC 9110 §7.6.1)
+            block = _without_connection_options(block, connection)
     if lengths and (codings or lengths > 1):
         # Transfer-Encoding overrides Content-Length, and an intermediary must remove the latter
         # before forwarding (RFC 9112 §6.3 rule 3); identical repeats are folded into one (§6.3 rule 5).
@@ -339,6 +346,20 @@ def parse_response_head(head: bytes) -> ResponseHead:
     status_rest = head[8:] if end < 0 else head[8:end]  # a head may be a status line alone
     resp.out = head if not (drop or resp.http10) else b"HTTP/1.1" + status_rest + block
     return resp
+
+
+# Connection values that name no field: the usual ones are checked without splitting a list.
+_USUAL_CONNECTION = frozenset({b"", b",keep-alive", b",close", b",upgrade"})
+_CONNECTION_OPTIONS = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
+
+
+def _without_connection_options(block: bytes, connection: bytes) -> bytes:
+    """`block` without the fields the response's Connection header names; 502 if it names the framing."""
+    named = {token.strip(b" \t") for token in connection.split(b",")} - _CONNECTION_OPTIONS
+    if named & {b"content-length", b"transfer-encoding"}:
+        # Dropping them would leave a body nobody can delimit; no honest server asks for it.
+        raise HTTPError(502, "the upstream's Connection header names Content-Length or Transfer-Encoding")
+    return _without_fields(block, named) if named else block
 
 
 def _read_codings(resp: ResponseHead, codings: bytes) -> None:

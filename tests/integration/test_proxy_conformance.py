@@ -296,6 +296,21 @@ EXTRA_CASES = [
         upstream_lacks=(b"upgrade",),
         closes=True,
     ),
+    # Fields a response's Connection header names are hop-by-hop (RFC 9110 §7.6.1): never relayed.
+    Case(
+        "response-connection-names-a-field",
+        get("/case"),
+        SANITISE,
+        response=b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nX-End: 2\r\n"
+        b"Content-Length: 2\r\n\r\nok",
+        body=b"ok",
+        client_has=(b"X-End: 2",),
+        client_lacks=(b"x-hop", b"connection"),
+    ),
+    bad_response(
+        "response-connection-names-the-framing",
+        b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok",
+    ),
     # Bodiless responses with a stray body: the client gets the head alone, the stray bytes nobody.
     Case("204-stray-body", get("/case"), SANITISE, response=b"HTTP/1.1 204 No Content\r\n\r\nstray", status=204),
     Case(
