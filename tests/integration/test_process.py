@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import sys
@@ -36,6 +37,9 @@ async def test_the_ready_line_is_read_and_the_child_stopped_by_handle(tmp_path: 
     try:
         assert await read_ready_line(child, timeout_s=20) == {"port": 1234}
         assert child.pid is not None
+        async with asyncio.timeout(20):  # its stderr line follows the ready line: wait for it, not a SIGTERM race
+            while "log" not in (tmp_path / "sleeper.log").read_text():
+                await asyncio.sleep(0.01)
     finally:
         await child.stop()
     assert child.pid is None and child.returncode == -signal.SIGTERM
