@@ -439,6 +439,9 @@ async def cmd_scenario(args: argparse.Namespace) -> int:
 
     if args.lb is not None and args.target is None:
         raise UsageError("--lb goes with --target: it names the public URL of the running lab's balancer")
+    if args.balancer != "lbsession" and args.target is not None:
+        raise UsageError("--balancer starts a lab of its own; with --target, the running lab's balancer is used")
+    _require_balancers([args.balancer])
     for flag, url in (("--target", args.target), ("--lb", args.lb)):
         if url is not None:
             try:
@@ -450,7 +453,9 @@ async def cmd_scenario(args: argparse.Namespace) -> int:
     if args.target is not None:
         await _check_target(args.target)
     progress = ProgressBar(sys.stderr)
-    report = await run_scenario(scenario, target=args.target, lb_url=args.lb, on_progress=progress)
+    report = await run_scenario(
+        scenario, target=args.target, lb_url=args.lb, on_progress=progress, balancer=args.balancer
+    )
     progress.finish(f"{scenario.label} {scenario.name}: {report.verdict} ({report.setup_s + report.wall_s:.1f} s)")
     print(format_run(report))
     if args.out:
@@ -475,12 +480,15 @@ async def _check_target(admin_url: str) -> None:
 
 async def cmd_matrix(args: argparse.Namespace) -> int:
     """`lbsession matrix`: the whole table; exit status 1 unless every verdict is PASS."""
+    from lbsession.lab.balancers import installed_balancers
     from lbsession.lab.matrix import load_directory, matrix_document, matrix_plan, run_matrix
     from lbsession.lab.report import PASS, ProgressBar, format_matrix, to_markdown, write_reports
 
+    balancers = installed_balancers() if args.balancer == "all" else [args.balancer]
+    _require_balancers(balancers)
     overrides = {"seed": args.seed, "users": args.users, "duration_s": args.duration}
     plan = [s.with_overrides(**overrides) for s in matrix_plan(load_directory(args.scenarios), args.only or ())]
-    reports, wall_s = await run_matrix(plan, progress=ProgressBar(sys.stderr))
+    reports, wall_s = await run_matrix(plan, progress=ProgressBar(sys.stderr), balancers=balancers)
     print(format_matrix(reports))
     print(f"\n{len(reports)} runs in {wall_s:.1f} s")
     document = matrix_document(reports, wall_s, overrides)

@@ -42,12 +42,12 @@ async def start_lab(tmp_path: Any) -> AsyncIterator[Callable[..., Any]]:
     labs: list[Topology] = []
 
     async def start(
-        strategy: str, backend: str = "local", servers: int = 3, balancer: str = "lbsession", **sections: Any
+        strategy: str, backend: str = "local", servers: int = 3, in_front: str = "lbsession", **sections: Any
     ) -> Topology:
         # A real balancer's log folder holds HAProxy's stats socket, whose path must stay short (108 bytes).
-        base = tmp_path if balancer == "lbsession" else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        base = tmp_path if in_front == "lbsession" else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         config = lab_config(strategy, backend, servers, **sections)
-        topology = Topology(config, log_dir=base / f"lab{len(labs)}", balancer=balancer)
+        topology = Topology(config, log_dir=base / f"lab{len(labs)}", balancer=in_front)
         labs.append(topology)
         await topology.start()
         return topology

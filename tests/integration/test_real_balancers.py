@@ -19,6 +19,10 @@ import pytest
 from lbsession.balancer.strategies import STRATEGY_NAMES
 from lbsession.cli import main
 from lbsession.lab.balancers import APT_PACKAGES, REAL_BALANCERS, find_binary, front_class, printed_config
+from lbsession.lab.matrix import run_matrix
+from lbsession.lab.report import NO_CLAIM, PASS, RunReport
+from lbsession.lab.runner import run_scenario
+from lbsession.lab.scenario import find_scenario, load_scenario
 from lbsession.lab.topology import Topology
 from tests.integration.conftest import lab_config
 
@@ -121,7 +125,7 @@ async def _admin(lab: Topology, method: str, path: str) -> dict[str, Any]:
 
 @needs("haproxy")
 async def test_haproxy_runtime_add_drain_remove_through_its_socket(start_lab: Callable[..., Any]) -> None:
-    lab = await start_lab("round-robin", balancer="haproxy")
+    lab = await start_lab("round-robin", in_front="haproxy")
     front = lab.front
     assert front is not None
     added = await _admin(lab, "POST", "/topology/servers")
@@ -140,7 +144,7 @@ async def test_haproxy_runtime_add_drain_remove_through_its_socket(start_lab: Ca
 
 @needs("nginx")
 async def test_nginx_add_drain_remove_by_rewritten_config_and_reload(start_lab: Callable[..., Any]) -> None:
-    lab = await start_lab("round-robin", balancer="nginx")
+    lab = await start_lab("round-robin", in_front="nginx")
     await _admin(lab, "POST", "/topology/servers")
     assert "was-4" in await _servers_answering(lab)
     await _admin(lab, "POST", "/servers/was-2/drain")
@@ -152,10 +156,67 @@ async def test_nginx_add_drain_remove_by_rewritten_config_and_reload(start_lab: 
 
 @pytest.mark.parametrize("balancer", REAL)
 async def test_real_balancer_stops_cleanly(balancer: str, start_lab: Callable[..., Any]) -> None:
-    lab = await start_lab("round-robin", balancer=balancer)
+    lab = await start_lab("round-robin", in_front=balancer)
     front = lab.front
     assert front is not None and front.process is not None and front.process.pid is not None
     pids = [front.process.pid, *getattr(front, "workers", list)()]
     await lab.stop()
     assert front.process.returncode is not None
     assert [pid for pid in pids if os.path.exists(f"/proc/{pid}")] == []  # no worker left behind either
+
+
+async def through(balancer: str, claim: str, log_dir: Path) -> RunReport:
+    """Run `claim`'s scenario through `balancer`, judged against that balancer's documented behaviour."""
+    scenario = load_scenario(find_scenario(claim))
+    report = await run_scenario(scenario, log_dir=log_dir, balancer=balancer)
+    assert report.balancer == balancer
+    assert report.verdict == PASS, (report.checks, report.notes, report.metrics)
+    return report
+
+
+@needs("haproxy")
+@pytest.mark.parametrize("claim", ["C1", "C2", "C3", "C6"])
+async def test_claims_through_haproxy_pass_as_through_lbsession(claim: str, short_dir: Path) -> None:
+    report = await through("haproxy", claim, short_dir)
+    m = report.metrics
+    assert not [n for n in report.notes if n.startswith("expected difference")]  # the same verdicts as lbsession's
+    if claim == "C1":
+        assert m["relogin_users"] == m["users"]
+    if claim == "C2":  # HAProxy's cookie is the server id in clear: LBSERVER=was-2
+        assert report.sample_cookie in {"was-1", "was-2", "was-3"} and m["cookie_names_server"] == 1
+    if claim in ("C2", "C3"):
+        assert m["relogins"] == 0
+    if claim == "C6":  # HAProxy's active check took was-1 out, option redispatch re-pinned its users
+        assert m["victim_relogin_share"] == 1 and m["bystander_relogins"] == 0 and m["errors_5xx"] == 0
+
+
+@needs("nginx")
+async def test_c1_through_nginx_is_the_bug_too(short_dir: Path) -> None:
+    m = (await through("nginx", "C1", short_dir)).metrics
+    assert m["relogins"] > 0 and m["relogin_users"] == m["users"]
+
+
+@needs("nginx")
+async def test_c3_through_nginx_puts_a_whole_slash24_on_one_server(short_dir: Path) -> None:
+    report = await through("nginx", "C3", short_dir)
+    assert report.metrics["relogins"] == 0
+    assert report.metrics["hottest_share"] == 1  # ip_hash: 127.0.0.2..13 share their first three octets
+    assert any("first three octets" in note for note in report.notes)
+
+
+@needs("haproxy")
+async def test_a_counter_haproxy_lacks_is_not_applicable_rather_than_failed(short_dir: Path) -> None:
+    report = await through("haproxy", "C12", short_dir)
+    unseen = {c.expectation.metric: c.not_applicable for c in report.checks if c.not_applicable}
+    assert set(unseen) == {"tamper_detected_share"}
+    assert "HAProxy counts no forged cookie" in str(unseen["tamper_detected_share"])
+    assert report.metrics["tampered"] > 0 and report.metrics["relogins"] > 0  # a forged cookie is obeyed
+
+
+@needs("haproxy")
+async def test_matrix_rows_say_whether_a_real_balancer_agrees_with_lbsession(short_dir: Path) -> None:
+    scenario = load_scenario(find_scenario("C1")).with_overrides(duration_s=1.0)
+    reports, _ = await run_matrix([scenario], balancers=["lbsession", "haproxy"])
+    assert [(r.balancer, r.verdict, r.agrees) for r in reports] == [("lbsession", PASS, None), ("haproxy", PASS, "yes")]
+    assert reports[1].as_dict()["topology"]["balancer"] == "haproxy"
+    assert NO_CLAIM not in {r.verdict for r in reports}

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import importlib
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from lbsession.balancer.strategies import strategy_class
 from lbsession.config import Config
 from lbsession.errors import ConfigError
 
 if TYPE_CHECKING:
     from lbsession.lab.balancers.base import BalancerFront
+    from lbsession.lab.users import CookieFormat
 
 BalancerName = Literal["lbsession", "haproxy", "nginx"]
 BALANCER_NAMES: tuple[str, ...] = get_args(BalancerName)
@@ -89,3 +92,15 @@ class ServerIdCookie:
     def cookie_renamed(value: str, server_id: str, other_id: str) -> str | None:
         """A forgery claiming `other_id`: plain text, nothing to sign."""
         return other_id if value == server_id else None
+
+
+def client_cookie(status: Mapping[str, Any], sticky_cookie: str) -> tuple[str | None, CookieFormat]:
+    """The server cookie of the balancer whose `GET /status` is `status`: its name (None: it sets none) and format.
+
+    lbsession's own names its cookie in the lab's config (`sticky_cookie`) and its strategy
+    says how to read it; a real balancer's view says the name, and its value is the server id.
+    """
+    if status.get("balancer", "lbsession") == "lbsession":
+        return sticky_cookie, strategy_class(str(status["strategy"]))
+    cookie = status.get("cookie")
+    return (str(cookie) if cookie else None), ServerIdCookie()

@@ -70,6 +70,10 @@ class BalancerFront:
         """The command line that checks `config_path` without running it."""
         raise NotImplementedError
 
+    def notes(self) -> list[str]:
+        """What differs from what the lab asked for (a strategy the balancer does not have)."""
+        return []
+
     async def apply(self, server_id: str) -> None:
         """Make the running balancer follow the new state of `server_id`."""
         raise NotImplementedError
@@ -191,6 +195,7 @@ class BalancerFront:
             "servers": servers,
             "counters": {"routes": {}},  # routing reasons are lbsession's own; no real balancer reports them
             "unseen": dict(self.unseen),
+            "notes": self.notes(),
             "config": str(self.config_path),
             "pid": self.process.pid if self.process is not None else None,
         }
