@@ -295,12 +295,16 @@ def _check_ports_free(balancer: BalancerConfig) -> None:
 
 
 def _print_lab(info: dict[str, Any], config: Config, *, keep_logs: bool) -> None:
-    lb = info["lb"]
+    lb, balancer = info["lb"], info.get("balancer", "lbsession")
     print(f"lbsession lab: strategy {info['strategy']}, backend {info['backend']}, {len(info['servers'])} app servers")
-    print(f"  load balancer   {lb}")
-    print(f"  dashboard       {info['admin']}/")
-    print(f"  admin status    {info['admin']}/status")
-    print(f"  metrics         {info['admin']}/metrics (Prometheus)")
+    if balancer == "lbsession":
+        print(f"  load balancer   {lb}")
+        print(f"  dashboard       {info['admin']}/")
+        print(f"  admin status    {info['admin']}/status")
+        print(f"  metrics         {info['admin']}/metrics (Prometheus)")
+    else:  # a real balancer: its own process and config; the lab's admin port reports what it can see
+        print(f"  load balancer   {lb}  ({balancer}, its config in the log folder)")
+        print(f"  admin status    {info['admin']}/status  (what {balancer} shows, and what it cannot: 'unseen')")
     for server in info["servers"]:
         print(f"  {server['id']:<15} {server['url']}  (pid {server['pid']})")
     redis = info.get("redis")

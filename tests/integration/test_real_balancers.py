@@ -220,3 +220,8 @@ async def test_matrix_rows_say_whether_a_real_balancer_agrees_with_lbsession(sho
     assert [(r.balancer, r.verdict, r.agrees) for r in reports] == [("lbsession", PASS, None), ("haproxy", PASS, "yes")]
     assert reports[1].as_dict()["topology"]["balancer"] == "haproxy"
     assert NO_CLAIM not in {r.verdict for r in reports}
+
+
+def test_a_real_balancer_goes_with_a_lab_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["scenario", "C1", "--balancer", "haproxy", "--target", "http://127.0.0.1:9"]) == 2
+    assert "--balancer starts a lab of its own" in capsys.readouterr().err
