@@ -23,6 +23,10 @@ NGINX_SLASH24 = (
     "nginx ip_hash hashes only the first three octets of an IPv4 address: every user in 127.0.0.0/24 "
     "lands on one server, as every client behind one /24 NAT would"
 )
+NGINX_SLASH24_MOVES = (
+    NGINX_SLASH24 + "; a server added moves that /24 all at once (nginx's hash of 127.0.0 is 4040: the third "
+    "server of three, then the first of four)"
+)
 NGINX_SESSION_HASH = (
     "nginx 1.22 open source has no sticky cookie; its usual substitute, hash $cookie_SESSION consistent, "
     "hashes the app's session id, which the app rotates at login: a user is sent elsewhere right after "
@@ -49,6 +53,14 @@ class Difference:
 def _one_slash24(scenario: Scenario) -> bool:
     population = scenario.population
     return scenario.topology.balancer.strategy == "ip-hash" and population.nat_users == 0 and population.users < 250
+
+
+def _one_slash24_steady(scenario: Scenario) -> bool:
+    return _one_slash24(scenario) and not any(f.action == "add-server" for f in scenario.faults)
+
+
+def _one_slash24_scaled_out(scenario: Scenario) -> bool:
+    return _one_slash24(scenario) and any(f.action == "add-server" for f in scenario.faults)
 
 
 def _local_sessions(scenario: Scenario) -> bool:
@@ -78,7 +90,10 @@ def _tampers(scenario: Scenario) -> bool:
 
 
 DIFFERENCES: tuple[Difference, ...] = (
-    Difference("nginx", _one_slash24, _keep, NGINX_SLASH24, adds=(Expectation("hottest_share", "==", 1),)),
+    Difference("nginx", _one_slash24_steady, _keep, NGINX_SLASH24, adds=(Expectation("hottest_share", "==", 1),)),
+    Difference(
+        "nginx", _one_slash24_scaled_out, _keep, NGINX_SLASH24_MOVES, adds=(Expectation("moved_share", "==", 1),)
+    ),
     Difference("nginx", _session_hash, _no_relogin_becomes_relogins, NGINX_SESSION_HASH),
     Difference("nginx", _tampers, _tamper_goes_unseen, NGINX_NO_COOKIE),
     Difference(
