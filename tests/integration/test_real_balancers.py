@@ -140,6 +140,9 @@ async def test_haproxy_runtime_add_drain_remove_through_its_socket(start_lab: Ca
     status = await _admin(lab, "GET", "/status")
     assert [s["id"] for s in status["servers"]] == ["was-1", "was-2", "was-4"]
     assert status["servers"][2]["requests"] > 0  # HAProxy's own count, from `show stat`
+    await _admin(lab, "POST", "/servers/was-4/kill")  # the lab's own fault, whatever the balancer
+    await _admin(lab, "POST", "/servers/was-4/restart")  # returns once HAProxy's check counts it UP again
+    assert await front.server_status("was-4") == "UP"
 
 
 @needs("nginx")
@@ -225,3 +228,10 @@ async def test_matrix_rows_say_whether_a_real_balancer_agrees_with_lbsession(sho
 def test_a_real_balancer_goes_with_a_lab_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["scenario", "C1", "--balancer", "haproxy", "--target", "http://127.0.0.1:9"]) == 2
     assert "--balancer starts a lab of its own" in capsys.readouterr().err
+
+
+@needs("nginx")
+def test_scenario_command_through_nginx(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["scenario", "C3", "--balancer", "nginx", "--duration", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ip-hash + local through nginx" in out and "expected difference" in out
