@@ -155,6 +155,9 @@ async def test_nginx_add_drain_remove_by_rewritten_config_and_reload(start_lab: 
     assert await _servers_answering(lab) == {"was-1", "was-4"}
     status = await _admin(lab, "GET", "/status")
     assert "cookie_names_server" in status["unseen"]  # what nginx cannot show, said rather than guessed
+    async with aiohttp.ClientSession() as http, http.get(lab.admin_url + "/") as page:
+        text = await page.text()
+    assert "What nginx cannot show" in text and "<td>was-4</td><td>ready</td><td>not shown</td>" in text
 
 
 @pytest.mark.parametrize("balancer", REAL)

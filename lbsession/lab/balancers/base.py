@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from html import escape
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -235,9 +236,21 @@ class BalancerFront:
         )
 
     async def _index(self, request: web.Request) -> web.Response:
-        text = (
-            f"{self.name} is in front of this lab. The live dashboard follows lbsession's own balancer's events, "
-            f"which {self.name} does not emit; GET /status shows what {self.name} reports, and what it cannot "
-            "(its 'unseen' list). Faults and scenarios work as with lbsession: /topology, /servers/..., /scenarios."
+        """A page in place of the live dashboard, which follows lbsession's own balancer's events only."""
+        with contextlib.suppress(OSError, TopologyError):
+            await self.refresh()
+        status = self.status()
+        cells = [
+            (s["id"], s["state"], "not shown" if s["requests"] is None else str(s["requests"]))
+            for s in status["servers"]
+        ]
+        rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+        unseen = "".join(f"<li>{escape(metric)}: {escape(why)}</li>" for metric, why in status["unseen"].items())
+        page = (
+            f"<!doctype html><title>lbsession lab: {self.name}</title><h1>{self.name} in front of this lab</h1>"
+            f"<p>The live dashboard follows lbsession's own balancer's events, which {self.name} does not emit. "
+            f"Faults and scenarios work as with lbsession (/topology, /servers/..., /scenarios); GET /status "
+            f"is this page as JSON.</p><table><tr><th>server</th><th>state</th><th>requests</th></tr>{rows}</table>"
+            f"<p>What {self.name} cannot show:</p><ul>{unseen}</ul>"
         )
-        return web.Response(text=text + "\n")
+        return web.Response(text=page, content_type="text/html")
