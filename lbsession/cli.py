@@ -38,6 +38,7 @@ from lbsession.config import (
     load_config,
 )
 from lbsession.errors import ConfigError, LBSessionError, TopologyError
+from lbsession.lab.balancers import BALANCER_NAMES
 
 if TYPE_CHECKING:
     from lbsession.lab.bench import BenchReport
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ready-file", type=Path, help="write the URLs and pids as JSON here once everything is healthy")
     run.add_argument(
         "--keep-logs", action="store_true", help="keep the processes' log folder on exit, and print where it is"
+    )
+    _balancer_flag(run, BALANCER_NAMES)
+    run.add_argument(
+        "--print-config", action="store_true", help="print the config the lab writes for --balancer haproxy|nginx"
     )
 
     lb = sub.add_parser("lb", help="run the load balancer alone, in front of any HTTP/1.1 servers")
@@ -136,7 +141,9 @@ def _lab_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     scenario.add_argument(
         "--lb", metavar="URL", help="with --target: the balancer's public URL, if not the one it reports (containers)"
     )
+    _balancer_flag(scenario, BALANCER_NAMES)
     matrix = sub.add_parser("matrix", help="every strategy x store, then every claim's scenario, in one table")
+    _balancer_flag(matrix, (*BALANCER_NAMES, "all"))
     matrix.add_argument("--only", action="append", metavar="CLAIM|NAME", help="run only these (repeatable)")
     matrix.add_argument("--scenarios", type=Path, help="the scenario directory (default: the shipped scenarios)")
     for parser in (scenario, matrix):
@@ -144,6 +151,25 @@ def _lab_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
         parser.add_argument("--users", type=int, help="how many virtual users (default: the file's)")
         parser.add_argument("--duration", type=float, help="seconds of traffic; the faults' times scale along")
         parser.add_argument("--out", type=Path, metavar="DIR", help="also write the results as JSON and Markdown here")
+
+
+def _balancer_flag(parser: argparse.ArgumentParser, choices: Sequence[str]) -> None:
+    all_help = "; all: every one installed" if "all" in choices else ""
+    parser.add_argument(
+        "--balancer",
+        default="lbsession",
+        choices=choices,
+        help=f"the balancer in front: lbsession's own, or a real one the lab starts{all_help} (default: lbsession)",
+    )
+
+
+def _require_balancers(names: Sequence[str]) -> None:
+    """ConfigError (exit 2) naming the apt package of a real balancer that is not installed."""
+    from lbsession.lab.balancers import REAL_BALANCERS, require_binary
+
+    for name in names:
+        if name in REAL_BALANCERS:
+            require_binary(name)
 
 
 def _config_flags(parser: argparse.ArgumentParser, command: str, config_help: str) -> None:
@@ -222,6 +248,14 @@ def _stop_signals() -> asyncio.Event:
 async def cmd_run(args: argparse.Namespace) -> int:
     """`lbsession run`: the whole lab until Ctrl-C; its log folder is removed on exit unless --keep-logs."""
     config = config_from_args(args)
+    if args.print_config:
+        from lbsession.lab.balancers import printed_config
+
+        if args.balancer == "lbsession":
+            raise UsageError("--print-config prints a real balancer's config; add --balancer haproxy or nginx")
+        print(printed_config(args.balancer, config), end="")
+        return 0
+    _require_balancers([args.balancer])
     _check_ports_free(config.balancer)
     log_dir = Path(tempfile.mkdtemp(prefix="lbsession-"))
     try:
@@ -240,7 +274,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
 async def _run_lab(args: argparse.Namespace, config: Config, log_dir: Path) -> int:
     from lbsession.lab.topology import Topology, write_ready_file
 
-    topology = Topology(config, log_dir=log_dir)
+    topology = Topology(config, log_dir=log_dir, balancer=args.balancer)
     stop = _stop_signals()
     await topology.start()
     try:
@@ -270,12 +304,16 @@ def _check_ports_free(balancer: BalancerConfig) -> None:
 
 
 def _print_lab(info: dict[str, Any], config: Config, *, keep_logs: bool) -> None:
-    lb = info["lb"]
+    lb, balancer = info["lb"], info.get("balancer", "lbsession")
     print(f"lbsession lab: strategy {info['strategy']}, backend {info['backend']}, {len(info['servers'])} app servers")
-    print(f"  load balancer   {lb}")
-    print(f"  dashboard       {info['admin']}/")
-    print(f"  admin status    {info['admin']}/status")
-    print(f"  metrics         {info['admin']}/metrics (Prometheus)")
+    if balancer == "lbsession":
+        print(f"  load balancer   {lb}")
+        print(f"  dashboard       {info['admin']}/")
+        print(f"  admin status    {info['admin']}/status")
+        print(f"  metrics         {info['admin']}/metrics (Prometheus)")
+    else:  # a real balancer: its own process and config; the lab's admin port reports what it can see
+        print(f"  load balancer   {lb}  ({balancer}, its config in the log folder)")
+        print(f"  admin status    {info['admin']}/status  (what {balancer} shows, and what it cannot: 'unseen')")
     for server in info["servers"]:
         print(f"  {server['id']:<15} {server['url']}  (pid {server['pid']})")
     redis = info.get("redis")
@@ -438,6 +476,9 @@ async def cmd_scenario(args: argparse.Namespace) -> int:
 
     if args.lb is not None and args.target is None:
         raise UsageError("--lb goes with --target: it names the public URL of the running lab's balancer")
+    if args.balancer != "lbsession" and args.target is not None:
+        raise UsageError("--balancer starts a lab of its own; with --target, the running lab's balancer is used")
+    _require_balancers([args.balancer])
     for flag, url in (("--target", args.target), ("--lb", args.lb)):
         if url is not None:
             try:
@@ -449,7 +490,9 @@ async def cmd_scenario(args: argparse.Namespace) -> int:
     if args.target is not None:
         await _check_target(args.target)
     progress = ProgressBar(sys.stderr)
-    report = await run_scenario(scenario, target=args.target, lb_url=args.lb, on_progress=progress)
+    report = await run_scenario(
+        scenario, target=args.target, lb_url=args.lb, on_progress=progress, balancer=args.balancer
+    )
     progress.finish(f"{scenario.label} {scenario.name}: {report.verdict} ({report.setup_s + report.wall_s:.1f} s)")
     print(format_run(report))
     if args.out:
@@ -474,12 +517,15 @@ async def _check_target(admin_url: str) -> None:
 
 async def cmd_matrix(args: argparse.Namespace) -> int:
     """`lbsession matrix`: the whole table; exit status 1 unless every verdict is PASS."""
+    from lbsession.lab.balancers import installed_balancers
     from lbsession.lab.matrix import load_directory, matrix_document, matrix_plan, run_matrix
     from lbsession.lab.report import PASS, ProgressBar, format_matrix, to_markdown, write_reports
 
+    balancers = installed_balancers() if args.balancer == "all" else [args.balancer]
+    _require_balancers(balancers)
     overrides = {"seed": args.seed, "users": args.users, "duration_s": args.duration}
     plan = [s.with_overrides(**overrides) for s in matrix_plan(load_directory(args.scenarios), args.only or ())]
-    reports, wall_s = await run_matrix(plan, progress=ProgressBar(sys.stderr))
+    reports, wall_s = await run_matrix(plan, progress=ProgressBar(sys.stderr), balancers=balancers)
     print(format_matrix(reports))
     print(f"\n{len(reports)} runs in {wall_s:.1f} s")
     document = matrix_document(reports, wall_s, overrides)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lbsession.balancer.strategies import strategy_class
+from lbsession.lab.balancers import client_cookie
 from lbsession.lab.faults import AdminClient, run_timeline
 from lbsession.lab.measures import AppliedFault, RunData, UserOutcome, compute_metrics, per_server
 from lbsession.lab.report import Progress, RunReport
@@ -67,8 +67,10 @@ async def drive(
         servers=len(servers),
         sample_cookie=next((u.sample_cookie for u in users if u.sample_cookie), None),
         notes=mismatch_notes(scenario, status_before["strategy"], str(backend)) if target else [],
+        balancer=str(status_before.get("balancer", "lbsession")),
     )
-    report.evaluate(scenario.expect)
+    report.notes += [str(note) for note in status_before.get("notes", [])]
+    report.evaluate(scenario.expect, unseen=status_before.get("unseen"))
     return report
 
 
@@ -89,10 +91,10 @@ async def _play(
     records: list[Record] = []
     applied: list[AppliedFault] = []
     plans = plan_population(scenario.population, scenario.steps, scenario.seed, scenario.duration_s)
-    cookie = scenario.topology.balancer.sticky.cookie_name
-    strategy = strategy_class(status["strategy"])  # it declares how its cookie names a server
+    # The balancer in front declares its cookie: lbsession's through its strategy, a real one through its view.
+    cookie, cookie_format = client_cookie(status, scenario.topology.balancer.sticky.cookie_name)
     users = [
-        VirtualUser(plan, scenario.steps, lb_url, clock, records, sticky_cookie=cookie, cookie_format=strategy,
+        VirtualUser(plan, scenario.steps, lb_url, clock, records, sticky_cookie=cookie, cookie_format=cookie_format,
                     server_ids=servers)
         for plan in plans
     ]  # fmt: skip

@@ -148,25 +148,50 @@ def _selects(word: str, scenario: Scenario) -> bool:
     return word in scenario.name
 
 
-async def run_matrix(plan: Sequence[Scenario], *, progress: ProgressBar | None = None) -> tuple[list[RunReport], float]:
-    """Run every scenario of `plan` in turn, each on its own topology; return the reports and the wall time."""
+async def run_matrix(
+    plan: Sequence[Scenario], *, progress: ProgressBar | None = None, balancers: Sequence[str] = ("lbsession",)
+) -> tuple[list[RunReport], float]:
+    """Run every scenario of `plan` through each of `balancers`, each on its own topology; reports and wall time.
+
+    A real balancer's run is compared with lbsession's own on the same scenario (`agrees`).
+    """
     started = time.monotonic()
     reports: list[RunReport] = []
-    for index, scenario in enumerate(plan, 1):
+    runs = [(scenario, balancer) for scenario in plan for balancer in balancers]
+    for index, (scenario, balancer) in enumerate(runs, 1):
         run_started = time.monotonic()
         try:
-            report = await run_scenario(scenario, on_progress=progress)
+            report = await run_scenario(scenario, on_progress=progress, balancer=balancer)
         except LBSessionError as exc:  # one lab that cannot start must not cost the other runs
-            report = failed_run(scenario, str(exc))
+            report = failed_run(scenario, str(exc), balancer)
+        if balancer != "lbsession":
+            own = next((r for r in reports if r.scenario.name == scenario.name and r.balancer == "lbsession"), None)
+            report.agrees = agreement(report, own)
         reports.append(report)
         if progress is not None:
             took = time.monotonic() - run_started
-            line = f"[{index:2}/{len(plan)}] {scenario.label:<4} {report.verdict:<5} {scenario.name} ({took:.1f} s)"
-            progress.finish(line)
+            name = scenario.name + ("" if balancer == "lbsession" else f" via {balancer}")
+            progress.finish(f"[{index:2}/{len(runs)}] {scenario.label:<4} {report.verdict:<5} {name} ({took:.1f} s)")
     return reports, time.monotonic() - started
 
 
-def failed_run(scenario: Scenario, error: str) -> RunReport:
+def agreement(report: RunReport, own: RunReport | None) -> str | None:
+    """Do a real balancer's verdict and headline figure (re-logins or none) agree with lbsession's on the scenario?"""
+    if own is None:
+        return None
+
+    def relogged(r: RunReport) -> bool:
+        return bool(r.metrics.get("relogins"))
+
+    if report.verdict == own.verdict and relogged(report) == relogged(own):
+        return "yes"
+    figures = f"re-logins {report.metrics.get('relogins')} vs {own.metrics.get('relogins')}"
+    if any(note.startswith("expected difference") for note in report.notes):
+        return f"no, as expected ({figures}; see its note)"
+    return f"no ({figures}; {report.verdict} vs {own.verdict})"
+
+
+def failed_run(scenario: Scenario, error: str, balancer: str = "lbsession") -> RunReport:
     """The report of a run whose lab could not be started or reached."""
     report = RunReport(
         scenario=scenario,
@@ -181,6 +206,7 @@ def failed_run(scenario: Scenario, error: str) -> RunReport:
         wall_s=0.0,
         servers=scenario.topology.servers,
         notes=[f"the run did not happen: {error}"],
+        balancer=balancer,
     )
     report.verdict = ERROR
     return report

@@ -10,7 +10,7 @@ lbsession/lab/matrix.schema.json describes).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,15 +28,18 @@ class Check:
     expectation: Expectation
     measured: float | int | None
     passed: bool
+    not_applicable: str | None = None  # why the balancer in front cannot give the metric; the check then counts not
 
     def as_dict(self) -> dict[str, Any]:
         """The check for the JSON report."""
         e = self.expectation
         return {"expect": str(e), "metric": e.metric, "op": e.op, "value": e.value, "measured": self.measured,
-                "passed": self.passed}  # fmt: skip
+                "passed": self.passed, "not_applicable": self.not_applicable}  # fmt: skip
 
     def describe(self) -> str:
         """`relogins > 0: 37`, as the tables show it."""
+        if self.not_applicable:
+            return f"{self.expectation}: not applicable ({self.not_applicable})"
         return f"{self.expectation}: {_number(self.measured)}"
 
 
@@ -59,13 +62,25 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     verdict: str = NO_CLAIM
+    balancer: str = "lbsession"  # the balancer in front (lbsession.lab.balancers)
+    agrees: str | None = None  # in the matrix, a real balancer's run compared with lbsession's own
 
-    def evaluate(self, expectations: Sequence[Expectation]) -> None:
-        """Measure each expectation; PASS only when all hold and every fault was applied."""
-        self.checks = [Check(e, self.metrics.get(e.metric), e.check(self.metrics.get(e.metric))) for e in expectations]
+    def evaluate(self, expectations: Sequence[Expectation], unseen: Mapping[str, str] | None = None) -> None:
+        """Measure each expectation; PASS only when all hold and every fault was applied.
+
+        `unseen` maps the metrics the balancer in front cannot give to the reason: their
+        checks are reported as not applicable and count neither way.
+        """
+        unseen = unseen or {}
+        self.checks = [
+            Check(e, None, True, unseen[e.metric])
+            if e.metric in unseen
+            else Check(e, self.metrics.get(e.metric), e.check(self.metrics.get(e.metric)))
+            for e in expectations
+        ]
         failed_faults = [f for f in self.faults if f.error is not None]
         self.notes += [f"fault {f.description} failed: {f.error}" for f in failed_faults]
-        if not self.checks and not failed_faults:
+        if not any(c.not_applicable is None for c in self.checks) and not failed_faults:
             self.verdict = NO_CLAIM
         else:
             self.verdict = PASS if all(c.passed for c in self.checks) and not failed_faults else FAIL
@@ -85,7 +100,8 @@ class RunReport:
             "source": s.source,
             "seed": s.seed,
             "target": self.target,
-            "topology": {"strategy": self.strategy, "backend": self.backend, "servers": self.servers},
+            "topology": {"strategy": self.strategy, "backend": self.backend, "servers": self.servers,
+                         "balancer": self.balancer},
             "population": {"users": s.population.users, "addresses": s.population.addresses,
                            "nat_users": s.population.nat_users, "heavy_users": s.population.heavy_users},
             "duration_s": s.duration_s,
@@ -98,6 +114,7 @@ class RunReport:
             "sample_cookie": self.sample_cookie,
             "checks": [c.as_dict() for c in self.checks],
             "verdict": self.verdict,
+            "agrees": self.agrees,
             "notes": self.notes,
         }  # fmt: skip
 
@@ -112,7 +129,8 @@ def format_run(report: RunReport) -> str:
     lines = [
         f"{s.label}  {s.name}  [{report.verdict}]",
         f"  {s.title}" if s.title else "",
-        f"  {report.strategy} + {report.backend}, {where}, seed {s.seed}, {s.duration_s:g} s of traffic",
+        f"  {report.strategy} + {report.backend} through {report.balancer}, {where}, seed {s.seed},"
+        f" {s.duration_s:g} s of traffic",
         f"  users {m['users']}   requests {m['requests']}   re-logins {m['relogins']} ({m['relogin_users']} users)"
         f"   5xx {m['errors_5xx']}   no answer {m['errors_network']}",
         "  per server   " + "  ".join(f"{k} {v}" for k, v in report.per_server.items()),
@@ -127,10 +145,12 @@ def format_run(report: RunReport) -> str:
         outcome = f"FAILED: {fault.error}" if fault.error else f"took {fault.took_s:.2f} s"
         lines.append(f"  fault        {fault.description} at {fault.at_s:g} s ({applied}, {outcome})")
     if report.sample_cookie:
-        lines.append(f"  LB cookie    {report.sample_cookie}  (names the server; the tag after the dot signs it)")
+        how = "the tag after the dot signs it" if report.balancer == "lbsession" else "in clear, unsigned"
+        lines.append(f"  LB cookie    {report.sample_cookie}  (names the server; {how})")
     for index, check in enumerate(report.checks):
         head = "  expected     " if index == 0 else "               "
-        lines.append(f"{head}{check.describe():<48} {PASS if check.passed else FAIL}")
+        outcome = "n/a" if check.not_applicable else PASS if check.passed else FAIL
+        lines.append(f"{head}{check.describe():<48} {outcome}")
     lines += [f"  note         {note}" for note in report.notes]
     return "\n".join(line for line in lines if line)
 
@@ -142,6 +162,7 @@ COLUMNS: list[Column] = [
     ("claim", lambda r: r.scenario.label),
     ("scenario", lambda r: r.scenario.name),
     ("strategy", lambda r: r.strategy),
+    ("balancer", lambda r: r.balancer),
     ("store", lambda r: r.backend + (" ha" if r.scenario.topology.redis_server.ha else "")),
     ("fault", lambda r: r.fault_text),
     ("users", lambda r: _number(r.metrics["users"])),
@@ -154,35 +175,50 @@ COLUMNS: list[Column] = [
     ("p99ms", lambda r: _ms(r.metrics["p99_ms"])),
     ("stall s", lambda r: _number(r.metrics["stall_s"])),
     ("verdict", lambda r: r.verdict),
+    ("agrees with lbsession", lambda r: r.agrees or "-"),
 ]
+
+
+BALANCER_COLUMNS = ("balancer", "agrees with lbsession")
+
+
+def columns(reports: Sequence[RunReport]) -> list[Column]:
+    """The table's columns: the balancer's two only when a real balancer is among the runs."""
+    real = any(r.balancer != "lbsession" for r in reports)
+    return [c for c in COLUMNS if real or c[0] not in BALANCER_COLUMNS]
 
 
 def format_matrix(reports: Sequence[RunReport]) -> str:
     """Many runs as one aligned table, then the verdict of every run that states expectations."""
-    rows = [[header for header, _ in COLUMNS]] + [[cell(r) for _, cell in COLUMNS] for r in reports]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    shown = columns(reports)
+    rows = [[header for header, _ in shown]] + [[cell(r) for _, cell in shown] for r in reports]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(shown))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += ["", "verdicts (expected: measured):"]
     for r in reports:
         if r.checks or r.notes:
             checks = "; ".join(c.describe() for c in r.checks)
-            lines.append(f"  {r.scenario.label:<4} {r.verdict:<5} {r.scenario.name}: {checks}")
+            through = f" ({r.balancer})" if r.balancer != "lbsession" else ""
+            lines.append(f"  {r.scenario.label:<4} {r.verdict:<5} {r.scenario.name}{through}: {checks}")
             lines += [f"             note: {note}" for note in r.notes]
     return "\n".join(lines)
 
 
 def to_markdown(reports: Sequence[RunReport], title: str) -> str:
     """The runs as a Markdown document: the table, then each verdict with its measurements."""
-    lines = [f"# {title}", "", "| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r).replace("|", "\\|") for _, cell in COLUMNS) + " |" for r in reports]
-    lines += ["", "## Verdicts", "", "| claim | scenario | what it shows | expected: measured | verdict |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    shown = columns(reports)
+    lines = [f"# {title}", "", "| " + " | ".join(h for h, _ in shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(cell(r).replace("|", "\\|") for _, cell in shown) + " |" for r in reports]
+    real = len(shown) == len(COLUMNS)  # a real balancer among the runs: say which balancer each row is
+    head = ["claim", "scenario", *(["balancer"] if real else []), "what it shows", "expected: measured", "verdict"]
+    lines += ["", "## Verdicts", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         if r.checks:
             checks = "<br>".join(c.describe() for c in r.checks)
-            lines.append(f"| {r.scenario.label} | {r.scenario.name} | {r.scenario.title} | {checks} | {r.verdict} |")
-    notes = [f"- {r.scenario.name}: {note}" for r in reports for note in r.notes]
+            cells = [r.scenario.label, r.scenario.name, *([r.balancer] if real else []), r.scenario.title, checks]
+            lines.append("| " + " | ".join([*cells, r.verdict]) + " |")
+    notes = [f"- {r.scenario.name}{f' ({r.balancer})' if real else ''}: {note}" for r in reports for note in r.notes]
     return "\n".join(lines + (["", "## Notes", "", *notes] if notes else [])) + "\n"
 
 

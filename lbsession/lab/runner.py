@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lbsession.config import Config
+from lbsession.lab.balancers.expected import expected_for
 from lbsession.lab.drive import ProgressCallback, drive
 from lbsession.lab.report import Progress, RunReport
 from lbsession.lab.scenario import Scenario
@@ -38,22 +39,27 @@ async def run_scenario(
     lb_url: str | None = None,
     log_dir: Path | None = None,
     on_progress: ProgressCallback | None = None,
+    balancer: str = "lbsession",
 ) -> RunReport:
     """Run `scenario` and return its report; against `target` (an admin URL) or on a topology of its own.
 
     `lb_url` is where users reach the target's balancer, when that differs from the URL the
-    balancer reports about itself (in containers, it knows itself as 127.0.0.1).
+    balancer reports about itself (in containers, it knows itself as 127.0.0.1). `balancer`
+    is the one a topology of its own puts in front (lbsession.lab.balancers); its run is
+    judged against that balancer's documented behaviour (lbsession.lab.balancers.expected).
     """
     if target is not None:
         return await drive(scenario, target, on_progress=on_progress, target=target, lb_url=lb_url)
+    scenario, differences = expected_for(balancer, scenario)
     started = time.monotonic()
     if on_progress is not None:  # starting a lab with Redis and Sentinels takes a few seconds: say so
         on_progress(Progress(f"{scenario.label} {scenario.name} (starting the lab)", 0.0, scenario.duration_s, 0, 0, 0))
     with contextlib.ExitStack() as stack:
         if log_dir is None:  # the processes' logs matter only while they run, unless asked to keep them
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbsession-scenario-")))
-        async with Topology(lab_config(scenario), log_dir=log_dir) as topology:
+        async with Topology(lab_config(scenario), log_dir=log_dir, balancer=balancer) as topology:
             setup_s = time.monotonic() - started
             report = await drive(scenario, topology.admin_url, on_progress=on_progress)
     report.setup_s = setup_s
+    report.notes += differences
     return report

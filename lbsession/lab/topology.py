@@ -37,7 +37,9 @@ from lbsession.balancer.balancer import LoadBalancer
 from lbsession.balancer.upstream import Upstream
 from lbsession.config import AppServerConfig, Config, RedisConfig, to_environ
 from lbsession.errors import TopologyError
-from lbsession.lab.control import LabControl, LbsessionView
+from lbsession.lab.balancers import front_class
+from lbsession.lab.balancers.base import BalancerFront
+from lbsession.lab.control import BalancerView, LabControl, LbsessionView
 from lbsession.lab.process import Child, child_environ, free_port, read_ready_line, spawn
 from lbsession.lab.redis_servers import RedisTopology
 
@@ -83,8 +85,17 @@ class ManagedServer:
 class Topology:
     """Start, change and stop a lab: one balancer and its app servers."""
 
-    def __init__(self, config: Config, *, log_dir: Path | None = None, server_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        log_dir: Path | None = None,
+        server_args: list[str] | None = None,
+        balancer: str = "lbsession",
+    ) -> None:
         self.config = config
+        self.balancer = balancer  # lbsession's own, in this process; or a real one (lbsession.lab.balancers)
+        self.front: BalancerFront | None = None  # the real balancer, when one is in front
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lbsession-"))
         self.server_args = server_args or []  # flags that are not settings, for every app server
         self.servers: dict[str, ManagedServer] = {}
@@ -106,12 +117,17 @@ class Topology:
     async def start(self) -> None:
         """Start every app server, then the balancer in front of them; return once all are healthy."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.balancer != "lbsession":  # before any process: a missing binary is the user's to fix
+            self.front = front_class(self.balancer)(self.config, self.log_dir)
         try:
             await self._start_redis()
             servers = [self._new_server() for _ in range(self.config.servers)]
             for server in servers:  # every first server lists all the others
                 server.cluster_peers = self._cluster_addresses([s for s in servers if s is not server])
             await asyncio.gather(*(self._spawn(s) for s in servers))
+            if self.front is not None:
+                await self._start_front(self.front, servers)
+                return
             self.lb = LoadBalancer(self.config.balancer)
             for server in servers:
                 self.lb.pool.add(server.server_id, server.url)
@@ -130,10 +146,19 @@ class Topology:
             await self.stop()
             raise
 
+    async def _start_front(self, front: BalancerFront, servers: list[ManagedServer]) -> None:
+        """Start the real balancer in front of `servers`, then the control listener with its view."""
+        await front.start({s.server_id: s.port for s in servers})
+        self.control = LabControl(self, front, self.config.balancer)
+        await self.control.start()
+        await self.wait_healthy()
+
     async def stop(self) -> None:
         """Stop the balancer and every child (SIGTERM, then SIGKILL after a grace period)."""
         if self.control is not None:
             await self.control.stop()
+        if self.front is not None:
+            await self.front.stop()
         if self.lb is not None:
             await self.lb.stop(grace_s=2.0)
         await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
@@ -164,6 +189,10 @@ class Topology:
 
     async def wait_healthy(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Return when every running server passes the balancer's health check."""
+        if self.front is not None:
+            running = [s for s in self.servers.values() if s.pid is not None and s.server_id in self.front.active()]
+            await asyncio.gather(*(self.front.wait_up(s.server_id, timeout_s) for s in running))
+            return
         lb = self._balancer()
         async with asyncio.timeout(timeout_s):
             for server in self.servers.values():
@@ -185,11 +214,12 @@ class Topology:
 
     def ready_info(self) -> dict[str, Any]:
         """What `--ready-file` holds: the balancer's URLs and every server with its pid."""
-        lb = self._balancer()
+        view = self._view()
         return {
-            "lb": lb.url,
+            "lb": view.url,
             "admin": self.admin_url,
-            "strategy": lb.strategy.name,
+            "balancer": self.balancer,
+            "strategy": view.strategy_name(),
             "backend": self.config.app.backend,
             "servers": [s.as_dict() for s in self.servers.values()],
             "redis": self.redis.as_dict() if self.redis is not None else None,
@@ -221,6 +251,10 @@ class Topology:
                 await self._kill(server)
             server.restarts += 1
             await self._spawn(server)
+        if self.front is not None:
+            if server_id in self.front.active():
+                await self.front.wait_up(server_id)
+            return server
         lb = self._balancer()
         if server_id in lb.pool.upstreams:
             # Only an active check may bring it back (rise), as with a real server coming up.
@@ -242,7 +276,11 @@ class Topology:
         else:
             server.cluster_peers = self._cluster_addresses(others)
         await self._spawn(server)
-        self._balancer().pool.add(server.server_id, server.url)
+        if self.front is not None:
+            await self.front.add(server.server_id, server.port)
+            await self.front.wait_up(server.server_id)  # as the balancer's own check sees it come up
+        else:
+            self._balancer().pool.add(server.server_id, server.url)
         return server
 
     async def cut_peer(self, server_id: str, peer_id: str | None, *, cut: bool = True) -> dict[str, Any]:
@@ -330,6 +368,11 @@ class Topology:
         if server_id not in self.servers:
             raise TopologyError(f"no managed server {server_id!r}; known: {', '.join(self.servers) or 'none'}")
         return self.servers[server_id]
+
+    def _view(self) -> BalancerView:
+        if self.control is None:
+            raise TopologyError("the topology is not started")
+        return self.control.view
 
     def _balancer(self) -> LoadBalancer:
         if self.lb is None:

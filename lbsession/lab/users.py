@@ -24,12 +24,11 @@ import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from yarl import URL
 
-from lbsession.balancer.strategies import Strategy
 from lbsession.balancer.strategies.sticky_cookie import StickyCookieStrategy
 
 if TYPE_CHECKING:
@@ -44,6 +43,18 @@ JITTER = 0.2  # think times vary by +-20%, so users do not march in lockstep
 def distinct_address(index: int) -> str:
     """User `index`'s own loopback address: 127.0.0.2, 127.0.0.3, ... (Linux routes all of 127/8 locally)."""
     return f"127.0.{index // 250}.{index % 250 + 2}"
+
+
+class CookieFormat(Protocol):
+    """How a balancer's server cookie names a server, read as a client can (a strategy, or a real balancer's)."""
+
+    def cookie_names(self, value: str, server_id: str) -> bool:
+        """Does `value` name `server_id`?"""
+        ...
+
+    def cookie_renamed(self, value: str, server_id: str, other_id: str) -> str | None:
+        """`value`, naming `server_id`, altered to name `other_id`: a client's forgery (None: not forgeable)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -129,8 +140,8 @@ class VirtualUser:
         clock: Callable[[], float],
         records: list[Record],
         *,
-        sticky_cookie: str = "LBSERVER",
-        cookie_format: type[Strategy] = StickyCookieStrategy,
+        sticky_cookie: str | None = "LBSERVER",  # None: the balancer sets no server cookie
+        cookie_format: CookieFormat = StickyCookieStrategy,
         server_ids: list[str] | None = None,
     ) -> None:
         self.plan = plan
@@ -139,7 +150,7 @@ class VirtualUser:
         self.clock = clock
         self.records = records
         self.sticky_cookie = sticky_cookie
-        self.cookie_format = cookie_format  # how the balancer's cookie names a server (the strategy declares it)
+        self.cookie_format = cookie_format  # how the balancer's cookie names a server (its strategy or it declares it)
         self.server_ids = server_ids or []  # whom a forged cookie may claim
         self.logged_in = False
         self.relogins = 0
@@ -306,6 +317,8 @@ class VirtualUser:
         due = self.plan.tamper_at_s
         value = self._cookie()
         if self.tampered or due is None or self.clock() < due or value is None or self._http is None:
+            return
+        if self.sticky_cookie is None:  # a balancer without a server cookie: nothing to forge
             return
         named = [s for s in self.server_ids if self.cookie_format.cookie_names(value, s)]
         pinned = max(named, key=len, default=None)  # ids may hold dots: "a" and "a.b" both prefix "a.b.<tag>"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,15 +41,21 @@ async def start_lab(tmp_path: Any) -> AsyncIterator[Callable[..., Any]]:
     """Start labs on demand; every one is stopped at the end of the test, pass or fail."""
     labs: list[Topology] = []
 
-    async def start(strategy: str, backend: str = "local", servers: int = 3, **sections: Any) -> Topology:
-        topology = Topology(lab_config(strategy, backend, servers, **sections), log_dir=tmp_path / f"lab{len(labs)}")
+    async def start(
+        strategy: str, backend: str = "local", servers: int = 3, in_front: str = "lbsession", **sections: Any
+    ) -> Topology:
+        # A real balancer's log folder holds HAProxy's stats socket, whose path must stay short (108 bytes).
+        base = tmp_path if in_front == "lbsession" else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        config = lab_config(strategy, backend, servers, **sections)
+        topology = Topology(config, log_dir=base / f"lab{len(labs)}", balancer=in_front)
         labs.append(topology)
         await topology.start()
         return topology
 
-    yield start
-    for topology in reversed(labs):
-        await topology.stop()
+    with contextlib.ExitStack() as stack:
+        yield start
+        for topology in reversed(labs):
+            await topology.stop()
 
 
 @dataclass
