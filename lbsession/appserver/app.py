@@ -3,6 +3,7 @@
     POST /login    {"username"} or a form   rotate the session id, hold the user; 200 or 303 to /me for browsers
     GET  /login                             a tiny HTML form, where browsers are sent when not logged in
     GET  /me                                200 {"user", "server"}; 401, or 302 to /login for browsers
+                   ?work_ms=N               first wait N ms (at most 1000), as a page waiting on its database does
     POST /logout                            destroy the session; 200
     POST /cart     {"item"}                 append to the session's cart (needs login)
     GET  /cart                              read it (needs login)
@@ -38,6 +39,7 @@ CONFIG = web.AppKey("lbsession_config", AppServerConfig)
 STORE = web.AppKey("lbsession_store", Store)
 
 MAX_TEXT_CHARS = 64
+MAX_WORK_MS = 1000  # GET /me?work_ms=N: a page that waits, so that requests are in flight long enough to count
 # The cart travels whole with every change (cluster replication) and every load (Redis), so normal use
 # must not grow it without bound: 100 items of 64 characters stay far below the cluster's frame limit.
 MAX_CART_ITEMS = 100
@@ -103,6 +105,11 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def me(request: web.Request) -> web.Response:
     """Who is logged in; the request the lab repeats to catch a re-login."""
+    work = request.query.get("work_ms")
+    if work is not None:
+        if not work.isdecimal() or int(work) > MAX_WORK_MS:
+            raise _json_error(request, web.HTTPBadRequest, f"work_ms must be a whole number from 0 to {MAX_WORK_MS}")
+        await asyncio.sleep(int(work) / 1000)  # waiting, not computing: many such requests are in flight at once
     session = await get_session(request)
     if "user" not in session:
         if _prefers_html(request):

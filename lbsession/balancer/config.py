@@ -75,7 +75,11 @@ class HashConfig:
 
     key: str = "client-ip"  # or "header:<name>" or "cookie:<name>"
     vnodes: int = 160  # points per server on the ring, as in ketama
-    balance_factor: int = 0  # consistent-hash with bounded loads, % of the mean in-flight (HAProxy's unit); 0: off
+    # Consistent hashing with bounded loads: no server above this % of the mean in-flight (HAProxy's unit).
+    balance_factor: int = setting(
+        0, "--hash-balance-factor", "consistent-hash: cap each server's in-flight requests at this % of the mean, "
+        "e.g. 125; 0 = off", commands=LISTENERS, metavar="PERCENT",
+    )  # fmt: skip
 
     def problems(self) -> list[str]:
         out = positive(vnodes=self.vnodes)

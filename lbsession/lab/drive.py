@@ -23,6 +23,7 @@ from lbsession.lab.users import Record, VirtualUser, plan_population
 
 ProgressCallback = Callable[[Progress], None]
 TICK_S = 0.2  # how often the progress bar is redrawn
+SAMPLE_S = 0.02  # how often the balancer's in-flight requests are sampled
 
 
 async def drive(
@@ -41,7 +42,7 @@ async def drive(
         topology_before = await admin.topology()
         servers = [s["id"] for s in status_before["servers"]]
         started = time.monotonic()
-        records, users, applied = await _play(
+        records, users, applied, in_flight = await _play(
             scenario, admin, status_before, lb_url or status_before["url"], on_progress
         )
         wall_s = time.monotonic() - started
@@ -51,7 +52,7 @@ async def drive(
         await admin.close()
     routes = _routes_delta(status_before, status_after)
     outcomes = [_outcome(user) for user in users]
-    data = RunData(records, outcomes, applied, servers, routes, topology_before, topology_after)
+    data = RunData(records, outcomes, applied, servers, routes, topology_before, topology_after, in_flight)
     backend = (topology_before or {}).get("backend") or scenario.topology.app.backend
     report = RunReport(
         scenario=scenario,
@@ -78,8 +79,8 @@ async def _play(
     status: dict[str, Any],
     lb_url: str,
     on_progress: ProgressCallback | None,
-) -> tuple[list[Record], list[VirtualUser], list[AppliedFault]]:
-    """The users and the faults, from time 0 to the end of the scenario's duration."""
+) -> tuple[list[Record], list[VirtualUser], list[AppliedFault], list[dict[str, int]]]:
+    """The users, the faults and the in-flight samples, from time 0 to the end of the scenario's duration."""
     servers = [s["id"] for s in status["servers"]]
     origin = time.perf_counter()
 
@@ -100,14 +101,24 @@ async def _play(
     timeline = asyncio.create_task(run_timeline(admin, scenario.faults, clock, applied))
     timeline.add_done_callback(lambda _: deadline.faults_done(clock()))
     ticker = asyncio.create_task(_tick(scenario, clock, records, applied, on_progress))
+    in_flight: list[dict[str, int]] = []
+    sampler = asyncio.create_task(_sample_in_flight(admin, in_flight))
     try:
         await asyncio.gather(*(user.run(deadline) for user in users))
         await timeline
     finally:
-        for task in (timeline, ticker):
+        for task in (timeline, ticker, sampler):
             task.cancel()
-        await asyncio.gather(timeline, ticker, return_exceptions=True)
-    return records, users, applied
+        await asyncio.gather(timeline, ticker, sampler, return_exceptions=True)
+    return records, users, applied, in_flight
+
+
+async def _sample_in_flight(admin: AdminClient, samples: list[dict[str, int]]) -> None:
+    """Every SAMPLE_S, the balancer's in-flight requests per healthy server (what bounded loads cap)."""
+    while True:
+        status = await admin.status()
+        samples.append({s["id"]: int(s["in_flight"]) for s in status["servers"] if s.get("healthy")})
+        await asyncio.sleep(SAMPLE_S)  # a sampling period, not a wait for readiness
 
 
 class Deadline:

@@ -28,6 +28,10 @@ METRICS: dict[str, str] = {
     "imbalance": "requests per server: the busiest server's over the mean (1 = even)",
     "cv": "requests per server: coefficient of variation (stdev / mean; 0 = even)",
     "hottest_share": "the busiest server's share of all requests",
+    "inflight_imbalance_max": "in flight, sampled through the run: the busiest server's over the mean, the worst",
+    "inflight_imbalance_p95": "in flight, sampled through the run: the busiest server's over the mean, p95",
+    "rehashed_share": "requests the balancer sent past their key's server because it was full (bounded loads)",
+    "spread_users": "users answered by more than one server during the run (moved off their server)",
     "p50_ms": "median latency",
     "p99_ms": "99th percentile latency",
     "stall_s": "longest time a user waited for a good answer (a slow request, or failures until one)",
@@ -100,6 +104,8 @@ class RunData:
     routes: dict[str, int]  # the balancer's routing decisions during the run, by reason
     topology_before: dict[str, Any] | None  # GET /topology (None: the target is a bare balancer)
     topology_after: dict[str, Any] | None
+    # The balancer's in-flight requests per healthy server, sampled through the run (GET /status).
+    in_flight: list[dict[str, int]] = field(default_factory=list)
 
 
 def compute_metrics(data: RunData) -> dict[str, float | int | None]:
@@ -116,6 +122,9 @@ def compute_metrics(data: RunData) -> dict[str, float | int | None]:
         "stall_s": longest_stall(records),
         **latency(records),
         **balance(per_server(records, data.servers)),
+        **in_flight_balance(data.in_flight),
+        "rehashed_share": _share(data.routes.get("rehashed", 0), sum(data.routes.values())),
+        "spread_users": spread_users(records),
         **fault_effects(records, data),
         **cookie_effects(data),
         **cart_effects(data.users),
@@ -143,6 +152,33 @@ def balance(counts: dict[str, int]) -> dict[str, float | None]:
         "cv": round(statistics.pstdev(values) / mean, 3),
         "hottest_share": round(max(values) / total, 3),
     }
+
+
+def in_flight_balance(samples: list[dict[str, int]]) -> dict[str, float | None]:
+    """The busiest server's in-flight requests over the mean, per sample: the worst, and the 95th percentile.
+
+    This is the load that bounded-load hashing caps (HAProxy counts it so), which requests per
+    server over a whole run (`imbalance`) cannot show. Only samples with at least one request in
+    flight per server count: below that, one request on an idle lab reads as an imbalance of N.
+    """
+    ratios = sorted(
+        max(sample.values()) * len(sample) / sum(sample.values())
+        for sample in samples
+        if sample and sum(sample.values()) >= len(sample)
+    )
+    if not ratios:
+        return {"inflight_imbalance_max": None, "inflight_imbalance_p95": None}
+    p95 = ratios[max(0, math.ceil(0.95 * len(ratios)) - 1)]
+    return {"inflight_imbalance_max": round(ratios[-1], 3), "inflight_imbalance_p95": round(p95, 3)}
+
+
+def spread_users(records: list[Record]) -> int:
+    """Users whose answers came from more than one server."""
+    servers: dict[int, set[str]] = {}
+    for r in records:
+        if r.server is not None and r.status < 500:
+            servers.setdefault(r.user, set()).add(r.server)
+    return sum(1 for seen in servers.values() if len(seen) > 1)
 
 
 def latency(records: list[Record]) -> dict[str, float | None]:

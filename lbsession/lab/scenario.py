@@ -111,12 +111,15 @@ class Steps:
     cart_writes: int = 0  # POST /cart per visit
     cart_parallel: bool = False  # send a visit's cart writes at once, as two browser tabs would
     think_ms: float = 50.0  # pause after each request (seeded jitter of +-20%)
+    work_ms: int = 0  # each read waits this long on the server (GET /me?work_ms=), so requests pile up in flight
     logout: bool = False  # POST /logout when the run ends
 
     def problems(self) -> list[str]:
         out = [f"{k}: {v} must be between 0 and 100" for k, v in self._counts().items() if not 0 <= v <= 100]
         if self.reads + self.cart_writes == 0:
             out.append("reads: a visit needs at least one read or cart write")
+        if not 0 <= self.work_ms <= 1000:
+            out.append(f"work_ms: {self.work_ms} must be between 0 and 1000")
         return out + ([] if self.think_ms >= 0 else [f"think_ms: {self.think_ms} must not be negative"])
 
     def _counts(self) -> dict[str, int]:
@@ -374,6 +377,9 @@ def find_scenario(name: str) -> Path:
     by_claim = [p for stem, p in known.items() if stem.split("-", 1)[0].upper() == _claim_prefix(name)]
     if len(by_claim) == 1:
         return by_claim[0]
+    if by_claim:  # B7 is one claim measured by several files (one per balance factor)
+        names = ", ".join(p.stem for p in by_claim)
+        raise ConfigError(f"scenario {name!r}: this claim has {len(by_claim)} files; choose one of: {names}")
     choices = ", ".join(known) or f"none found in {', '.join(str(d) for d in scenario_dirs())}"
     raise ConfigError(
         f"scenario {name!r}: no such file or claim; choose a file, a claim id ({claim_families()}) or: {choices}"

@@ -195,7 +195,8 @@ class VirtualUser:
 
     async def _act(self, action: str) -> None:
         if action == "me":
-            record, _ = await self._send("me", "GET", "/me")
+            path = f"/me?work_ms={self.steps.work_ms}" if self.steps.work_ms else "/me"
+            record, _ = await self._send("me", "GET", path)
         else:
             record, _ = await self._send("cart", "POST", "/cart", json={"item": f"{self.plan.name}-{self.cart_acked}"})
             self.cart_acked += record.status == 200

@@ -53,6 +53,28 @@ def test_balance_counts_an_idle_server_as_part_of_the_imbalance():
     assert m["cv"] == pytest.approx(0.816, abs=1e-3)
 
 
+def test_in_flight_imbalance_is_the_busiest_over_the_mean_in_samples_with_a_request_per_server():
+    samples = [
+        {"was-1": 1, "was-2": 0, "was-3": 0},  # one request in an idle lab: not a sample of load
+        {"was-1": 6, "was-2": 3, "was-3": 3},  # 6 / 4
+        {"was-1": 4, "was-2": 4, "was-3": 4},  # 1
+        {"was-1": 9, "was-2": 0, "was-3": 0},  # 3
+    ]
+    records = [rec(0, 0.0, 200, "was-1")]
+    m = compute_metrics(RunData(records, [UserOutcome(0)], [], ["was-1", "was-2", "was-3"], {}, None, None, samples))
+    assert (m["inflight_imbalance_max"], m["inflight_imbalance_p95"]) == (3.0, 3.0)
+    m = compute_metrics(RunData(records, [UserOutcome(0)], [], ["was-1"], {}, None, None, samples[:3]))
+    assert m["inflight_imbalance_max"] == 1.5
+    assert compute_metrics(data(records))["inflight_imbalance_max"] is None  # nothing sampled
+
+
+def test_rehashed_share_and_users_spread_over_servers():
+    records = [rec(0, 0.0, 200, "was-1"), rec(0, 0.1, 200, "was-2"), rec(1, 0.0, 200, "was-3")]
+    records.append(rec(1, 0.2, 503, "was-1"))  # an error page from another server is not a move
+    m = compute_metrics(data(records, routes={"pinned": 3, "rehashed": 1}))
+    assert (m["spread_users"], m["rehashed_share"]) == (1, 0.25)
+
+
 def test_the_longest_stall_runs_from_the_first_failure_to_the_next_good_answer():
     records = [
         rec(0, 1.0, 200, "was-1", latency=0.01),

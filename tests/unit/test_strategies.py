@@ -580,3 +580,17 @@ def test_balance_factor_off_is_plain_consistent_hashing() -> None:
     plain, off = ConsistentHashStrategy(), ConsistentHashStrategy(balance_factor=0)
     servers[0].in_flight = 1000  # type: ignore[misc]
     assert route_all(plain, client_ips(100), servers) == route_all(off, client_ips(100), servers)
+
+
+def test_the_balance_factor_is_a_flag_of_run_and_lb_that_reaches_the_strategy() -> None:
+    from lbsession.cli import build_parser, config_from_args
+
+    for command in (["run"], ["lb", "--upstream", "http://127.0.0.1:8001"]):
+        args = build_parser().parse_args([*command, "--strategy", "consistent-hash", "--hash-balance-factor", "125"])
+        config = config_from_args(args, environ={}).balancer
+        assert config.hash.balance_factor == 125
+        servers = loaded("a", "b", "c")
+        strategy = strategy_class("consistent-hash").from_config(config)
+        owner = strategy.choose(RequestFacts("203.0.113.9"), servers).upstream
+        owner.in_flight = 10  # type: ignore[misc]
+        assert strategy.choose(RequestFacts("203.0.113.9"), servers).reason == "rehashed"
