@@ -7,6 +7,8 @@
     POST /logout                            destroy the session; 200
     POST /cart     {"item"}                 append to the session's cart (needs login)
     GET  /cart                              read it (needs login)
+    POST /prefs    {"name", "value"}        set one preference, another attribute than the cart (needs login)
+    GET  /prefs                             read them (needs login)
     GET  /healthz                           200 {"server", "backend", "sessions"}; 503 when the store is down
     GET  /headers                           the request headers as this server received them (what the LB forwarded)
     GET  /metrics                           Prometheus: requests, re-logins, store calls (lbsession.appserver.metrics)
@@ -31,7 +33,7 @@ from aiohttp import web
 from lbsession.appserver.config import AppServerConfig
 from lbsession.appserver.lab_control import add_lab_routes
 from lbsession.appserver.metrics import AppMetrics
-from lbsession.appserver.session import get_session, session_middleware
+from lbsession.appserver.session import Session, get_session, session_middleware
 from lbsession.appserver.stores import SessionStore, Store, create_store
 from lbsession.errors import StoreUnavailable
 
@@ -43,6 +45,7 @@ MAX_WORK_MS = 1000  # GET /me?work_ms=N: a page that waits, so that requests are
 # The cart travels whole with every change (cluster replication) and every load (Redis), so normal use
 # must not grow it without bound: 100 items of 64 characters stay far below the cluster's frame limit.
 MAX_CART_ITEMS = 100
+MAX_PREFS = 100  # the same bound for the preferences
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
@@ -66,6 +69,8 @@ def create_app(config: AppServerConfig, store: Store) -> web.Application:
     app.router.add_post("/logout", logout)
     app.router.add_post("/cart", add_to_cart)
     app.router.add_get("/cart", read_cart)
+    app.router.add_post("/prefs", set_pref)
+    app.router.add_get("/prefs", read_prefs)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/headers", echo_headers)
     app.router.add_get("/metrics", metrics.handle)
@@ -127,9 +132,7 @@ async def logout(request: web.Request) -> web.Response:
 
 async def add_to_cart(request: web.Request) -> web.Response:
     """Append an item to the session's cart: a read-modify-write, so concurrent appends can race."""
-    session = await get_session(request)
-    if "user" not in session:
-        raise _json_error(request, web.HTTPUnauthorized, "login required")
+    session = await _logged_in_session(request)
     item = _text_field(request, await _read_body(request, example='{"item": "apple"}'), "item")
     if len(session.get("cart", [])) >= MAX_CART_ITEMS:
         raise _json_error(request, web.HTTPBadRequest, f"the cart is full ({MAX_CART_ITEMS} items); remove some")
@@ -140,10 +143,35 @@ async def add_to_cart(request: web.Request) -> web.Response:
 
 async def read_cart(request: web.Request) -> web.Response:
     """The session's cart."""
+    session = await _logged_in_session(request)
+    return _reply(request, {"cart": session.get("cart", [])})
+
+
+async def set_pref(request: web.Request) -> web.Response:
+    """Set one preference: `prefs` is its own attribute, so a server-side store writes it apart from the cart."""
+    session = await _logged_in_session(request)
+    body = await _read_body(request, example='{"name": "theme", "value": "dark"}')
+    name, value = _text_field(request, body, "name"), _text_field(request, body, "value")
+    prefs = dict(session.get("prefs", {}))
+    if name not in prefs and len(prefs) >= MAX_PREFS:
+        raise _json_error(request, web.HTTPBadRequest, f"too many preferences ({MAX_PREFS}); change existing ones")
+    prefs[name] = value
+    session["prefs"] = prefs
+    return _reply(request, {"prefs": prefs})
+
+
+async def read_prefs(request: web.Request) -> web.Response:
+    """The session's preferences."""
+    session = await _logged_in_session(request)
+    return _reply(request, {"prefs": session.get("prefs", {})})
+
+
+async def _logged_in_session(request: web.Request) -> Session:
+    """The session of a logged-in user, or a 401 that says so."""
     session = await get_session(request)
     if "user" not in session:
         raise _json_error(request, web.HTTPUnauthorized, "login required")
-    return _reply(request, {"cart": session.get("cart", [])})
+    return session
 
 
 async def healthz(request: web.Request) -> web.Response:

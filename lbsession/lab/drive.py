@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
+
 from lbsession.balancer.strategies import strategy_class
 from lbsession.lab.faults import AdminClient, run_timeline
 from lbsession.lab.measures import AppliedFault, RunData, UserOutcome, compute_metrics, per_server
@@ -48,11 +50,14 @@ async def drive(
         wall_s = time.monotonic() - started
         status_after = await admin.status()
         topology_after = await admin.topology()
+        store_counts = await store_counters(topology_after)
     finally:
         await admin.close()
     routes = _routes_delta(status_before, status_after)
     outcomes = [_outcome(user) for user in users]
-    data = RunData(records, outcomes, applied, servers, routes, topology_before, topology_after, in_flight)
+    data = RunData(
+        records, outcomes, applied, servers, routes, topology_before, topology_after, in_flight, store_counts
+    )
     backend = (topology_before or {}).get("backend") or scenario.topology.app.backend
     report = RunReport(
         scenario=scenario,
@@ -91,10 +96,11 @@ async def _play(
     applied: list[AppliedFault] = []
     plans = plan_population(scenario.population, scenario.steps, scenario.seed, scenario.duration_s)
     cookie = scenario.topology.balancer.sticky.cookie_name
+    session_cookie = scenario.topology.app.session.cookie_name
     strategy = strategy_class(status["strategy"])  # it declares how its cookie names a server
     users = [
         VirtualUser(plan, scenario.steps, lb_url, clock, records, sticky_cookie=cookie, cookie_format=strategy,
-                    server_ids=servers)
+                    server_ids=servers, session_cookie=session_cookie)
         for plan in plans
     ]  # fmt: skip
     deadline = Deadline(scenario.duration_s, scenario.settle_s, pending=bool(scenario.faults))
@@ -175,7 +181,39 @@ def _outcome(user: VirtualUser) -> UserOutcome:
         cookie_matches=user.cookie_matches,
         cart_acked=user.cart_acked,
         cart_seen=user.cart_seen,
+        prefs_acked=user.prefs_acked,
+        prefs_seen=user.prefs_seen,
+        replayed=bool(user.replays.logged_out_s),
+        replays_accepted=user.replays.accepted,
+        replays_refused=user.replays.refused,
+        replay_window_s=user.replays.window_s,
+        forged_answers=dict(user.forged_answers),
     )
+
+
+STORE_COUNTERS = ("forged", "revoked", "too_large")  # what a client-side store counts and shows on /healthz
+
+
+async def store_counters(topology: dict[str, Any] | None) -> dict[str, int] | None:
+    """The stores' own counters, summed over the running app servers' /healthz; None when they cannot be asked.
+
+    Only a lab that lists its servers (GET /topology) can be asked, and only if the servers are reachable
+    from here (not in containers): then None, and the metrics that need it are not measured.
+    """
+    servers = [s for s in (topology or {}).get("servers", []) if s.get("pid")]
+    if not servers:
+        return None
+    totals = dict.fromkeys(STORE_COUNTERS, 0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http:
+        for server in servers:
+            try:
+                async with http.get(server["url"] + "/healthz") as response:
+                    facts = await response.json()
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return None
+            for key in STORE_COUNTERS:
+                totals[key] += int(facts.get(key) or 0)
+    return totals
 
 
 def mismatch_notes(scenario: Scenario, strategy: str, backend: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,20 @@ METRICS: dict[str, str] = {
     "cookie_names_server": "share of answers whose sticky cookie named the server that answered",
     "cart_writes": "cart writes the servers acknowledged (in sessions still alive at the end)",
     "lost_updates": "acknowledged cart writes missing from the cart at the end (concurrent writes)",
+    "prefs_writes": "preference changes the servers acknowledged (in sessions still alive at the end)",
+    "lost_prefs": "acknowledged preference changes missing at the end (a whole-session write overwrote them)",
+    "too_large": "answers 413: a session refused as too large for its cookie",
+    "session_cookie_bytes_max": "the largest session cookie a request carried (name=value)",
+    "session_bytes_per_request": "session cookie bytes each request uploaded, on average",
+    "replay_users": "users who copied their session cookie, logged out, and replayed the copy",
+    "replays_accepted": "replays of a logged-out session's cookie answered as that user (logout is not revocation)",
+    "replays_refused": "replays of a logged-out session's cookie answered 401",
+    "replay_window_s": "the longest a copied cookie was still accepted after its user logged out",
+    "session_forgeries": "requests sent with a damaged session cookie (tampered, truncated, another key's)",
+    "forged_anonymous": "of them, answered 401: a fresh anonymous session",
+    "forged_accepted": "of them, answered 200 as someone: must never happen",
+    "forged_errors": "of them, answered with a 5xx or not at all",
+    "forged_sessions": "damaged session cookies the app servers' store counted as forged (its own counter)",
 }
 
 
@@ -64,6 +78,13 @@ class UserOutcome:
     cookie_matches: int = 0
     cart_acked: int = 0
     cart_seen: int | None = None
+    prefs_acked: int = 0
+    prefs_seen: int | None = None
+    replayed: bool = False
+    replays_accepted: int = 0
+    replays_refused: int = 0
+    replay_window_s: float = 0.0
+    forged_answers: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +127,8 @@ class RunData:
     topology_after: dict[str, Any] | None
     # The balancer's in-flight requests per healthy server, sampled through the run (GET /status).
     in_flight: list[dict[str, int]] = field(default_factory=list)
+    # What the app servers' stores counted themselves (summed over the servers' /healthz), None: unknown.
+    store_counts: dict[str, int] | None = None
 
 
 def compute_metrics(data: RunData) -> dict[str, float | int | None]:
@@ -128,6 +151,7 @@ def compute_metrics(data: RunData) -> dict[str, float | int | None]:
         **fault_effects(records, data),
         **cookie_effects(data),
         **cart_effects(data.users),
+        **session_cookie_effects(records, data),
     }
     metrics["relogin_user_share"] = _share(metrics["relogin_users"], len(data.users))
     metrics["reconfigured_servers"] = reconfigured(data.topology_before, data.topology_after)
@@ -281,6 +305,35 @@ def cart_effects(users: list[UserOutcome]) -> dict[str, int | None]:
     return {
         "cart_writes": sum(u.cart_acked for u in counted),
         "lost_updates": sum(max(0, u.cart_acked - (u.cart_seen or 0)) for u in counted),
+    }
+
+
+def session_cookie_effects(records: list[Record], data: RunData) -> dict[str, float | int | None]:
+    """What the session cookie costs and allows: its size, lost whole-session writes, replays, forgeries."""
+    users = data.users
+    counted = [u for u in users if u.prefs_seen is not None]
+    sizes = [r.session_bytes for r in records if r.session_bytes]
+    replayed = [u for u in users if u.replayed]
+    forged = [u.forged_answers for u in users if u.forged_answers]
+
+    def answers(match: Callable[[int], bool]) -> int:
+        return sum(n for f in forged for status, n in f.items() if match(status))
+
+    return {
+        "prefs_writes": sum(u.prefs_acked for u in counted) if counted else None,
+        "lost_prefs": sum(max(0, u.prefs_acked - (u.prefs_seen or 0)) for u in counted) if counted else None,
+        "too_large": sum(1 for r in records if r.status == 413),
+        "session_cookie_bytes_max": max(sizes) if sizes else None,
+        "session_bytes_per_request": round(sum(sizes) / len(records), 1) if records else None,
+        "replay_users": len(replayed),
+        "replays_accepted": sum(u.replays_accepted for u in replayed) if replayed else None,
+        "replays_refused": sum(u.replays_refused for u in replayed) if replayed else None,
+        "replay_window_s": round(max(u.replay_window_s for u in replayed), 3) if replayed else None,
+        "session_forgeries": answers(lambda _: True) if forged else 0,
+        "forged_anonymous": answers(lambda status: status == 401) if forged else None,
+        "forged_accepted": answers(lambda status: status == 200) if forged else None,
+        "forged_errors": answers(lambda status: status >= 500 or status == 0) if forged else None,
+        "forged_sessions": None if data.store_counts is None else data.store_counts.get("forged"),
     }
 
 

@@ -75,6 +75,23 @@ def test_rehashed_share_and_users_spread_over_servers():
     assert (m["spread_users"], m["rehashed_share"]) == (1, 0.25)
 
 
+def test_session_cookie_effects_sizes_lost_prefs_replays_and_forgeries():
+    records = [rec(0, 0.0, 200, "was-1"), rec(0, 0.1, 413, "was-2"), rec(1, 0.0, 200, "was-1")]
+    records[0].session_bytes, records[1].session_bytes = 4000, 3000
+    users = [
+        UserOutcome(0, prefs_acked=4, prefs_seen=3, replayed=True, replays_accepted=5, replay_window_s=0.8),
+        UserOutcome(1, prefs_acked=2, prefs_seen=2, forged_answers={401: 2, 200: 1}),
+    ]
+    m = compute_metrics(RunData(records, users, [], ["was-1", "was-2"], {}, None, None, [], {"forged": 2}))
+    assert (m["prefs_writes"], m["lost_prefs"], m["too_large"]) == (6, 1, 1)
+    assert (m["session_cookie_bytes_max"], m["session_bytes_per_request"]) == (4000, round(7000 / 3, 1))
+    assert (m["replay_users"], m["replays_accepted"], m["replays_refused"], m["replay_window_s"]) == (1, 5, 0, 0.8)
+    assert (m["session_forgeries"], m["forged_anonymous"], m["forged_accepted"], m["forged_errors"]) == (3, 2, 1, 0)
+    assert m["forged_sessions"] == 2
+    quiet = compute_metrics(data(records))
+    assert quiet["replays_accepted"] is None and quiet["forged_sessions"] is None and quiet["lost_prefs"] is None
+
+
 def test_the_longest_stall_runs_from_the_first_failure_to_the_next_good_answer():
     records = [
         rec(0, 1.0, 200, "was-1", latency=0.01),

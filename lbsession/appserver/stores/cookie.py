@@ -151,8 +151,9 @@ class CookieStore(ClientSideStore):
         return value
 
     def describe(self) -> dict[str, Any]:
-        """Where the sessions are (in the clients), and the largest cookie this store may set."""
+        """Where the sessions are (in the clients), the largest cookie it may set, the cookies it refused."""
         facts: dict[str, Any] = {"sessions_in": "clients", "max_cookie_bytes": self._max_bytes}
+        facts.update({key: self.counters[key] for key in ("forged", "revoked", "too_large")})
         if self._deny_list is not None:
             facts["deny_list"] = self._deny_list.describe().get("redis")
         return facts
