@@ -42,6 +42,9 @@ METRICS: dict[str, str] = {
     "bystander_relogins": "re-logins after the first fault by users who were not victims",
     "requests_on_added": "requests answered by servers that faults added",
     "relogins_on_added": "re-logins answered by servers that faults added",
+    "added_share_final": "share of the last second's answers that came from servers that faults added",
+    "returned_share_final": "share of the last second's answers that came from servers that faults restarted",
+    "relogins_after_last_fault": "re-logins answered once the last fault was applied (a server's return, say)",
     "moved_share": "share of users answered by another server at the end than just before the first fault",
     "reconfigured_servers": "servers running before the run whose process changed (killed, restarted) by its end",
     "tampered": "sticky cookies the users forged",
@@ -239,9 +242,15 @@ def fault_effects(records: list[Record], data: RunData) -> dict[str, float | int
     """Re-logins around the first fault, its victims, the added servers, and who moved."""
     applied = [f for f in data.faults if f.applied_s is not None]
     added = {str(f.result.get("id")) for f in applied if f.action == "add-server" and f.result.get("id")}
+    returned = {f.server for f in applied if f.action == "restart-server" and f.server}
+    end_s = max((r.ended_s for r in records), default=0.0)
+    final = [r for r in records if r.server is not None and r.ended_s >= end_s - 1.0]
     out: dict[str, float | int | None] = {
         "requests_on_added": sum(1 for r in records if r.server in added) if added else None,
         "relogins_on_added": sum(1 for r in records if r.relogin and r.server in added) if added else None,
+        "added_share_final": _share(sum(1 for r in final if r.server in added), len(final)) if added else None,
+        "returned_share_final": _share(sum(1 for r in final if r.server in returned), len(final)) if returned else None,
+        "relogins_after_last_fault": None,
     }
     keys = ("relogins_before_fault", "relogins_after_fault", "victim_users", "victim_relogin_share")
     out.update(dict.fromkeys((*keys, "bystander_relogins", "moved_share")))
@@ -253,6 +262,8 @@ def fault_effects(records: list[Record], data: RunData) -> dict[str, float | int
     out["relogins_before_fault"] = sum(1 for r in records if r.relogin and r.ended_s < at)
     out["relogins_after_fault"] = sum(1 for r in records if r.relogin and r.ended_s >= at)
     out["moved_share"] = moved_share(records, at)
+    last_at = applied[-1].applied_s or 0.0
+    out["relogins_after_last_fault"] = sum(1 for r in records if r.relogin and r.ended_s >= last_at)
     if first.server is not None:
         victims = {u for u, server in last_good_server(records, at).items() if server == first.server}
         after = [r for r in records if r.relogin and r.ended_s >= at]

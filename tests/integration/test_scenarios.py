@@ -147,3 +147,10 @@ async def test_b11_a_damaged_session_cookie_is_a_fresh_anonymous_session_and_cou
     m = (await measure("B11", tmp_path)).metrics
     assert m["forged_anonymous"] == m["session_forgeries"] > 0
     assert m["forged_sessions"] >= m["session_forgeries"]
+
+
+async def test_b12_balanced_affinity_gives_a_new_server_its_share_persistent_does_not(tmp_path):
+    persistent = (await measure_file("b12-sticky-scale-out-persistent-redis", tmp_path / "p", duration_s=3.0)).metrics
+    balanced = (await measure_file("b12-sticky-scale-out-balanced-redis", tmp_path / "b", duration_s=3.0)).metrics
+    assert persistent["added_share_final"] == 0 < balanced["added_share_final"]
+    assert persistent["relogins"] == balanced["relogins"] == 0

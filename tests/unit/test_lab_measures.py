@@ -136,6 +136,16 @@ def test_added_servers_cookies_carts_and_reconfiguration():
     assert m["reconfigured_servers"] == 0
 
 
+def test_the_last_seconds_share_of_added_and_returned_servers_and_relogins_after_the_last_fault():
+    added = AppliedFault(1.0, "add-server", None, "add-server", applied_s=1.0, result={"id": "was-4"})
+    back = AppliedFault(2.0, "restart-server", "was-1", "restart-server was-1", applied_s=2.0)
+    records = [rec(0, 0.5, 200, "was-1"), rec(0, 2.5, 401, "was-4", relogin=True), rec(1, 2.6, 200, "was-1")]
+    records += [rec(1, 2.2, 200, "was-2"), rec(1, 1.5, 401, "was-2", relogin=True)]
+    m = compute_metrics(data(records, faults=[added, back]))
+    assert (m["added_share_final"], m["returned_share_final"]) == (round(1 / 3, 3), round(1 / 3, 3))
+    assert (m["relogins_after_fault"], m["relogins_after_last_fault"]) == (2, 1)
+
+
 def make_report(verdict_metric: int = 3, *, claim: str = "C1") -> RunReport:
     scenario = Scenario(name="c01-test", claim=claim, title="a test", expect=(Expectation("relogins", ">", 0),))
     records = [rec(0, 0.1, 401, "was-2", relogin=verdict_metric > 0), rec(1, 0.1, 200, "was-1")]

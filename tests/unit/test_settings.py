@@ -32,6 +32,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "balancer.admin_host": ("127.0.0.2", "127.0.0.2"),  # off loopback it would need a token
     "balancer.sticky.secret": ("a-secret-of-twenty-chars", "a-secret-of-twenty-chars"),
     "balancer.hash.balance_factor": ("125", 125),
+    "balancer.sticky.mode": ("balanced", "balanced"),
     "app.backend": ("cluster", "cluster"),
     "app.redis.url": ("redis://127.0.0.1:6390/2", "redis://127.0.0.1:6390/2"),
     "app.cluster.secret": ("a-secret-of-twenty-chars", "a-secret-of-twenty-chars"),
