@@ -80,6 +80,7 @@ class CookieStore(ClientSideStore):
         self._deny_list = deny_list  # revoked session ids, by id, with the time their cookies may still live
         self.counters = {"sealed": 0, "opened": 0, "forged": 0, "expired": 0, "revoked": 0, "too_large": 0}
         self.counters["bytes_sealed"] = 0
+        self._largest = 0  # the largest cookie sealed, in bytes
 
     @classmethod
     def from_config(cls, config: AppServerConfig) -> CookieStore:
@@ -148,12 +149,16 @@ class CookieStore(ClientSideStore):
             raise SessionTooLarge(f"session too large for the cookie store: {size} bytes > {self._max_bytes}")
         self.counters["sealed"] += 1
         self.counters["bytes_sealed"] += size
+        self._largest = max(self._largest, size)
         return value
 
     def describe(self) -> dict[str, Any]:
         """Where the sessions are (in the clients), the largest cookie it may set, the cookies it refused."""
         facts: dict[str, Any] = {"sessions_in": "clients", "max_cookie_bytes": self._max_bytes}
         facts.update({key: self.counters[key] for key in ("forged", "revoked", "too_large")})
+        if self.counters["sealed"]:  # what each response uploads to the client, and each request brings back
+            facts["cookie_bytes_mean"] = round(self.counters["bytes_sealed"] / self.counters["sealed"])
+            facts["cookie_bytes_max"] = self._largest
         if self._deny_list is not None:
             facts["deny_list"] = self._deny_list.describe().get("redis")
         return facts
