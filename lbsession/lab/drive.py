@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from lbsession.balancer.strategies import strategy_class
+from lbsession.balancer.strategies import create_strategy, strategy_class
 from lbsession.lab.faults import AdminClient, run_timeline
 from lbsession.lab.measures import AppliedFault, RunData, UserOutcome, compute_metrics, per_server
 from lbsession.lab.report import Progress, RunReport
@@ -72,7 +72,9 @@ async def drive(
         wall_s=wall_s,
         servers=len(servers),
         sample_cookie=next((u.sample_cookie for u in users if u.sample_cookie), None),
-        notes=mismatch_notes(scenario, status_before["strategy"], str(backend)) if target else [],
+        notes=mismatch_notes(scenario, status_before["strategy"], str(backend), status_before.get("strategy_settings"))
+        if target
+        else [],
     )
     report.evaluate(scenario.expect)
     return report
@@ -216,12 +218,24 @@ async def store_counters(topology: dict[str, Any] | None) -> dict[str, int] | No
     return totals
 
 
-def mismatch_notes(scenario: Scenario, strategy: str, backend: str) -> list[str]:
-    """Against a running lab, say where it differs from the topology the scenario was written for."""
+def mismatch_notes(
+    scenario: Scenario, strategy: str, backend: str, settings: dict[str, Any] | None = None
+) -> list[str]:
+    """Against a running lab, say where it differs from the topology the scenario was written for.
+
+    `settings` are the running strategy's (GET /status `strategy_settings`); None: not known, not compared.
+    """
     wanted = scenario.topology
     notes = []
     if wanted.balancer.strategy != strategy:
         notes.append(f"the target's strategy is {strategy}; the scenario was written for {wanted.balancer.strategy}")
+    elif settings is not None:
+        written = create_strategy(wanted.balancer).describe()
+        notes += [
+            f"the target's {key} is {settings.get(key)}; the scenario was written for {value}"
+            for key, value in written.items()
+            if settings.get(key) != value
+        ]
     if wanted.app.backend != backend:
         notes.append(f"the target's backend is {backend}; the scenario was written for {wanted.app.backend}")
     return notes

@@ -128,7 +128,7 @@ def format_run(report: RunReport) -> str:
         outcome = f"FAILED: {fault.error}" if fault.error else f"took {fault.took_s:.2f} s"
         lines.append(f"  fault        {fault.description} at {fault.at_s:g} s ({applied}, {outcome})")
     if report.sample_cookie:
-        lines.append(f"  LB cookie    {report.sample_cookie}  (names the server; the tag after the dot signs it)")
+        lines.append(f"  LB cookie    {report.sample_cookie}  (signed: the tag after the last dot)")
     for index, check in enumerate(report.checks):
         head = "  expected     " if index == 0 else "               "
         lines.append(f"{head}{check.describe():<48} {PASS if check.passed else FAIL}")

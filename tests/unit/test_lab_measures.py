@@ -213,3 +213,15 @@ def test_the_progress_bar_draws_only_on_a_terminal_but_always_says_how_it_ended(
     bar.finish("C6 PASS")
     assert ("[##############" in stream.text) is tty
     assert stream.text.endswith("C6 PASS\n")
+
+
+def test_a_target_whose_strategy_settings_differ_is_noted() -> None:
+    from lbsession.lab.drive import mismatch_notes
+    from lbsession.lab.scenario import find_scenario, load_scenario
+
+    scenario = load_scenario(find_scenario("b12-sticky-scale-out-balanced-redis"))
+    assert mismatch_notes(scenario, "sticky-cookie", "redis", {"sticky_mode": "balanced"}) == []
+    assert mismatch_notes(scenario, "sticky-cookie", "redis", {"sticky_mode": "persistent"}) == [
+        "the target's sticky_mode is persistent; the scenario was written for balanced"
+    ]
+    assert mismatch_notes(scenario, "sticky-cookie", "redis") == []  # settings unknown: not compared
