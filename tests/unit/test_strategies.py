@@ -46,9 +46,10 @@ def client_ips(count: int) -> list[str]:
     return [f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(count)]
 
 
-def build(name: str, **sticky: Any) -> Strategy:
+def build(name: str, hashing: HashConfig | None = None, **sticky: Any) -> Strategy:
     """A strategy made the way the balancer makes it: from a BalancerConfig via the registry."""
-    return create_strategy(BalancerConfig(strategy=name, sticky=StickyConfig(secret=SECRET, **sticky)))
+    sticky_config = StickyConfig(secret=SECRET, **sticky)
+    return create_strategy(BalancerConfig(strategy=name, sticky=sticky_config, hash=hashing or HashConfig()))
 
 
 def route_all(strategy: Strategy, ips: Sequence[str], servers: Sequence[FakeUpstream]) -> dict[str, str]:
@@ -64,17 +65,18 @@ def strategy_name(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
-# Every registered strategy, and the further modes of one: case -> (registered name, its sticky settings).
+# Every registered strategy, and the further modes of some: case -> (registered name, build's options).
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     **{name: (name, {}) for name in STRATEGIES},
     "sticky-cookie-balanced": ("sticky-cookie", {"mode": "balanced"}),
+    "consistent-hash-bounded": ("consistent-hash", {"hashing": HashConfig(balance_factor=125)}),
 }
 
 
 @pytest.fixture(params=sorted(CASES))
 def strategy(request: pytest.FixtureRequest) -> Strategy:
-    name, sticky = CASES[request.param]
-    return build(name, **sticky)
+    name, options = CASES[request.param]
+    return build(name, **options)
 
 
 def test_registered_class_carries_its_registry_name(strategy_name: str) -> None:
