@@ -172,3 +172,4 @@ async def test_the_balancer_box_shows_the_sticky_mode_and_the_balance_factor(
     lab: Topology = await start_lab(strategy, balancer=balancer)
     await open_dashboard(page, lab)
     await expect(page.locator(".lb [data-strategy-settings]")).to_have_text(shown, timeout=WAIT_MS)
+    await screenshot(page, f"dashboard-{strategy}-settings")
