@@ -190,6 +190,7 @@ def _outcome(user: VirtualUser) -> UserOutcome:
         replays_refused=user.replays.refused,
         replay_window_s=user.replays.window_s,
         forged_answers=dict(user.forged_answers),
+        ws_reconnects=user.ws_reconnects,
     )
 
 

@@ -53,6 +53,8 @@ METRICS: dict[str, str] = {
     "cookie_names_server": "share of answers whose sticky cookie named the server that answered",
     "cart_writes": "cart writes the servers acknowledged (in sessions still alive at the end)",
     "lost_updates": "acknowledged cart writes missing from the cart at the end (concurrent writes)",
+    "ws_messages": "WebSocket messages answered (steps.websocket)",
+    "ws_reconnects": "WebSockets opened again after one was lost (its server died)",
     "prefs_writes": "preference changes the servers acknowledged (in sessions still alive at the end)",
     "lost_prefs": "acknowledged preference changes missing at the end (a whole-session write overwrote them)",
     "too_large": "answers 413: a session refused as too large for its cookie",
@@ -88,6 +90,7 @@ class UserOutcome:
     replays_refused: int = 0
     replay_window_s: float = 0.0
     forged_answers: dict[int, int] = field(default_factory=dict)
+    ws_reconnects: int = 0
 
 
 @dataclass
@@ -155,6 +158,8 @@ def compute_metrics(data: RunData) -> dict[str, float | int | None]:
         **cookie_effects(data),
         **cart_effects(data.users),
         **session_cookie_effects(records, data),
+        "ws_messages": sum(1 for r in records if r.action == "ws" and r.status == 200),
+        "ws_reconnects": sum(u.ws_reconnects for u in data.users),
     }
     metrics["relogin_user_share"] = _share(metrics["relogin_users"], len(data.users))
     metrics["reconfigured_servers"] = reconfigured(data.topology_before, data.topology_after)

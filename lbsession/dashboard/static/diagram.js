@@ -188,7 +188,7 @@ function renderBalancer(geo) {
   const layer = document.getElementById("layer-lb");
   layer.replaceChildren();
   const group = svg("g", { class: "lb", transform: `translate(${COL.lb},${geo.lbY})` }, layer);
-  svg("rect", { class: "box", width: COL.lbW, height: 158, rx: 12 }, group);
+  svg("rect", { class: "box", width: COL.lbW, height: 176, rx: 12 }, group);
   text(group, 14, 26, "balancer", "title");
   text(group, 14, 48, state.status.strategy, "big");
   const total = [...state.rates.values()].reduce((a, b) => a + b, 0);
@@ -197,7 +197,10 @@ function renderBalancer(geo) {
   text(group, 14, 94, `new ${routes.new} · pinned ${routes.pinned}`, "small");
   text(group, 14, 112, `redispatched ${routes.redispatched} · retried ${routes.retried}`, "small");
   text(group, 14, 130, `forged cookies ${routes["forged-cookie"]}`, "small");
-  const settings = text(group, 14, 148, strategySettings(state.status.strategy_settings || {}), "small");
+  const tunnels = state.status.tunnels || { open: 0 };
+  const open = text(group, 14, 148, `websockets: ${tunnels.open} open`, "small");
+  open.dataset.field = "tunnels";
+  const settings = text(group, 14, 166, strategySettings(state.status.strategy_settings || {}), "small");
   settings.setAttribute("data-strategy-settings", "");
 }
 
