@@ -3,9 +3,12 @@
     POST /login    {"username"} or a form   rotate the session id, hold the user; 200 or 303 to /me for browsers
     GET  /login                             a tiny HTML form, where browsers are sent when not logged in
     GET  /me                                200 {"user", "server"}; 401, or 302 to /login for browsers
+                   ?work_ms=N               first wait N ms (at most 1000), as a page waiting on its database does
     POST /logout                            destroy the session; 200
     POST /cart     {"item"}                 append to the session's cart (needs login)
     GET  /cart                              read it (needs login)
+    POST /prefs    {"name", "value"}        set one preference, another attribute than the cart (needs login)
+    GET  /prefs                             read them (needs login)
     GET  /healthz                           200 {"server", "backend", "sessions"}; 503 when the store is down
     GET  /headers                           the request headers as this server received them (what the LB forwarded)
     GET  /ws                                a WebSocket: each text message is answered {"user", "server", "echo"};
@@ -33,7 +36,7 @@ from aiohttp import WSMsgType, web
 from lbsession.appserver.config import AppServerConfig
 from lbsession.appserver.lab_control import add_lab_routes
 from lbsession.appserver.metrics import ASKED_TO_LOG_IN, AppMetrics
-from lbsession.appserver.session import get_session, session_middleware
+from lbsession.appserver.session import Session, get_session, session_middleware
 from lbsession.appserver.stores import SessionStore, Store, create_store
 from lbsession.errors import StoreUnavailable
 
@@ -41,10 +44,12 @@ CONFIG = web.AppKey("lbsession_config", AppServerConfig)
 STORE = web.AppKey("lbsession_store", Store)
 
 MAX_TEXT_CHARS = 64
+MAX_WORK_MS = 1000  # GET /me?work_ms=N: a page that waits, so that requests are in flight long enough to count
 WS_LOGIN_REQUIRED = 4401  # a private-use close code (RFC 6455 §7.4.2): HTTP's 401, said on a WebSocket
 # The cart travels whole with every change (cluster replication) and every load (Redis), so normal use
 # must not grow it without bound: 100 items of 64 characters stay far below the cluster's frame limit.
 MAX_CART_ITEMS = 100
+MAX_PREFS = 100  # the same bound for the preferences
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
@@ -68,6 +73,8 @@ def create_app(config: AppServerConfig, store: Store) -> web.Application:
     app.router.add_post("/logout", logout)
     app.router.add_post("/cart", add_to_cart)
     app.router.add_get("/cart", read_cart)
+    app.router.add_post("/prefs", set_pref)
+    app.router.add_get("/prefs", read_prefs)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/headers", echo_headers)
     app.router.add_get("/ws", websocket)
@@ -108,6 +115,11 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def me(request: web.Request) -> web.Response:
     """Who is logged in; the request the lab repeats to catch a re-login."""
+    work = request.query.get("work_ms")
+    if work is not None:
+        if not work.isdecimal() or int(work) > MAX_WORK_MS:
+            raise _json_error(request, web.HTTPBadRequest, f"work_ms must be a whole number from 0 to {MAX_WORK_MS}")
+        await asyncio.sleep(int(work) / 1000)  # waiting, not computing: many such requests are in flight at once
     session = await get_session(request)
     if "user" not in session:
         if _prefers_html(request):
@@ -125,9 +137,7 @@ async def logout(request: web.Request) -> web.Response:
 
 async def add_to_cart(request: web.Request) -> web.Response:
     """Append an item to the session's cart: a read-modify-write, so concurrent appends can race."""
-    session = await get_session(request)
-    if "user" not in session:
-        raise _json_error(request, web.HTTPUnauthorized, "login required")
+    session = await _logged_in_session(request)
     item = _text_field(request, await _read_body(request, example='{"item": "apple"}'), "item")
     if len(session.get("cart", [])) >= MAX_CART_ITEMS:
         raise _json_error(request, web.HTTPBadRequest, f"the cart is full ({MAX_CART_ITEMS} items); remove some")
@@ -138,10 +148,35 @@ async def add_to_cart(request: web.Request) -> web.Response:
 
 async def read_cart(request: web.Request) -> web.Response:
     """The session's cart."""
+    session = await _logged_in_session(request)
+    return _reply(request, {"cart": session.get("cart", [])})
+
+
+async def set_pref(request: web.Request) -> web.Response:
+    """Set one preference: `prefs` is its own attribute, so a server-side store writes it apart from the cart."""
+    session = await _logged_in_session(request)
+    body = await _read_body(request, example='{"name": "theme", "value": "dark"}')
+    name, value = _text_field(request, body, "name"), _text_field(request, body, "value")
+    prefs = dict(session.get("prefs", {}))
+    if name not in prefs and len(prefs) >= MAX_PREFS:
+        raise _json_error(request, web.HTTPBadRequest, f"too many preferences ({MAX_PREFS}); change existing ones")
+    prefs[name] = value
+    session["prefs"] = prefs
+    return _reply(request, {"prefs": prefs})
+
+
+async def read_prefs(request: web.Request) -> web.Response:
+    """The session's preferences."""
+    session = await _logged_in_session(request)
+    return _reply(request, {"prefs": session.get("prefs", {})})
+
+
+async def _logged_in_session(request: web.Request) -> Session:
+    """The session of a logged-in user, or a 401 that says so."""
     session = await get_session(request)
     if "user" not in session:
         raise _json_error(request, web.HTTPUnauthorized, "login required")
-    return _reply(request, {"cart": session.get("cart", [])})
+    return session
 
 
 async def healthz(request: web.Request) -> web.Response:

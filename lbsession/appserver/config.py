@@ -130,6 +130,11 @@ class CookieStoreConfig:
 
     keys: tuple[str, ...] = ()  # the first seals, every one opens (rotation); shared by every server
     max_bytes: int = 4096  # browsers keep about 4 KB per cookie (RFC 6265 §6.1 asks for at least 4096)
+    # The usual mitigation of "logout is not revocation", at the price of the store's statelessness.
+    deny_list: bool = setting(
+        False, "--cookie-deny-list", "cookie store: keep logged-out session ids in Redis (--redis-url) "
+        "until their max age, and refuse their cookies", commands=APP_SERVERS,
+    )  # fmt: skip
 
     def problems(self) -> list[str]:
         out = positive(max_bytes=self.max_bytes)

@@ -231,14 +231,14 @@ class _SealedSlot(_SessionSlot):
         cookie = _cookie_attributes(self._config)
         if session.id is None and not session:  # logged out, or a new session that holds nothing
             for dead in session.dead_ids:
-                await self._store.revoke(dead)
+                await self._store.revoke(dead, self._config.ttl_s)
             if self._cookie is not None:
                 response.del_cookie(self._config.cookie_name, **cookie)
             return
         session_id = session.id if session.id is not None else session.issue_id()
         value = await self._store.seal(session_id, dict(session), self._config.ttl_s)  # may be SessionTooLarge
         for dead in session.dead_ids:
-            await self._store.revoke(dead)
+            await self._store.revoke(dead, self._config.ttl_s)
         response.set_cookie(self._config.cookie_name, value, **cookie)
 
 

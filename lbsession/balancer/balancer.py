@@ -255,6 +255,7 @@ class LoadBalancer:
         """The balancer's state and counters, as the admin API's `GET /status` returns them."""
         return {
             "strategy": self.strategy.name,
+            "strategy_settings": self.strategy.describe(),  # e.g. the sticky mode, the balance factor
             "strategies": list(STRATEGIES),  # what PUT /strategy accepts
             "url": self.url,
             "uptime_s": round(time.time() - self.started_at, 3),

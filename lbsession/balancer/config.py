@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lbsession.balancer.strategies import STRATEGY_NAMES
 from lbsession.settings import (
@@ -22,6 +23,7 @@ from lbsession.settings import (
 )
 
 StrategyName = str  # one of STRATEGY_NAMES, the strategy registry's names, checked at load time
+StickyMode = Literal["persistent", "balanced"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,12 @@ class StickyConfig:
     """The LB-inserted server cookie (HAProxy `cookie SERVERID insert`, AWS ELB's AWSELB)."""
 
     cookie_name: str = "LBSERVER"
+    # ingress-nginx's affinity-mode. persistent: a pin names its server and holds until that server dies.
+    # balanced: a pin is a random key placed on a ring of the healthy servers, so a new server takes ~1/N.
+    mode: StickyMode = setting(
+        "persistent", "--sticky-mode", "sticky-cookie: persistent pins stay put on scale-out; balanced ones "
+        "move ~1/N of the users to a new server", commands=LISTENERS,
+    )  # fmt: skip
     secret: str | None = setting(  # None: a random one per start, and a warning
         None, "--sticky-secret", "HMAC key of the sticky cookie", commands=LISTENERS, default_text="random per start"
     )
@@ -75,7 +83,11 @@ class HashConfig:
 
     key: str = "client-ip"  # or "header:<name>" or "cookie:<name>"
     vnodes: int = 160  # points per server on the ring, as in ketama
-    balance_factor: int = 0  # consistent-hash with bounded loads, % of the mean in-flight (HAProxy's unit); 0: off
+    # Consistent hashing with bounded loads: no server above this % of the mean in-flight (HAProxy's unit).
+    balance_factor: int = setting(
+        0, "--hash-balance-factor", "consistent-hash: cap each server's in-flight requests at this % of the mean, "
+        "e.g. 125; 0 = off", commands=LISTENERS, metavar="PERCENT",
+    )  # fmt: skip
 
     def problems(self) -> list[str]:
         out = positive(vnodes=self.vnodes)

@@ -14,6 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
+
+from lbsession.balancer.strategies import create_strategy
 from lbsession.lab.balancers import client_cookie
 from lbsession.lab.faults import AdminClient, run_timeline
 from lbsession.lab.measures import AppliedFault, RunData, UserOutcome, compute_metrics, per_server
@@ -23,6 +26,7 @@ from lbsession.lab.users import Record, VirtualUser, plan_population
 
 ProgressCallback = Callable[[Progress], None]
 TICK_S = 0.2  # how often the progress bar is redrawn
+SAMPLE_S = 0.02  # how often the balancer's in-flight requests are sampled
 
 
 async def drive(
@@ -41,17 +45,20 @@ async def drive(
         topology_before = await admin.topology()
         servers = [s["id"] for s in status_before["servers"]]
         started = time.monotonic()
-        records, users, applied = await _play(
+        records, users, applied, in_flight = await _play(
             scenario, admin, status_before, lb_url or status_before["url"], on_progress
         )
         wall_s = time.monotonic() - started
         status_after = await admin.status()
         topology_after = await admin.topology()
+        store_counts = await store_counters(topology_after)
     finally:
         await admin.close()
     routes = _routes_delta(status_before, status_after)
     outcomes = [_outcome(user) for user in users]
-    data = RunData(records, outcomes, applied, servers, routes, topology_before, topology_after)
+    data = RunData(
+        records, outcomes, applied, servers, routes, topology_before, topology_after, in_flight, store_counts
+    )
     backend = (topology_before or {}).get("backend") or scenario.topology.app.backend
     report = RunReport(
         scenario=scenario,
@@ -66,7 +73,9 @@ async def drive(
         wall_s=wall_s,
         servers=len(servers),
         sample_cookie=next((u.sample_cookie for u in users if u.sample_cookie), None),
-        notes=mismatch_notes(scenario, status_before["strategy"], str(backend)) if target else [],
+        notes=mismatch_notes(scenario, status_before["strategy"], str(backend), status_before.get("strategy_settings"))
+        if target
+        else [],
         balancer=str(status_before.get("balancer", "lbsession")),
     )
     report.notes += [str(note) for note in status_before.get("notes", [])]
@@ -80,8 +89,8 @@ async def _play(
     status: dict[str, Any],
     lb_url: str,
     on_progress: ProgressCallback | None,
-) -> tuple[list[Record], list[VirtualUser], list[AppliedFault]]:
-    """The users and the faults, from time 0 to the end of the scenario's duration."""
+) -> tuple[list[Record], list[VirtualUser], list[AppliedFault], list[dict[str, int]]]:
+    """The users, the faults and the in-flight samples, from time 0 to the end of the scenario's duration."""
     servers = [s["id"] for s in status["servers"]]
     origin = time.perf_counter()
 
@@ -93,23 +102,34 @@ async def _play(
     plans = plan_population(scenario.population, scenario.steps, scenario.seed, scenario.duration_s)
     # The balancer in front declares its cookie: lbsession's through its strategy, a real one through its view.
     cookie, cookie_format = client_cookie(status, scenario.topology.balancer.sticky.cookie_name)
+    session_cookie = scenario.topology.app.session.cookie_name
     users = [
         VirtualUser(plan, scenario.steps, lb_url, clock, records, sticky_cookie=cookie, cookie_format=cookie_format,
-                    server_ids=servers)
+                    server_ids=servers, session_cookie=session_cookie)
         for plan in plans
     ]  # fmt: skip
     deadline = Deadline(scenario.duration_s, scenario.settle_s, pending=bool(scenario.faults))
     timeline = asyncio.create_task(run_timeline(admin, scenario.faults, clock, applied))
     timeline.add_done_callback(lambda _: deadline.faults_done(clock()))
     ticker = asyncio.create_task(_tick(scenario, clock, records, applied, on_progress))
+    in_flight: list[dict[str, int]] = []
+    sampler = asyncio.create_task(_sample_in_flight(admin, in_flight))
     try:
         await asyncio.gather(*(user.run(deadline) for user in users))
         await timeline
     finally:
-        for task in (timeline, ticker):
+        for task in (timeline, ticker, sampler):
             task.cancel()
-        await asyncio.gather(timeline, ticker, return_exceptions=True)
-    return records, users, applied
+        await asyncio.gather(timeline, ticker, sampler, return_exceptions=True)
+    return records, users, applied, in_flight
+
+
+async def _sample_in_flight(admin: AdminClient, samples: list[dict[str, int]]) -> None:
+    """Every SAMPLE_S, the balancer's in-flight requests per healthy server (what bounded loads cap)."""
+    while True:
+        status = await admin.status()
+        samples.append({s["id"]: int(s["in_flight"]) for s in status["servers"] if s.get("healthy")})
+        await asyncio.sleep(SAMPLE_S)  # a sampling period, not a wait for readiness
 
 
 class Deadline:
@@ -166,16 +186,60 @@ def _outcome(user: VirtualUser) -> UserOutcome:
         cookie_matches=user.cookie_matches,
         cart_acked=user.cart_acked,
         cart_seen=user.cart_seen,
+        prefs_acked=user.prefs_acked,
+        prefs_seen=user.prefs_seen,
+        replayed=bool(user.replays.logged_out_s),
+        replays_accepted=user.replays.accepted,
+        replays_refused=user.replays.refused,
+        replay_window_s=user.replays.window_s,
+        forged_answers=dict(user.forged_answers),
         ws_reconnects=user.ws_reconnects,
     )
 
 
-def mismatch_notes(scenario: Scenario, strategy: str, backend: str) -> list[str]:
-    """Against a running lab, say where it differs from the topology the scenario was written for."""
+STORE_COUNTERS = ("forged", "revoked", "too_large")  # what a client-side store counts and shows on /healthz
+
+
+async def store_counters(topology: dict[str, Any] | None) -> dict[str, int] | None:
+    """The stores' own counters, summed over the running app servers' /healthz; None when they cannot be asked.
+
+    Only a lab that lists its servers (GET /topology) can be asked, and only if the servers are reachable
+    from here (not in containers): then None, and the metrics that need it are not measured.
+    """
+    servers = [s for s in (topology or {}).get("servers", []) if s.get("pid")]
+    if not servers:
+        return None
+    totals = dict.fromkeys(STORE_COUNTERS, 0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http:
+        for server in servers:
+            try:
+                async with http.get(server["url"] + "/healthz") as response:
+                    facts = await response.json()
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return None
+            for key in STORE_COUNTERS:
+                totals[key] += int(facts.get(key) or 0)
+    return totals
+
+
+def mismatch_notes(
+    scenario: Scenario, strategy: str, backend: str, settings: dict[str, Any] | None = None
+) -> list[str]:
+    """Against a running lab, say where it differs from the topology the scenario was written for.
+
+    `settings` are the running strategy's (GET /status `strategy_settings`); None: not known, not compared.
+    """
     wanted = scenario.topology
     notes = []
     if wanted.balancer.strategy != strategy:
         notes.append(f"the target's strategy is {strategy}; the scenario was written for {wanted.balancer.strategy}")
+    elif settings is not None:
+        written = create_strategy(wanted.balancer).describe()
+        notes += [
+            f"the target's {key} is {settings.get(key)}; the scenario was written for {value}"
+            for key, value in written.items()
+            if settings.get(key) != value
+        ]
     if wanted.app.backend != backend:
         notes.append(f"the target's backend is {backend}; the scenario was written for {wanted.app.backend}")
     return notes

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from lbsession.balancer.admin import json_error, read_json
+from lbsession.balancer.strategies import create_strategy
 from lbsession.errors import ConfigError
 from lbsession.lab.drive import drive, mismatch_notes
 from lbsession.lab.measures import balance
@@ -100,6 +101,7 @@ def summary(scenario: Scenario) -> dict[str, Any]:
         "claim": scenario.claim,
         "title": scenario.title,
         "strategy": topology.balancer.strategy,
+        "strategy_settings": create_strategy(topology.balancer).describe(),  # the sticky mode, the balance factor
         "backend": topology.app.backend + (" ha" if topology.redis_server.ha else ""),
         "servers": topology.servers,
         "users": scenario.population.users,
@@ -151,7 +153,8 @@ class LiveScenarios:
         """Where this lab differs from the topology `scenario` was written for."""
         topology, balancer = self.control.topology, self.control.view
         config = topology.config
-        notes = mismatch_notes(scenario, balancer.strategy_name(), config.app.backend)
+        settings = topology.lb.strategy.describe() if topology.lb is not None else None
+        notes = mismatch_notes(scenario, balancer.strategy_name(), config.app.backend, settings)
         wanted = scenario.topology
         servers = len(balancer.served())
         if servers != wanted.servers:

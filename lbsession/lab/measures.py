@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,10 @@ METRICS: dict[str, str] = {
     "imbalance": "requests per server: the busiest server's over the mean (1 = even)",
     "cv": "requests per server: coefficient of variation (stdev / mean; 0 = even)",
     "hottest_share": "the busiest server's share of all requests",
+    "inflight_imbalance_max": "in flight, sampled through the run: the busiest server's over the mean, the worst",
+    "inflight_imbalance_p95": "in flight, sampled through the run: the busiest server's over the mean, p95",
+    "rehashed_share": "requests the balancer sent past their key's server because it was full (bounded loads)",
+    "spread_users": "users answered by more than one server during the run (moved off their server)",
     "p50_ms": "median latency",
     "p99_ms": "99th percentile latency",
     "stall_s": "longest time a user waited for a good answer (a slow request, or failures until one)",
@@ -38,6 +42,9 @@ METRICS: dict[str, str] = {
     "bystander_relogins": "re-logins after the first fault by users who were not victims",
     "requests_on_added": "requests answered by servers that faults added",
     "relogins_on_added": "re-logins answered by servers that faults added",
+    "added_share_final": "share of the last second's answers that came from servers that faults added",
+    "returned_share_final": "share of the last second's answers that came from servers that faults restarted",
+    "relogins_after_last_fault": "re-logins answered once the last fault was applied (a server's return, say)",
     "moved_share": "share of users answered by another server at the end than just before the first fault",
     "reconfigured_servers": "servers running before the run whose process changed (killed, restarted) by its end",
     "tampered": "sticky cookies the users forged",
@@ -48,6 +55,20 @@ METRICS: dict[str, str] = {
     "lost_updates": "acknowledged cart writes missing from the cart at the end (concurrent writes)",
     "ws_messages": "WebSocket messages answered (steps.websocket)",
     "ws_reconnects": "WebSockets opened again after one was lost (its server died)",
+    "prefs_writes": "preference changes the servers acknowledged (in sessions still alive at the end)",
+    "lost_prefs": "acknowledged preference changes missing at the end (a whole-session write overwrote them)",
+    "too_large": "answers 413: a session refused as too large for its cookie",
+    "session_cookie_bytes_max": "the largest session cookie a request carried (name=value)",
+    "session_bytes_per_request": "session cookie bytes each request uploaded, on average",
+    "replay_users": "users who copied their session cookie, logged out, and replayed the copy",
+    "replays_accepted": "replays of a logged-out session's cookie answered as that user (logout is not revocation)",
+    "replays_refused": "replays of a logged-out session's cookie answered 401",
+    "replay_window_s": "the longest a copied cookie was still accepted after its user logged out",
+    "session_forgeries": "requests sent with a damaged session cookie (tampered, truncated, another key's)",
+    "forged_anonymous": "of them, answered 401: a fresh anonymous session",
+    "forged_accepted": "of them, answered 200 as someone: must never happen",
+    "forged_errors": "of them, answered with a 5xx or not at all",
+    "forged_sessions": "damaged session cookies the app servers' store counted as forged (its own counter)",
 }
 
 
@@ -62,6 +83,13 @@ class UserOutcome:
     cookie_matches: int = 0
     cart_acked: int = 0
     cart_seen: int | None = None
+    prefs_acked: int = 0
+    prefs_seen: int | None = None
+    replayed: bool = False
+    replays_accepted: int = 0
+    replays_refused: int = 0
+    replay_window_s: float = 0.0
+    forged_answers: dict[int, int] = field(default_factory=dict)
     ws_reconnects: int = 0
 
 
@@ -103,6 +131,10 @@ class RunData:
     routes: dict[str, int]  # the balancer's routing decisions during the run, by reason
     topology_before: dict[str, Any] | None  # GET /topology (None: the target is a bare balancer)
     topology_after: dict[str, Any] | None
+    # The balancer's in-flight requests per healthy server, sampled through the run (GET /status).
+    in_flight: list[dict[str, int]] = field(default_factory=list)
+    # What the app servers' stores counted themselves (summed over the servers' /healthz), None: unknown.
+    store_counts: dict[str, int] | None = None
 
 
 def compute_metrics(data: RunData) -> dict[str, float | int | None]:
@@ -119,9 +151,13 @@ def compute_metrics(data: RunData) -> dict[str, float | int | None]:
         "stall_s": longest_stall(records),
         **latency(records),
         **balance(per_server(records, data.servers)),
+        **in_flight_balance(data.in_flight),
+        "rehashed_share": _share(data.routes.get("rehashed", 0), sum(data.routes.values())),
+        "spread_users": spread_users(records),
         **fault_effects(records, data),
         **cookie_effects(data),
         **cart_effects(data.users),
+        **session_cookie_effects(records, data),
         "ws_messages": sum(1 for r in records if r.action == "ws" and r.status == 200),
         "ws_reconnects": sum(u.ws_reconnects for u in data.users),
     }
@@ -148,6 +184,33 @@ def balance(counts: dict[str, int]) -> dict[str, float | None]:
         "cv": round(statistics.pstdev(values) / mean, 3),
         "hottest_share": round(max(values) / total, 3),
     }
+
+
+def in_flight_balance(samples: list[dict[str, int]]) -> dict[str, float | None]:
+    """The busiest server's in-flight requests over the mean, per sample: the worst, and the 95th percentile.
+
+    This is the load that bounded-load hashing caps (HAProxy counts it so), which requests per
+    server over a whole run (`imbalance`) cannot show. Only samples with at least one request in
+    flight per server count: below that, one request on an idle lab reads as an imbalance of N.
+    """
+    ratios = sorted(
+        max(sample.values()) * len(sample) / sum(sample.values())
+        for sample in samples
+        if sample and sum(sample.values()) >= len(sample)
+    )
+    if not ratios:
+        return {"inflight_imbalance_max": None, "inflight_imbalance_p95": None}
+    p95 = ratios[max(0, math.ceil(0.95 * len(ratios)) - 1)]
+    return {"inflight_imbalance_max": round(ratios[-1], 3), "inflight_imbalance_p95": round(p95, 3)}
+
+
+def spread_users(records: list[Record]) -> int:
+    """Users whose answers came from more than one server."""
+    servers: dict[int, set[str]] = {}
+    for r in records:
+        if r.server is not None and r.status < 500:
+            servers.setdefault(r.user, set()).add(r.server)
+    return sum(1 for seen in servers.values() if len(seen) > 1)
 
 
 def latency(records: list[Record]) -> dict[str, float | None]:
@@ -184,9 +247,15 @@ def fault_effects(records: list[Record], data: RunData) -> dict[str, float | int
     """Re-logins around the first fault, its victims, the added servers, and who moved."""
     applied = [f for f in data.faults if f.applied_s is not None]
     added = {str(f.result.get("id")) for f in applied if f.action == "add-server" and f.result.get("id")}
+    returned = {f.server for f in applied if f.action == "restart-server" and f.server}
+    end_s = max((r.ended_s for r in records), default=0.0)
+    final = [r for r in records if r.server is not None and r.ended_s >= end_s - 1.0]
     out: dict[str, float | int | None] = {
         "requests_on_added": sum(1 for r in records if r.server in added) if added else None,
         "relogins_on_added": sum(1 for r in records if r.relogin and r.server in added) if added else None,
+        "added_share_final": _share(sum(1 for r in final if r.server in added), len(final)) if added else None,
+        "returned_share_final": _share(sum(1 for r in final if r.server in returned), len(final)) if returned else None,
+        "relogins_after_last_fault": None,
     }
     keys = ("relogins_before_fault", "relogins_after_fault", "victim_users", "victim_relogin_share")
     out.update(dict.fromkeys((*keys, "bystander_relogins", "moved_share")))
@@ -198,6 +267,8 @@ def fault_effects(records: list[Record], data: RunData) -> dict[str, float | int
     out["relogins_before_fault"] = sum(1 for r in records if r.relogin and r.ended_s < at)
     out["relogins_after_fault"] = sum(1 for r in records if r.relogin and r.ended_s >= at)
     out["moved_share"] = moved_share(records, at)
+    last_at = applied[-1].applied_s or 0.0
+    out["relogins_after_last_fault"] = sum(1 for r in records if r.relogin and r.ended_s >= last_at)
     if first.server is not None:
         victims = {u for u, server in last_good_server(records, at).items() if server == first.server}
         after = [r for r in records if r.relogin and r.ended_s >= at]
@@ -250,6 +321,35 @@ def cart_effects(users: list[UserOutcome]) -> dict[str, int | None]:
     return {
         "cart_writes": sum(u.cart_acked for u in counted),
         "lost_updates": sum(max(0, u.cart_acked - (u.cart_seen or 0)) for u in counted),
+    }
+
+
+def session_cookie_effects(records: list[Record], data: RunData) -> dict[str, float | int | None]:
+    """What the session cookie costs and allows: its size, lost whole-session writes, replays, forgeries."""
+    users = data.users
+    counted = [u for u in users if u.prefs_seen is not None]
+    sizes = [r.session_bytes for r in records if r.session_bytes]
+    replayed = [u for u in users if u.replayed]
+    forged = [u.forged_answers for u in users if u.forged_answers]
+
+    def answers(match: Callable[[int], bool]) -> int:
+        return sum(n for f in forged for status, n in f.items() if match(status))
+
+    return {
+        "prefs_writes": sum(u.prefs_acked for u in counted) if counted else None,
+        "lost_prefs": sum(max(0, u.prefs_acked - (u.prefs_seen or 0)) for u in counted) if counted else None,
+        "too_large": sum(1 for r in records if r.status == 413),
+        "session_cookie_bytes_max": max(sizes) if sizes else None,
+        "session_bytes_per_request": round(sum(sizes) / len(records), 1) if records else None,
+        "replay_users": len(replayed),
+        "replays_accepted": sum(u.replays_accepted for u in replayed) if replayed else None,
+        "replays_refused": sum(u.replays_refused for u in replayed) if replayed else None,
+        "replay_window_s": round(max(u.replay_window_s for u in replayed), 3) if replayed else None,
+        "session_forgeries": answers(lambda _: True) if forged else 0,
+        "forged_anonymous": answers(lambda status: status == 401) if forged else None,
+        "forged_accepted": answers(lambda status: status == 200) if forged else None,
+        "forged_errors": answers(lambda status: status >= 500 or status == 0) if forged else None,
+        "forged_sessions": None if data.store_counts is None else data.store_counts.get("forged"),
     }
 
 

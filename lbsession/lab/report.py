@@ -135,7 +135,8 @@ def format_run(report: RunReport) -> str:
         f"   5xx {m['errors_5xx']}   no answer {m['errors_network']}",
         "  per server   " + "  ".join(f"{k} {v}" for k, v in report.per_server.items()),
         f"  balance      imbalance {_number(m['imbalance'])}   cv {_number(m['cv'])}"
-        f"   hottest {_percent(m['hottest_share'])}",
+        f"   hottest {_percent(m['hottest_share'])}   in flight max/mean p95 {_number(m['inflight_imbalance_p95'])}"
+        f" max {_number(m['inflight_imbalance_max'])}",
         f"  latency      p50 {_ms(m['p50_ms'])} ms   p99 {_ms(m['p99_ms'])} ms"
         f"   longest stall {_number(m['stall_s'])} s",
         "  routes       " + (", ".join(f"{k} {v}" for k, v in report.routes.items() if v) or "-"),
@@ -145,7 +146,7 @@ def format_run(report: RunReport) -> str:
         outcome = f"FAILED: {fault.error}" if fault.error else f"took {fault.took_s:.2f} s"
         lines.append(f"  fault        {fault.description} at {fault.at_s:g} s ({applied}, {outcome})")
     if report.sample_cookie:
-        how = "the tag after the dot signs it" if report.balancer == "lbsession" else "in clear, unsigned"
+        how = "signed: the tag after the last dot" if report.balancer == "lbsession" else "in clear, unsigned"
         lines.append(f"  LB cookie    {report.sample_cookie}  (names the server; {how})")
     for index, check in enumerate(report.checks):
         head = "  expected     " if index == 0 else "               "
@@ -171,6 +172,7 @@ COLUMNS: list[Column] = [
     ("5xx", lambda r: _number(r.metrics["errors_5xx"])),
     ("imbal", lambda r: _number(r.metrics["imbalance"])),
     ("cv", lambda r: _number(r.metrics["cv"])),
+    ("inflt p95", lambda r: _number(r.metrics["inflight_imbalance_p95"])),
     ("p50ms", lambda r: _ms(r.metrics["p50_ms"])),
     ("p99ms", lambda r: _ms(r.metrics["p99_ms"])),
     ("stall s", lambda r: _number(r.metrics["stall_s"])),

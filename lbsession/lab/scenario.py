@@ -88,11 +88,13 @@ class Population:
     heavy_users: int = 0  # this many think `heavy_weight` times less, so send that many times more
     heavy_weight: float = 8.0
     tamper_users: int = 0  # this many forge their sticky cookie once, halfway through the run
+    replay_users: int = 0  # halfway through, this many copy their session cookie, log out, and replay the copy
+    forge_session_users: int = 0  # halfway through, this many damage their session cookie (tamper, truncate, ...)
     ramp_s: float = 0.5  # users arrive one by one over this time, in the seeded order
 
     def problems(self) -> list[str]:
         out = [] if 1 <= self.users <= 500 else [f"users: {self.users} must be between 1 and 500"]
-        for name in ("nat_users", "heavy_users", "tamper_users"):
+        for name in ("nat_users", "heavy_users", "tamper_users", "replay_users", "forge_session_users"):
             value = getattr(self, name)
             if not 0 <= value <= self.users:
                 out.append(f"{name}: {value} must be between 0 and users ({self.users})")
@@ -109,8 +111,11 @@ class Steps:
 
     reads: int = 3  # GET /me per visit
     cart_writes: int = 0  # POST /cart per visit
-    cart_parallel: bool = False  # send a visit's cart writes at once, as two browser tabs would
+    cart_parallel: bool = False  # send a visit's cart (and prefs) writes at once, as two browser tabs would
+    prefs_writes: int = 0  # POST /prefs per visit: another attribute of the session than the cart
+    item_chars: int = 0  # pad each cart item to this many characters (at most 64), to grow the session
     think_ms: float = 50.0  # pause after each request (seeded jitter of +-20%)
+    work_ms: int = 0  # each read waits this long on the server (GET /me?work_ms=), so requests pile up in flight
     logout: bool = False  # POST /logout when the run ends
     # Reads are messages on a WebSocket (GET /ws) held open across visits, not GET /me; a lost
     # socket is opened again at the next read, as a web app reconnects (B6).
@@ -118,14 +123,21 @@ class Steps:
 
     def problems(self) -> list[str]:
         out = [f"{k}: {v} must be between 0 and 100" for k, v in self._counts().items() if not 0 <= v <= 100]
-        if self.reads + self.cart_writes == 0:
-            out.append("reads: a visit needs at least one read or cart write")
-        if self.websocket and (self.cart_writes or self.reads == 0):
-            out.append("websocket: a WebSocket visit is reads only (messages); set cart_writes: 0 and reads above 0")
+        if self.reads + self.cart_writes + self.prefs_writes == 0:
+            out.append("reads: a visit needs at least one read, cart write or prefs write")
+        if self.websocket and (self.cart_writes or self.prefs_writes or self.work_ms or self.reads == 0):
+            out.append(
+                "websocket: a WebSocket visit is reads only (messages); set cart_writes, prefs_writes and work_ms "
+                "to 0 and reads above 0"
+            )
+        if not 0 <= self.item_chars <= 64:
+            out.append(f"item_chars: {self.item_chars} must be between 0 and 64")
+        if not 0 <= self.work_ms <= 1000:
+            out.append(f"work_ms: {self.work_ms} must be between 0 and 1000")
         return out + ([] if self.think_ms >= 0 else [f"think_ms: {self.think_ms} must not be negative"])
 
     def _counts(self) -> dict[str, int]:
-        return {"reads": self.reads, "cart_writes": self.cart_writes}
+        return {"reads": self.reads, "cart_writes": self.cart_writes, "prefs_writes": self.prefs_writes}
 
 
 @dataclass(frozen=True)
@@ -276,6 +288,8 @@ def _scaled_population(population: Population, users: int) -> Population:
         nat_users=scaled(population.nat_users),
         heavy_users=scaled(population.heavy_users),
         tamper_users=scaled(population.tamper_users),
+        replay_users=scaled(population.replay_users),
+        forge_session_users=scaled(population.forge_session_users),
     )
 
 
@@ -387,6 +401,9 @@ def find_scenario(name: str) -> Path:
     by_claim = [p for stem, p in known.items() if stem.split("-", 1)[0].upper() == _claim_prefix(name)]
     if len(by_claim) == 1:
         return by_claim[0]
+    if by_claim:  # B7 is one claim measured by several files (one per balance factor)
+        names = ", ".join(p.stem for p in by_claim)
+        raise ConfigError(f"scenario {name!r}: this claim has {len(by_claim)} files; choose one of: {names}")
     choices = ", ".join(known) or f"none found in {', '.join(str(d) for d in scenario_dirs())}"
     raise ConfigError(
         f"scenario {name!r}: no such file or claim; choose a file, a claim id ({claim_families()}) or: {choices}"

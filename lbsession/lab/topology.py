@@ -168,7 +168,8 @@ class Topology:
     async def _start_redis(self) -> None:
         """Start the session server when the app servers need one and were given none."""
         app = self.config.app
-        if app.backend != "redis" or app.redis.url or app.redis.sentinels:
+        uses_redis = app.backend == "redis" or (app.backend == "cookie" and app.cookie.deny_list)
+        if not uses_redis or app.redis.url or app.redis.sentinels:
             return
         settings = self.config.redis_server
         self.redis = RedisTopology(

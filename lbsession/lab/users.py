@@ -20,8 +20,10 @@ of requests; only the timings of a real network are left to chance.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -71,6 +73,8 @@ class UserPlan:
     behind_nat: bool
     tamper_at_s: float | None  # when the user forges its sticky cookie, if ever
     seed: int  # of the user's own random stream: its visits and think times
+    replay_at_s: float | None = None  # when the user copies its session cookie, logs out and replays the copy
+    forge_at_s: float | None = None  # when the user damages its session cookie
 
 
 def plan_population(population: Population, steps: Steps, seed: int, duration_s: float) -> list[UserPlan]:
@@ -80,6 +84,10 @@ def plan_population(population: Population, steps: Steps, seed: int, duration_s:
     heavy = set(rng.sample(range(count), population.heavy_users))
     nat = set(rng.sample(range(count), population.nat_users))
     tamper = set(rng.sample(range(count), population.tamper_users))
+    # A stream of its own, so that populations without these users stay exactly as they were.
+    cookie_rng = random.Random(f"{seed}-session-cookie")
+    replay = set(cookie_rng.sample(range(count), population.replay_users))
+    forge = set(cookie_rng.sample(sorted(set(range(count)) - replay), population.forge_session_users))
     order = list(range(count))
     rng.shuffle(order)
     plans = []
@@ -101,6 +109,8 @@ def plan_population(population: Population, steps: Steps, seed: int, duration_s:
                 behind_nat=index in nat,
                 tamper_at_s=duration_s / 2 if index in tamper else None,
                 seed=rng.getrandbits(64),
+                replay_at_s=duration_s / 2 if index in replay else None,
+                forge_at_s=duration_s / 2 if index in forge else None,
             )
         )
     return plans
@@ -111,12 +121,13 @@ class Record:
     """One request as the user saw it."""
 
     user: int
-    action: str  # login | me | cart | cart-read | logout | ws-open | ws (a message on the WebSocket)
+    action: str  # login | me | cart | cart-read | prefs | prefs-read | logout | replay | ws-open | ws (a message)
     started_s: float  # on the run's clock
     latency_s: float
     status: int  # 0: no response (connection refused, reset, timeout)
     server: str | None  # X-Served-By
     relogin: bool = False  # a 401 after a successful login
+    session_bytes: int = 0  # the size of the session cookie the request carried (name=value)
 
     @property
     def ok(self) -> bool:
@@ -141,6 +152,7 @@ class VirtualUser:
         records: list[Record],
         *,
         sticky_cookie: str | None = "LBSERVER",  # None: the balancer sets no server cookie
+        session_cookie: str = "SESSION",
         cookie_format: CookieFormat = StickyCookieStrategy,
         server_ids: list[str] | None = None,
     ) -> None:
@@ -150,6 +162,7 @@ class VirtualUser:
         self.clock = clock
         self.records = records
         self.sticky_cookie = sticky_cookie
+        self.session_cookie = session_cookie
         self.cookie_format = cookie_format  # how the balancer's cookie names a server (its strategy or it declares it)
         self.server_ids = server_ids or []  # whom a forged cookie may claim
         self.logged_in = False
@@ -160,6 +173,11 @@ class VirtualUser:
         self.sample_cookie: str | None = None
         self.cart_acked = 0  # cart writes acknowledged since the last login
         self.cart_seen: int | None = None  # items in the cart at the end, when it could be read
+        self.prefs_acked = 0  # preferences set (each a new name) since the last login
+        self.prefs_seen: int | None = None  # preferences at the end, when they could be read
+        self.replays = ReplayOutcome()
+        self.forged_answers: dict[int, int] = {}  # answers to requests sent with a damaged session cookie, by status
+        self._forged = False  # the coming batch carries the damaged cookie
         self.ws_reconnects = 0  # WebSockets opened again after one was lost
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ws_lost = False
@@ -182,6 +200,8 @@ class VirtualUser:
                 await self._ws.close()
             if self.steps.cart_writes and self.logged_in:
                 await self._read_cart()
+            if self.steps.prefs_writes and self.logged_in:
+                await self._read_prefs()
             if self.steps.logout and self.logged_in:
                 await self._send("logout", "POST", "/logout")
         finally:
@@ -196,36 +216,52 @@ class VirtualUser:
             for batch in self._visit():
                 if self.clock() >= deadline() or not self.logged_in:
                     break
+                if _due(self.plan.replay_at_s, self.clock()) and not self.replays.logged_out_s:
+                    await self._logout_and_replay(deadline)
+                    return
                 self._maybe_tamper()
+                self._maybe_forge_session()
                 await asyncio.gather(*(self._act(action) for action in batch))
+                self._forged = False
                 await self._think(deadline)
 
     def _visit(self) -> list[tuple[str, ...]]:
         """One visit's requests in a seeded order; a tuple of several is sent at once."""
         steps = self.steps
-        parallel = steps.cart_parallel and steps.cart_writes > 1
         batches: list[tuple[str, ...]] = [("me",)] * steps.reads
-        batches += [] if parallel else [("cart",)] * steps.cart_writes
+        writes = ("cart",) * steps.cart_writes + ("prefs",) * steps.prefs_writes
+        parallel = steps.cart_parallel and len(writes) > 1
+        batches += [] if parallel else [(write,) for write in writes]
         self._rng.shuffle(batches)
         if parallel:
-            batches.insert(self._rng.randrange(len(batches) + 1), ("cart",) * steps.cart_writes)
+            batches.insert(self._rng.randrange(len(batches) + 1), writes)
         return batches
 
     async def _login(self) -> None:
         record, _ = await self._send("login", "POST", "/login", json={"username": self.plan.name})
         if record.status == 200:
             self.logged_in = True
-            self.cart_acked = 0  # a new session: its cart starts empty
+            self.cart_acked = self.prefs_acked = 0  # a new session: its cart and preferences start empty
 
     async def _act(self, action: str) -> None:
         if action == "me" and self.steps.websocket:
             record = await self._ws_read()
         elif action == "me":
-            record, _ = await self._send("me", "GET", "/me")
+            path = f"/me?work_ms={self.steps.work_ms}" if self.steps.work_ms else "/me"
+            record, _ = await self._send("me", "GET", path)
+        elif action == "prefs":
+            record, _ = await self._send(
+                "prefs", "POST", "/prefs", json={"name": f"p{self.prefs_acked}", "value": "on"}
+            )
+            self.prefs_acked += record.status == 200
         else:
-            record, _ = await self._send("cart", "POST", "/cart", json={"item": f"{self.plan.name}-{self.cart_acked}"})
+            item = f"{self.plan.name}-{self.cart_acked}".ljust(self.steps.item_chars, ".")
+            record, _ = await self._send("cart", "POST", "/cart", json={"item": item})
             self.cart_acked += record.status == 200
-        if record.status == 401 and self.logged_in:
+        if self._forged:  # a damaged cookie must be a fresh anonymous session: a 401 here is no re-login
+            self.forged_answers[record.status] = self.forged_answers.get(record.status, 0) + 1
+            self.logged_in = self.logged_in and record.status == 200
+        elif record.status == 401 and self.logged_in:
             record.relogin = True  # logged in a moment ago, asked to log in again: the bug
             self.relogins += 1
             self.logged_in = False
@@ -235,12 +271,21 @@ class VirtualUser:
         if record.status == 200 and isinstance(body, dict) and isinstance(body.get("cart"), list):
             self.cart_seen = len(body["cart"])
 
-    async def _send(self, action: str, method: str, path: str, **kwargs: Any) -> tuple[Record, Any]:
-        assert self._http is not None
+    async def _read_prefs(self) -> None:
+        record, body = await self._send("prefs-read", "GET", "/prefs")
+        if record.status == 200 and isinstance(body, dict) and isinstance(body.get("prefs"), dict):
+            self.prefs_seen = len(body["prefs"])
+
+    async def _send(
+        self, action: str, method: str, path: str, *, via: aiohttp.ClientSession | None = None, **kwargs: Any
+    ) -> tuple[Record, Any]:
+        http = via or self._http
+        assert http is not None
+        session = kwargs.get("headers", {}).get("Cookie") if via else self._session_cookie()
         started = self.clock()
         status, server, body = 0, None, None
         try:
-            async with self._http.request(method, self.lb_url + path, allow_redirects=False, **kwargs) as response:
+            async with http.request(method, self.lb_url + path, allow_redirects=False, **kwargs) as response:
                 status, server = response.status, response.headers.get("X-Served-By")
                 if response.content_type == "application/json":
                     body = await response.json()
@@ -248,7 +293,7 @@ class VirtualUser:
                     await response.read()
         except (aiohttp.ClientError, TimeoutError, ValueError):
             status = 0  # no answer: the request counts as failed, and the user carries on
-        return self._record(action, started, status, server), body
+        return self._record(action, started, status, server, len(session) if session else 0), body
 
     async def _ws_read(self) -> Record:
         """One message on the user's WebSocket, opened first if need be; its answer, a 4401, or a lost socket."""
@@ -290,18 +335,60 @@ class VirtualUser:
             self._ws_lost = False
         return self._record("ws-open", started, status, server)
 
-    def _record(self, action: str, started: float, status: int, server: str | None) -> Record:
+    def _record(self, action: str, started: float, status: int, server: str | None, session_bytes: int = 0) -> Record:
         record = Record(self.plan.index, action, started, self.clock() - started, status, server)
+        record.session_bytes = session_bytes
         self.records.append(record)
         self._check_cookie(server)
         return record
 
-    def _cookie(self) -> str | None:
+    def _cookie(self, name: str | None = None) -> str | None:
         assert self._http is not None
         for morsel in self._http.cookie_jar:
-            if morsel.key == self.sticky_cookie:
+            if morsel.key == (name or self.sticky_cookie):
                 return morsel.value
         return None
+
+    def _session_cookie(self) -> str | None:
+        """`SESSION=<value>` as the next request sends it, or None."""
+        value = self._cookie(self.session_cookie)
+        return None if value is None else f"{self.session_cookie}={value}"
+
+    def _maybe_forge_session(self) -> None:
+        """Once, damage the session cookie: flip a character, cut it short, or put another key's seal in."""
+        value = self._cookie(self.session_cookie)
+        if self.forged_answers or self._forged or not _due(self.plan.forge_at_s, self.clock()) or value is None:
+            return
+        kind = ("tampered", "truncated", "foreign")[self.plan.index % 3]
+        middle = len(value) // 2
+        if kind == "tampered":
+            forged = value[:middle] + ("A" if value[middle] != "A" else "B") + value[middle + 1 :]
+        elif kind == "truncated":
+            forged = value[: max(1, len(value) - 12)]
+        else:  # the same shape as a genuine value, sealed under a key nobody in the lab holds
+            forged = base64.urlsafe_b64encode(secrets.token_bytes(len(value) * 3 // 4)).decode()[: len(value)]
+        assert self._http is not None
+        self._http.cookie_jar.update_cookies({self.session_cookie: forged}, URL(self.lb_url))
+        self._forged = True
+
+    async def _logout_and_replay(self, deadline: Callable[[], float]) -> None:
+        """Copy the session cookie, log out, then replay the copy (as whoever copied it would) until the end."""
+        copied = self._session_cookie()
+        await self._send("logout", "POST", "/logout")
+        self.logged_in = False
+        self.replays.logged_out_s = self.clock()
+        if copied is None:
+            return
+        connector = aiohttp.TCPConnector(local_addr=(self.plan.source_ip, 0) if self.plan.source_ip else None)
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        # A jar that keeps nothing: the copy is replayed as it was, never renewed by the answers.
+        async with aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=timeout
+        ) as thief:
+            while self.clock() < deadline():
+                record, _ = await self._send("replay", "GET", "/me", via=thief, headers={"Cookie": copied})
+                self.replays.count(record, self.replays.logged_out_s)
+                await self._think(deadline)
 
     def _check_cookie(self, server: str | None) -> None:
         """Does the balancer's cookie name the server that answered? (C12: it is readable.)"""
@@ -337,3 +424,25 @@ class VirtualUser:
 
     async def _sleep_until(self, at_s: float) -> None:
         await asyncio.sleep(max(0.0, at_s - self.clock()))
+
+
+@dataclass
+class ReplayOutcome:
+    """What a copied session cookie was worth after its user logged out."""
+
+    logged_out_s: float = 0.0  # when the user logged out (0: never did)
+    accepted: int = 0  # replays answered as the logged-out user: logout was not revocation
+    refused: int = 0  # replays answered 401
+    window_s: float = 0.0  # how long after the logout the copy was still accepted
+
+    def count(self, record: Record, logged_out_s: float) -> None:
+        """Add one replay's answer."""
+        if record.status == 200:
+            self.accepted += 1
+            self.window_s = max(self.window_s, record.ended_s - logged_out_s)
+        elif record.status == 401:
+            self.refused += 1
+
+
+def _due(at_s: float | None, now_s: float) -> bool:
+    return at_s is not None and now_s >= at_s

@@ -161,3 +161,31 @@ async def test_an_open_websocket_is_counted_on_the_page_until_it_closes(start_la
             await expect(page.locator('.lb [data-field="tunnels"]')).to_have_text("websockets: 1 open")
             await screenshot(page, "dashboard-websocket")
     await expect(page.locator("#count-tunnels")).to_have_text("0", timeout=WAIT_MS)
+
+
+async def test_the_cookie_store_is_drawn_in_the_client_with_its_cookies_size(start_lab, page: Page) -> None:
+    lab: Topology = await start_lab("round-robin", backend="cookie")
+    await open_dashboard(page, lab)
+    await expect(page.locator("#layer-headings")).to_contain_text("in the client", timeout=WAIT_MS)
+    await expect(page.locator("[data-cookie-size]")).to_have_text("no cookie sealed yet", timeout=WAIT_MS)
+    answers = await log_in_and_ask(page, 7)
+    assert [status for status, _ in answers] == ["200"] * 7  # round-robin, and nobody logged out
+    size = page.locator("[data-cookie-size]")
+    await expect(size).to_have_text(re.compile(r"~\d+ B each, \d+ B max"), timeout=WAIT_MS)
+    await screenshot(page, "dashboard-cookie-store")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "balancer", "shown"),
+    [
+        ("sticky-cookie", {"sticky": {"secret": "integration-test-secret", "mode": "balanced"}}, "mode balanced"),
+        ("consistent-hash", {"hash": {"balance_factor": 125}}, "balance factor 125%"),
+    ],
+)
+async def test_the_balancer_box_shows_the_sticky_mode_and_the_balance_factor(
+    start_lab, page: Page, strategy: str, balancer: dict, shown: str
+) -> None:
+    lab: Topology = await start_lab(strategy, balancer=balancer)
+    await open_dashboard(page, lab)
+    await expect(page.locator(".lb [data-strategy-settings]")).to_have_text(shown, timeout=WAIT_MS)
+    await screenshot(page, f"dashboard-{strategy}-settings")

@@ -121,3 +121,50 @@ async def test_b6_websockets_reconnect_after_their_server_dies_and_only_local_se
     assert m["ws_reconnects"] >= m["victim_users"]  # every victim's socket dropped, and it came back
     assert m["relogins"] == (m["victim_users"] if backend == "local" else 0)
     assert m["errors_5xx"] == 0 and report.routes["redispatched"] > 0
+
+
+async def measure_file(name: str, tmp_path, duration_s: float = 1.5) -> RunReport:
+    """Run one scenario file (a claim measured by several files) shortened to `duration_s`; it must PASS."""
+    scenario = load_scenario(find_scenario(name)).with_overrides(duration_s=duration_s)
+    report = await run_scenario(scenario, log_dir=tmp_path / "lab")
+    assert report.verdict == PASS, (report.checks, report.notes, report.metrics)
+    return report
+
+
+async def test_b7_bounded_loads_trade_the_hot_server_for_moved_users(tmp_path):
+    off = (await measure_file("b07-bounded-hash-nat-off", tmp_path / "off", duration_s=2.0)).metrics
+    bounded = (await measure_file("b07-bounded-hash-nat-125", tmp_path / "125", duration_s=2.0)).metrics
+    assert bounded["inflight_imbalance_p95"] < off["inflight_imbalance_p95"]
+    assert bounded["spread_users"] > off["spread_users"] == 0
+
+
+async def test_b8_logout_is_not_revocation_until_a_deny_list(tmp_path):
+    replay = (await measure_file("b08-cookie-logout-replay", tmp_path / "replay")).metrics
+    denied = (await measure_file("b08-cookie-logout-deny-list", tmp_path / "deny")).metrics
+    assert replay["replay_users"] == denied["replay_users"] > 0
+    assert replay["replays_accepted"] > 0 and denied["replays_accepted"] == 0
+
+
+async def test_b9_a_session_too_large_for_its_cookie_is_a_413_and_loses_nothing(tmp_path):
+    m = (await measure("B9", tmp_path)).metrics
+    assert m["too_large"] > 0 and m["lost_updates"] == 0 and m["cart_writes"] > 0
+
+
+async def test_b10_whole_session_writes_lose_a_concurrent_change_attribute_writes_do_not(tmp_path):
+    cookie = (await measure_file("b10-lost-update-cookie", tmp_path / "cookie")).metrics
+    redis = (await measure_file("b10-lost-update-redis", tmp_path / "redis")).metrics
+    assert cookie["lost_prefs"] + cookie["lost_updates"] > 0
+    assert redis["lost_prefs"] == redis["lost_updates"] == 0
+
+
+async def test_b11_a_damaged_session_cookie_is_a_fresh_anonymous_session_and_counted(tmp_path):
+    m = (await measure("B11", tmp_path)).metrics
+    assert m["forged_anonymous"] == m["session_forgeries"] > 0
+    assert m["forged_sessions"] >= m["session_forgeries"]
+
+
+async def test_b12_balanced_affinity_gives_a_new_server_its_share_persistent_does_not(tmp_path):
+    persistent = (await measure_file("b12-sticky-scale-out-persistent-redis", tmp_path / "p", duration_s=3.0)).metrics
+    balanced = (await measure_file("b12-sticky-scale-out-balanced-redis", tmp_path / "b", duration_s=3.0)).metrics
+    assert persistent["added_share_final"] == 0 < balanced["added_share_final"]
+    assert persistent["relogins"] == balanced["relogins"] == 0

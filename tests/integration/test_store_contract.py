@@ -1,16 +1,26 @@
 """The contract every session store keeps, run against every registered backend.
 
-The `store` fixture is parametrised over `lbsession.appserver.stores.STORES`.
+Two parts. What *every* store must do, server-side or client-side (the cookie is
+the session): a session reads back as written, an unknown one is None (never an
+error), a store that cannot be reached raises StoreUnavailable (never None), a
+session expires after its TTL, values are JSON, and a login gives a fresh
+session id. These run on the `any_store` fixture, through `Handle`, which hides
+whether the client holds an id or the sealed session. Then what only
+*server-side* stores do (by id, attribute by attribute): concurrent saves of
+different attributes both survive, `count()`, deltas, renewal on read. These run
+on the `backend` fixture, which skips client-side stores by their declaration
+(`client_side`, on the plug-in).
+
 Each backend is built by one entry of FACTORIES: an async context manager that
 yields a StoreUnderTest and cleans up after. Registering a store without adding
 a factory here fails the suite, so a new backend cannot go untested.
 
 A backend that can be deployed in more than one way (Redis: one server, or a
-Redis Cluster) adds a case per further deployment to VARIANTS, with its own
-factory: those cases run the whole contract too, on top of the registered names.
+Redis Cluster; the cookie store with a deny-list) adds a case per further
+deployment to VARIANTS, with its own factory: those cases run the contract too.
 
-Time: a backend with an injectable clock (`local`) advances it; one that can
-only expire in real time (Redis) uses a short `ttl_s` and sleeps past it, which
+Time: a backend with an injectable clock (`local`, `cookie`) advances it; one that
+can only expire in real time (Redis) uses a short `ttl_s` and sleeps past it, which
 is deterministic there because an expired key is never returned.
 """
 
@@ -18,34 +28,77 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from lbsession.appserver.stores import STORES, SessionStore, store_class
+from lbsession.appserver.app import create_app
+from lbsession.appserver.stores import STORES, ClientSideStore, SessionStore, Store, store_class
 from lbsession.appserver.stores.cluster import ClusterStore
+from lbsession.appserver.stores.cookie import REVOKED_PREFIX, CookieStore
 from lbsession.appserver.stores.local import LocalStore
 from lbsession.appserver.stores.redis import RedisStore
-from lbsession.config import BACKEND_NAMES, ClusterConfig, RedisConfig
+from lbsession.config import BACKEND_NAMES, AppServerConfig, ClusterConfig, RedisConfig, SessionConfig
+from lbsession.errors import StoreUnavailable
+from lbsession.lab.process import free_port
+
+COOKIE_KEY = "contract-test-key-of-at-least-32-characters"
 
 
 @dataclass
 class StoreUnderTest:
-    """A started store, the TTL the tests use with it, and how to make time pass for it."""
+    """A started store, the TTL the tests use with it, how to make time pass, and how to see it fail."""
 
-    store: SessionStore
+    store: Store
     ttl_s: float
     elapse: Callable[[float], Awaitable[None]]
+    # The same kind of store pointed at a backend that does not answer; None: it has nothing to reach.
+    unreachable: Callable[[], AbstractAsyncContextManager[Store]] | None = None
+
+
+class Handle:
+    """What a client holds of a session, whichever kind of store: the id, or the sealed session itself."""
+
+    def __init__(self, under_test: StoreUnderTest) -> None:
+        self.under_test = under_test
+
+    async def create(self, session_id: str, attributes: Mapping[str, Any]) -> str:
+        """Store a new session; the value the client would then hold in its cookie."""
+        store, ttl_s = self.under_test.store, self.under_test.ttl_s
+        if isinstance(store, ClientSideStore):
+            return await store.seal(session_id, attributes, ttl_s)
+        assert isinstance(store, SessionStore)
+        await store.save(session_id, attributes, set(), ttl_s)
+        return session_id
+
+    async def read(self, value: str) -> dict[str, Any] | None:
+        """The session's attributes as the next request would see them, or None."""
+        store, ttl_s = self.under_test.store, self.under_test.ttl_s
+        if isinstance(store, ClientSideStore):
+            opened = await store.open(value, ttl_s)
+            return None if opened is None else opened.attributes
+        assert isinstance(store, SessionStore)
+        return await store.load(value)
+
+    async def session_id(self, value: str) -> str | None:
+        """The session id behind a cookie value (for a client-side store, sealed inside it)."""
+        store = self.under_test.store
+        if isinstance(store, ClientSideStore):
+            opened = await store.open(value, self.under_test.ttl_s)
+            return None if opened is None else opened.session_id
+        return value
 
 
 class FakeClock:
-    """A monotonic clock that moves only when told."""
+    """A clock that moves only when told (wall-clock-like, so a cookie's issued-at reads sanely)."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = 1_800_000_000.0
 
     def __call__(self) -> float:
         return self.now
@@ -55,14 +108,19 @@ class FakeClock:
 
 
 @asynccontextmanager
-async def local_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
+async def clocked_store(make: Callable[[FakeClock], Store]) -> AsyncIterator[StoreUnderTest]:
+    """A store on a clock of the test's: started, and closed after."""
     clock = FakeClock()
-    store = LocalStore(clock=clock)
+    store = make(clock)
     await store.start()
     try:
         yield StoreUnderTest(store=store, ttl_s=60.0, elapse=clock.advance)
     finally:
         await store.close()
+
+
+def local_store(request: pytest.FixtureRequest) -> AbstractAsyncContextManager[StoreUnderTest]:
+    return clocked_store(lambda clock: LocalStore(clock=clock))
 
 
 @asynccontextmanager
@@ -82,6 +140,17 @@ async def redis_cluster_store(request: pytest.FixtureRequest) -> AsyncIterator[S
 
 
 @asynccontextmanager
+async def unreachable_redis_store() -> AsyncIterator[Store]:
+    """A RedisStore pointed at a port where nothing listens, retrying briefly."""
+    store = RedisStore(RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0", retry_s=0.2, timeout_s=0.2))
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
 async def started_redis_store(config: RedisConfig) -> AsyncIterator[StoreUnderTest]:
     config = replace(config, key_prefix=f"test:{uuid.uuid4().hex}:", retry_s=1.0)
     store = RedisStore(config)
@@ -89,19 +158,40 @@ async def started_redis_store(config: RedisConfig) -> AsyncIterator[StoreUnderTe
     try:
         # Redis expires keys with millisecond precision and never returns an expired key,
         # so sleeping past a short TTL is deterministic there.
-        yield StoreUnderTest(store=store, ttl_s=0.3, elapse=asyncio.sleep)
+        yield StoreUnderTest(store=store, ttl_s=0.3, elapse=asyncio.sleep, unreachable=unreachable_redis_store)
     finally:
         await store.close()
 
 
-@asynccontextmanager
-async def cluster_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
+def cluster_store(request: pytest.FixtureRequest) -> AbstractAsyncContextManager[StoreUnderTest]:
     # A single node: the contract is about the store, replication has its own tests.
-    clock = FakeClock()
-    store = ClusterStore("node-1", ClusterConfig(secret="contract-test-secret", port=0), clock=clock)
+    config = ClusterConfig(secret="contract-test-secret", port=0)
+    return clocked_store(lambda clock: ClusterStore("node-1", config, clock=clock))
+
+
+def cookie_store(request: pytest.FixtureRequest) -> AbstractAsyncContextManager[StoreUnderTest]:
+    # Nothing to start and nothing to reach: the session is in the value the client holds.
+    return clocked_store(lambda clock: CookieStore((COOKIE_KEY,), clock=clock))
+
+
+@asynccontextmanager
+async def cookie_deny_list_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
+    # The deny-list lives in a real Redis, whose TTLs run in real time: a short TTL and real sleeps.
+    redis = RedisConfig(
+        url=request.getfixturevalue("redis_server").url, key_prefix=f"{REVOKED_PREFIX}{uuid.uuid4().hex}:"
+    )
+    deny_list = RedisStore(replace(redis, retry_s=1.0))
+    store = CookieStore((COOKIE_KEY,), deny_list=deny_list)
+
+    @asynccontextmanager
+    async def unreachable() -> AsyncIterator[Store]:
+        async with unreachable_redis_store() as dead:
+            assert isinstance(dead, RedisStore)
+            yield CookieStore((COOKIE_KEY,), deny_list=dead)
+
     await store.start()
     try:
-        yield StoreUnderTest(store=store, ttl_s=60.0, elapse=clock.advance)
+        yield StoreUnderTest(store=store, ttl_s=0.3, elapse=asyncio.sleep, unreachable=unreachable)
     finally:
         await store.close()
 
@@ -112,18 +202,17 @@ FACTORIES: dict[str, Callable[[pytest.FixtureRequest], AbstractAsyncContextManag
     "redis": redis_store,
     "redis-cluster": redis_cluster_store,
     "cluster": cluster_store,
+    "cookie": cookie_store,
+    "cookie-deny-list": cookie_deny_list_store,
 }
 # Further deployments of a registered backend: case -> the registered name whose class it builds.
-VARIANTS: dict[str, str] = {"redis-cluster": "redis"}
+VARIANTS: dict[str, str] = {"redis-cluster": "redis", "cookie-deny-list": "cookie"}
+EVERY_CASE = [*sorted(STORES), *sorted(VARIANTS)]
 
 
-# This suite is the server-side stores' contract (by id, attribute by attribute); a client-side store
-# (the cookie is the session) keeps its own, through the session middleware: tests/unit/test_cookie_store.py.
-SERVER_SIDE = sorted(name for name in STORES if not store_class(name).client_side)
-
-
-@pytest.fixture(params=[*SERVER_SIDE, *sorted(VARIANTS)])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
+@pytest.fixture(params=EVERY_CASE)
+async def any_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
+    """Every registered store and every variant: the contract of every store."""
     name = request.param
     factory = FACTORIES.get(name)
     if factory is None:
@@ -133,8 +222,16 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTes
         yield under_test
 
 
+@pytest.fixture(params=[c for c in EVERY_CASE if not store_class(VARIANTS.get(c, c)).client_side])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[StoreUnderTest]:
+    """The server-side stores only (by id, attribute by attribute), as each declares itself."""
+    async with FACTORIES[request.param](request) as under_test:
+        yield under_test
+
+
 @pytest.fixture
 def store(backend: StoreUnderTest) -> SessionStore:
+    assert isinstance(backend.store, SessionStore)
     return backend.store
 
 
@@ -149,9 +246,15 @@ def test_registry_names_match_the_config_literal() -> None:
     assert sorted(STORES) == sorted(BACKEND_NAMES)
 
 
-@pytest.mark.parametrize("name", SERVER_SIDE)
+@pytest.mark.parametrize("name", sorted(STORES))
 def test_every_registered_store_has_a_factory(name: str) -> None:
     assert name in FACTORIES, f"store {name!r} is registered in STORES but has no factory in FACTORIES; add one"
+
+
+@pytest.mark.parametrize("name", sorted(STORES))
+def test_every_store_declares_its_kind_by_its_class(name: str) -> None:
+    cls = store_class(name)
+    assert cls.client_side == issubclass(cls, ClientSideStore) != issubclass(cls, SessionStore)
 
 
 @pytest.mark.parametrize("case", sorted(VARIANTS))
@@ -165,17 +268,91 @@ def test_registered_class_carries_its_name(name: str) -> None:
     assert store_class(name).name == name
 
 
-# --------------------------------------------------------------------------- the contract
+# --------------------------------------------------------------------------- what every store must do
 
 
-async def test_round_trip(backend: StoreUnderTest, store: SessionStore) -> None:
-    await store.save(new_id("rt"), {"user": "alice", "n": 1}, set(), backend.ttl_s)
-    assert await store.load(new_id("rt")) == {"user": "alice", "n": 1}
+async def test_every_store_reads_back_what_it_was_given(any_store: StoreUnderTest) -> None:
+    handle = Handle(any_store)
+    value = await handle.create(new_id("every-rt"), {"user": "alice", "cart": ["apple"], "n": 1})
+    assert await handle.read(value) == {"user": "alice", "cart": ["apple"], "n": 1}
 
 
-async def test_missing_session_is_none(store: SessionStore) -> None:
-    assert await store.load(new_id("missing")) is None
-    assert await store.load(new_id("missing"), 30.0) is None
+async def test_every_store_says_none_for_an_unknown_session(any_store: StoreUnderTest) -> None:
+    handle = Handle(any_store)
+    unknown = "x" * 64 if isinstance(any_store.store, ClientSideStore) else new_id("every-unknown")
+    assert await handle.read(unknown) is None
+
+
+async def test_every_store_that_cannot_reach_its_backend_raises_never_says_none(any_store: StoreUnderTest) -> None:
+    if any_store.unreachable is None:
+        pytest.skip(f"{any_store.store.name}: nothing to reach, so nothing can be out")
+    value = await Handle(any_store).create(new_id("every-outage"), {"user": "alice"})
+    async with any_store.unreachable() as dead:
+        with pytest.raises(StoreUnavailable):
+            await Handle(StoreUnderTest(dead, any_store.ttl_s, any_store.elapse)).read(value)
+
+
+async def test_every_store_expires_a_session_after_its_ttl(any_store: StoreUnderTest) -> None:
+    handle = Handle(any_store)
+    value = await handle.create(new_id("every-ttl"), {"user": "alice"})
+    await any_store.elapse(any_store.ttl_s * 0.5)
+    assert await handle.read(value) == {"user": "alice"}
+    await any_store.elapse(any_store.ttl_s * 0.7)
+    assert await handle.read(value) is None
+
+
+@pytest.mark.parametrize("bad", [object(), {1, 2}, b"bytes", float("nan")], ids=["object", "set", "bytes", "nan"])
+async def test_every_store_refuses_a_value_that_is_not_json(any_store: StoreUnderTest, bad: Any) -> None:
+    with pytest.raises(TypeError, match="'bad' is not JSON-serialisable"):
+        await Handle(any_store).create(new_id("every-bad"), {"ok": 1, "bad": bad})
+
+
+async def test_every_store_round_trips_nested_json(any_store: StoreUnderTest) -> None:
+    values: dict[str, Any] = {
+        "list": [1, "two", [3.5, None]],
+        "dict": {"nested": {"deep": [True, False]}, "empty": {}},
+        "int": -42,
+        "big": 2**53 + 1,
+        "float": 0.1,
+        "bool": True,
+        "none": None,
+        "unicode": "세션 ✓ café 🍪",
+        "empty-string": "",
+    }
+    handle = Handle(any_store)
+    loaded = await handle.read(await handle.create(new_id("json"), values))
+    assert loaded == values
+    assert loaded is not None and loaded["bool"] is True and loaded["none"] is None
+
+
+async def test_every_store_gives_a_fresh_session_id_at_login(any_store: StoreUnderTest) -> None:
+    """Through the session middleware of a real app server: a login rotates the id (against fixation)."""
+    config = AppServerConfig(id="was-1", port=0, session=SessionConfig(ttl_s=any_store.ttl_s))
+    handle = Handle(any_store)
+    runner = web.AppRunner(create_app(config, any_store.store))  # the fixture owns the store's start and close
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        values: list[str] = []
+        ids: list[str | None] = []
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            for _ in range(2):
+                async with http.post(url + "/login", json={"username": "alice"}) as response:
+                    assert response.status == 200
+                values.append(next(m.value for m in http.cookie_jar if m.key == "SESSION"))
+                ids.append(await handle.session_id(values[-1]))  # now: the next login may revoke it
+            async with http.get(url + "/me") as response:
+                assert (response.status, (await response.json())["user"]) == (200, "alice")
+    finally:
+        await runner.cleanup()
+    first, second = ids
+    assert first is not None and second is not None and first != second
+    if isinstance(any_store.store, SessionStore) or "deny_list" in any_store.store.describe():
+        assert await handle.read(values[0]) is None  # the id given up is dead (client-side: on the deny-list)
+
+
+# --------------------------------------------------------------------------- what only server-side stores do
 
 
 async def test_delete_and_delete_again(backend: StoreUnderTest, store: SessionStore) -> None:
@@ -287,24 +464,6 @@ async def test_saved_values_are_copied(backend: StoreUnderTest, store: SessionSt
     await store.save(new_id("copy-in"), {"cart": cart}, set(), backend.ttl_s)
     cart.append("pear")
     assert await store.load(new_id("copy-in")) == {"cart": ["apple"]}
-
-
-async def test_json_round_trip_of_nested_values(backend: StoreUnderTest, store: SessionStore) -> None:
-    values: dict[str, Any] = {
-        "list": [1, "two", [3.5, None]],
-        "dict": {"nested": {"deep": [True, False]}, "empty": {}},
-        "int": -42,
-        "big": 2**53 + 1,
-        "float": 0.1,
-        "bool": True,
-        "none": None,
-        "unicode": "세션 ✓ café 🍪",
-        "empty-string": "",
-    }
-    await store.save(new_id("json"), values, set(), backend.ttl_s)
-    loaded = await store.load(new_id("json"))
-    assert loaded == values
-    assert loaded is not None and loaded["bool"] is True and loaded["none"] is None
 
 
 @pytest.mark.parametrize("bad", [object(), {1, 2}, b"bytes", float("nan")], ids=["object", "set", "bytes", "nan"])

@@ -134,6 +134,32 @@ async def test_login_then_me(client: aiohttp.ClientSession) -> None:
         assert await resp.json() == {"user": "alice", "server": SERVER_ID}
 
 
+@pytest.mark.parametrize("work", ["-1", "abc", "1001"])
+async def test_me_refuses_a_work_time_it_cannot_wait(client: aiohttp.ClientSession, work: str) -> None:
+    await login(client)
+    async with client.get("/me", params={"work_ms": work}) as resp:
+        assert resp.status == 400
+        assert "work_ms must be a whole number from 0 to 1000" in (await resp.json())["error"]
+    async with client.get("/me", params={"work_ms": "5"}) as resp:
+        assert (resp.status, (await resp.json())["user"]) == (200, "alice")
+
+
+async def test_prefs_are_an_attribute_of_their_own_beside_the_cart(client: aiohttp.ClientSession) -> None:
+    async with client.post("/prefs", json={"name": "theme", "value": "dark"}) as resp:
+        assert resp.status == 401
+    await login(client)
+    async with client.post("/cart", json={"item": "apple"}):
+        pass
+    async with client.post("/prefs", json={"name": "theme", "value": "dark"}) as resp:
+        assert (resp.status, (await resp.json())["prefs"]) == (200, {"theme": "dark"})
+    async with client.post("/prefs", json={"name": "theme"}) as resp:
+        assert resp.status == 400 and "value is missing" in (await resp.json())["error"]
+    async with client.get("/prefs") as resp:
+        assert (await resp.json())["prefs"] == {"theme": "dark"}
+    async with client.get("/cart") as resp:
+        assert (await resp.json())["cart"] == ["apple"]
+
+
 async def test_me_without_login_is_401_json(client: aiohttp.ClientSession) -> None:
     async with client.get("/me") as resp:
         assert resp.status == 401

@@ -53,6 +53,45 @@ def test_balance_counts_an_idle_server_as_part_of_the_imbalance():
     assert m["cv"] == pytest.approx(0.816, abs=1e-3)
 
 
+def test_in_flight_imbalance_is_the_busiest_over_the_mean_in_samples_with_a_request_per_server():
+    samples = [
+        {"was-1": 1, "was-2": 0, "was-3": 0},  # one request in an idle lab: not a sample of load
+        {"was-1": 6, "was-2": 3, "was-3": 3},  # 6 / 4
+        {"was-1": 4, "was-2": 4, "was-3": 4},  # 1
+        {"was-1": 9, "was-2": 0, "was-3": 0},  # 3
+    ]
+    records = [rec(0, 0.0, 200, "was-1")]
+    m = compute_metrics(RunData(records, [UserOutcome(0)], [], ["was-1", "was-2", "was-3"], {}, None, None, samples))
+    assert (m["inflight_imbalance_max"], m["inflight_imbalance_p95"]) == (3.0, 3.0)
+    m = compute_metrics(RunData(records, [UserOutcome(0)], [], ["was-1"], {}, None, None, samples[:3]))
+    assert m["inflight_imbalance_max"] == 1.5
+    assert compute_metrics(data(records))["inflight_imbalance_max"] is None  # nothing sampled
+
+
+def test_rehashed_share_and_users_spread_over_servers():
+    records = [rec(0, 0.0, 200, "was-1"), rec(0, 0.1, 200, "was-2"), rec(1, 0.0, 200, "was-3")]
+    records.append(rec(1, 0.2, 503, "was-1"))  # an error page from another server is not a move
+    m = compute_metrics(data(records, routes={"pinned": 3, "rehashed": 1}))
+    assert (m["spread_users"], m["rehashed_share"]) == (1, 0.25)
+
+
+def test_session_cookie_effects_sizes_lost_prefs_replays_and_forgeries():
+    records = [rec(0, 0.0, 200, "was-1"), rec(0, 0.1, 413, "was-2"), rec(1, 0.0, 200, "was-1")]
+    records[0].session_bytes, records[1].session_bytes = 4000, 3000
+    users = [
+        UserOutcome(0, prefs_acked=4, prefs_seen=3, replayed=True, replays_accepted=5, replay_window_s=0.8),
+        UserOutcome(1, prefs_acked=2, prefs_seen=2, forged_answers={401: 2, 200: 1}),
+    ]
+    m = compute_metrics(RunData(records, users, [], ["was-1", "was-2"], {}, None, None, [], {"forged": 2}))
+    assert (m["prefs_writes"], m["lost_prefs"], m["too_large"]) == (6, 1, 1)
+    assert (m["session_cookie_bytes_max"], m["session_bytes_per_request"]) == (4000, round(7000 / 3, 1))
+    assert (m["replay_users"], m["replays_accepted"], m["replays_refused"], m["replay_window_s"]) == (1, 5, 0, 0.8)
+    assert (m["session_forgeries"], m["forged_anonymous"], m["forged_accepted"], m["forged_errors"]) == (3, 2, 1, 0)
+    assert m["forged_sessions"] == 2
+    quiet = compute_metrics(data(records))
+    assert quiet["replays_accepted"] is None and quiet["forged_sessions"] is None and quiet["lost_prefs"] is None
+
+
 def test_the_longest_stall_runs_from_the_first_failure_to_the_next_good_answer():
     records = [
         rec(0, 1.0, 200, "was-1", latency=0.01),
@@ -95,6 +134,16 @@ def test_added_servers_cookies_carts_and_reconfiguration():
     assert (m["tampered"], m["forged_cookies"], m["tamper_detected_share"], m["cookie_names_server"]) == (2, 2, 1, 1)
     assert (m["cart_writes"], m["lost_updates"]) == (5, 2)
     assert m["reconfigured_servers"] == 0
+
+
+def test_the_last_seconds_share_of_added_and_returned_servers_and_relogins_after_the_last_fault():
+    added = AppliedFault(1.0, "add-server", None, "add-server", applied_s=1.0, result={"id": "was-4"})
+    back = AppliedFault(2.0, "restart-server", "was-1", "restart-server was-1", applied_s=2.0)
+    records = [rec(0, 0.5, 200, "was-1"), rec(0, 2.5, 401, "was-4", relogin=True), rec(1, 2.6, 200, "was-1")]
+    records += [rec(1, 2.2, 200, "was-2"), rec(1, 1.5, 401, "was-2", relogin=True)]
+    m = compute_metrics(data(records, faults=[added, back]))
+    assert (m["added_share_final"], m["returned_share_final"]) == (round(1 / 3, 3), round(1 / 3, 3))
+    assert (m["relogins_after_fault"], m["relogins_after_last_fault"]) == (2, 1)
 
 
 def make_report(verdict_metric: int = 3, *, claim: str = "C1") -> RunReport:
@@ -164,3 +213,15 @@ def test_the_progress_bar_draws_only_on_a_terminal_but_always_says_how_it_ended(
     bar.finish("C6 PASS")
     assert ("[##############" in stream.text) is tty
     assert stream.text.endswith("C6 PASS\n")
+
+
+def test_a_target_whose_strategy_settings_differ_is_noted() -> None:
+    from lbsession.lab.drive import mismatch_notes
+    from lbsession.lab.scenario import find_scenario, load_scenario
+
+    scenario = load_scenario(find_scenario("b12-sticky-scale-out-balanced-redis"))
+    assert mismatch_notes(scenario, "sticky-cookie", "redis", {"sticky_mode": "balanced"}) == []
+    assert mismatch_notes(scenario, "sticky-cookie", "redis", {"sticky_mode": "persistent"}) == [
+        "the target's sticky_mode is persistent; the scenario was written for balanced"
+    ]
+    assert mismatch_notes(scenario, "sticky-cookie", "redis") == []  # settings unknown: not compared

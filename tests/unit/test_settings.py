@@ -31,6 +31,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "balancer.strategy": ("least-conn", "least-conn"),
     "balancer.admin_host": ("127.0.0.2", "127.0.0.2"),  # off loopback it would need a token
     "balancer.sticky.secret": ("a-secret-of-twenty-chars", "a-secret-of-twenty-chars"),
+    "balancer.hash.balance_factor": ("125", 125),
+    "balancer.sticky.mode": ("balanced", "balanced"),
     "app.backend": ("cluster", "cluster"),
     "app.redis.url": ("redis://127.0.0.1:6390/2", "redis://127.0.0.1:6390/2"),
     "app.cluster.secret": ("a-secret-of-twenty-chars", "a-secret-of-twenty-chars"),
@@ -110,6 +112,7 @@ def test_help_shows_each_default_and_variable(
 def test_env_names_follow_the_loader() -> None:
     assert env_name("balancer.sticky.secret") == "LBSESSION_BALANCER__STICKY__SECRET"
     numbers = {d.path: n for n, d in enumerate((d for d in DECLARED if d.hint is int), 2)}  # distinct: no port clash
+    numbers["balancer.hash.balance_factor"] = 125  # a percentage from 100
     config = load_config(environ={env_name(path): str(n) for path, n in numbers.items()})
     assert {path: value_at(config, path) for path in numbers} == numbers
 

@@ -46,9 +46,10 @@ def client_ips(count: int) -> list[str]:
     return [f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(count)]
 
 
-def build(name: str, **sticky: Any) -> Strategy:
+def build(name: str, hashing: HashConfig | None = None, **sticky: Any) -> Strategy:
     """A strategy made the way the balancer makes it: from a BalancerConfig via the registry."""
-    return create_strategy(BalancerConfig(strategy=name, sticky=StickyConfig(secret=SECRET, **sticky)))
+    sticky_config = StickyConfig(secret=SECRET, **sticky)
+    return create_strategy(BalancerConfig(strategy=name, sticky=sticky_config, hash=hashing or HashConfig()))
 
 
 def route_all(strategy: Strategy, ips: Sequence[str], servers: Sequence[FakeUpstream]) -> dict[str, str]:
@@ -64,14 +65,23 @@ def strategy_name(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
-@pytest.fixture
-def strategy(strategy_name: str) -> Strategy:
-    return build(strategy_name)
+# Every registered strategy, and the further modes of some: case -> (registered name, build's options).
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    **{name: (name, {}) for name in STRATEGIES},
+    "sticky-cookie-balanced": ("sticky-cookie", {"mode": "balanced"}),
+    "consistent-hash-bounded": ("consistent-hash", {"hashing": HashConfig(balance_factor=125)}),
+}
 
 
-def test_registered_class_carries_its_registry_name(strategy_name: str, strategy: Strategy) -> None:
+@pytest.fixture(params=sorted(CASES))
+def strategy(request: pytest.FixtureRequest) -> Strategy:
+    name, options = CASES[request.param]
+    return build(name, **options)
+
+
+def test_registered_class_carries_its_registry_name(strategy_name: str) -> None:
     assert strategy_class(strategy_name).name == strategy_name
-    assert type(strategy) is strategy_class(strategy_name)
+    assert type(build(strategy_name)) is strategy_class(strategy_name)
 
 
 def test_no_upstreams_raises(strategy: Strategy) -> None:
@@ -580,3 +590,71 @@ def test_balance_factor_off_is_plain_consistent_hashing() -> None:
     plain, off = ConsistentHashStrategy(), ConsistentHashStrategy(balance_factor=0)
     servers[0].in_flight = 1000  # type: ignore[misc]
     assert route_all(plain, client_ips(100), servers) == route_all(off, client_ips(100), servers)
+
+
+def test_the_balance_factor_is_a_flag_of_run_and_lb_that_reaches_the_strategy() -> None:
+    from lbsession.cli import build_parser, config_from_args
+
+    for command in (["run"], ["lb", "--upstream", "http://127.0.0.1:8001"]):
+        args = build_parser().parse_args([*command, "--strategy", "consistent-hash", "--hash-balance-factor", "125"])
+        config = config_from_args(args, environ={}).balancer
+        assert config.hash.balance_factor == 125
+        servers = loaded("a", "b", "c")
+        strategy = strategy_class("consistent-hash").from_config(config)
+        owner = strategy.choose(RequestFacts("203.0.113.9"), servers).upstream
+        owner.in_flight = 10  # type: ignore[misc]
+        assert strategy.choose(RequestFacts("203.0.113.9"), servers).reason == "rehashed"
+
+
+# --------------------------------------------------------------------------- sticky-cookie: persistent vs balanced
+
+
+def pinned_clients(strategy: Strategy, servers: Sequence[FakeUpstream], count: int = 400) -> dict[str, str]:
+    """`count` new clients: their cookie value -> the server that took them."""
+    out = {}
+    for ip in client_ips(count):
+        route = strategy.choose(RequestFacts(ip), servers)
+        assert route.set_cookie is not None
+        out[route.set_cookie.split(";")[0].partition("=")[2]] = route.upstream.server_id
+    return out
+
+
+def where_now(strategy: Strategy, pins: dict[str, str], servers: Sequence[FakeUpstream]) -> dict[str, str]:
+    return {v: strategy.choose(RequestFacts("10.9.9.9", f"LBSERVER={v}"), servers).upstream.server_id for v in pins}
+
+
+def test_balanced_mode_moves_about_a_quarter_to_a_fourth_server_persistent_none() -> None:
+    for mode, low, high in (("persistent", 0.0, 0.0), ("balanced", 0.17, 0.33)):
+        strategy = build("sticky-cookie", mode=mode)
+        pins = pinned_clients(strategy, upstreams("a", "b", "c"))
+        after = where_now(strategy, pins, upstreams("a", "b", "c", "d"))
+        moved = [v for v in pins if after[v] != pins[v]]
+        assert low <= len(moved) / len(pins) <= high, (mode, len(moved))
+        assert all(after[v] == "d" for v in moved)  # those that move, move to the new server only
+
+
+def test_balanced_cookies_name_no_server_and_a_changed_key_is_forged() -> None:
+    strategy = build("sticky-cookie", mode="balanced")
+    value, server = next(iter(pinned_clients(strategy, upstreams("a", "b", "c"), 1).items()))
+    assert value.startswith("@") and not StickyCookieStrategy.cookie_names(value, server)
+    assert StickyCookieStrategy.cookie_renamed(value, server, "b") is None
+    tag = value.rpartition(".")[2]
+    forged = strategy.choose(RequestFacts("10.0.0.1", f"LBSERVER=@{'0' * 16}.{tag}"), upstreams("a", "b", "c"))
+    assert forged.reason == "forged-cookie" and forged.set_cookie is not None
+    assert strategy.describe() == {"sticky_mode": "balanced"}
+
+
+def test_a_returning_server_gets_its_balanced_users_back_persistent_ones_stay_moved() -> None:
+    for mode in ("persistent", "balanced"):
+        strategy = build("sticky-cookie", mode=mode)
+        pins = pinned_clients(strategy, upstreams("a", "b", "c"))
+        on_a = [v for v, server in pins.items() if server == "a"]
+        # a dies: each of its users is sent elsewhere (persistent: a new cookie; balanced: the ring, same cookie)
+        moved = {}
+        for value in on_a:
+            route = strategy.choose(RequestFacts("10.9.9.9", f"LBSERVER={value}"), upstreams("b", "c"))
+            assert route.upstream.server_id != "a"
+            moved[value] = route.set_cookie.split(";")[0].partition("=")[2] if route.set_cookie else value
+        back = where_now(strategy, dict.fromkeys(moved.values(), ""), upstreams("a", "b", "c"))
+        returned = sum(1 for server in back.values() if server == "a")
+        assert returned == (len(on_a) if mode == "balanced" else 0), mode

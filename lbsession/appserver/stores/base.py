@@ -124,6 +124,10 @@ class ClientSideStore(Store):
     async def seal(self, session_id: str, attributes: Mapping[str, Any], ttl_s: float) -> str:
         """The cookie value that carries the session; SessionTooLarge when it would not fit a cookie."""
 
-    async def revoke(self, session_id: str) -> None:
-        """At logout: forget `session_id` where the store can (a deny-list); by default it cannot."""
-        return  # logout is not revocation: a copy of the cookie stays valid until its max age
+    async def revoke(self, session_id: str, ttl_s: float) -> None:
+        """At logout or login: refuse `session_id`'s cookies from now on, for the `ttl_s` they may live.
+
+        Only a store with somewhere to remember it (a deny-list) can; by default it cannot, and a
+        copy of the cookie made before logout stays valid until its max age.
+        """
+        return

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, get_args
 
 from lbsession.errors import NoHealthyUpstream
 
@@ -116,6 +116,10 @@ class Strategy(ABC):
     def cookie_renamed(cls, value: str, server_id: str, other_id: str) -> str | None:
         """`value`, naming `server_id`, altered to name `other_id` under its own signature: a client's forgery."""
         return None
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that shape this strategy's routing, for GET /status and the dashboard (none by default)."""
+        return {}
 
     @classmethod
     def from_config(cls, config: BalancerConfig) -> Strategy:

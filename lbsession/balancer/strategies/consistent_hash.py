@@ -86,6 +86,9 @@ class ConsistentHashStrategy(Strategy):
         hashing = config.hash
         return cls(vnodes=hashing.vnodes, key=hashing.key, balance_factor=hashing.balance_factor)
 
+    def describe(self) -> dict[str, int]:
+        return {"balance_factor": self._factor}
+
     def choose(self, facts: RequestFacts, upstreams: Sequence[UpstreamView]) -> Route:
         candidates = accepting_new(upstreams)
         ids = tuple(u.server_id for u in candidates)

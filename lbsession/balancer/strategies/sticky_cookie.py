@@ -5,6 +5,16 @@ which server took them; later requests carrying the cookie go to that server.
 The value is `<server id>.<HMAC-SHA256 tag>`, so a client can read where it is
 pinned (the lab shows it) but cannot forge a pin to another server or probe
 server ids. The proxy removes the cookie before the request reaches the server.
+
+Two modes, as ingress-nginx's `affinity-mode`. `persistent` (the default, HAProxy's
+insert cookie): the cookie names the server, and a pin holds until that server is
+gone; a server added later takes only new users, and a user redispatched off a
+dead server stays where it was moved when the server returns (as AWS ALB does).
+`balanced`: the cookie carries a random key instead (`@<key>.<tag>`, signed the
+same way), and the server is that key's place on a consistent-hash ring of the
+healthy servers. Adding a server moves about 1/N of the users to it, a returning
+server gets its keys back, and several balancers agree without sharing state;
+with local sessions, every user moved logs in again.
 """
 
 from __future__ import annotations
@@ -17,9 +27,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from lbsession.balancer.config import BalancerConfig
-from lbsession.balancer.strategies.base import RequestFacts, Route, Strategy, UpstreamView
+from lbsession.balancer.strategies.base import RequestFacts, Route, Strategy, UpstreamView, accepting_new, stable_hash
+from lbsession.balancer.strategies.consistent_hash import HashRing
 from lbsession.balancer.strategies.round_robin import RoundRobinStrategy
 from lbsession.errors import NoHealthyUpstream
+
+BALANCED_PREFIX = "@"  # a balanced-mode pin is a key, not a server id: `@<key>.<tag>`
 
 
 class StickyCookieStrategy(Strategy):
@@ -36,6 +49,7 @@ class StickyCookieStrategy(Strategy):
         secure: bool = False,
         redispatch: bool = True,
         clock: Callable[[], float] = time.time,
+        mode: str = "persistent",
     ) -> None:
         self.cookie_name = cookie_name
         self.private_cookies = (cookie_name,)  # the proxy strips these before the app server sees them
@@ -47,6 +61,8 @@ class StickyCookieStrategy(Strategy):
         self._max_age_s = max_age_s
         self._clock = clock
         self._balance = RoundRobinStrategy()
+        self.mode = mode
+        self._rings: dict[tuple[str, ...], HashRing] = {}  # balanced mode: one ring per set of servers
         self._verified: dict[str, tuple[str, int | None]] = {}  # value -> (server id, issued), genuine ones only
 
     @classmethod
@@ -55,7 +71,10 @@ class StickyCookieStrategy(Strategy):
         # The balancer draws one random key per run when none is configured (see LoadBalancer);
         # a strategy built on its own, as in tests, gets one of its own.
         secret = (sticky.secret or secrets.token_urlsafe(32)).encode()
-        return cls(secret, sticky.cookie_name, sticky.max_age_s, sticky.secure, sticky.redispatch)
+        return cls(secret, sticky.cookie_name, sticky.max_age_s, sticky.secure, sticky.redispatch, mode=sticky.mode)
+
+    def describe(self) -> dict[str, str]:
+        return {"sticky_mode": self.mode}
 
     def cookie_value(self, server_id: str, issued: int | None = None) -> str:
         """The signed cookie value that pins a client to `server_id`.
@@ -75,8 +94,11 @@ class StickyCookieStrategy(Strategy):
 
     @classmethod
     def cookie_names(cls, value: str, server_id: str) -> bool:
-        """`<server id>.<tag>`, or `<server id>.<issued>.<tag>` with a max age: the id is the prefix."""
-        return value.startswith(f"{server_id}.")
+        """`<server id>.<tag>`, or `<server id>.<issued>.<tag>` with a max age: the id is the prefix.
+
+        A balanced-mode value, `@<key>.<tag>`, names no server: only the ring says where the key goes.
+        """
+        return not value.startswith(BALANCED_PREFIX) and value.startswith(f"{server_id}.")
 
     @classmethod
     def cookie_renamed(cls, value: str, server_id: str, other_id: str) -> str | None:
@@ -125,6 +147,8 @@ class StickyCookieStrategy(Strategy):
         server_id, issued = pin
         if self._stale(issued):
             return self._pin(facts, upstreams, "expired-cookie")
+        if server_id.startswith(BALANCED_PREFIX):
+            return self._keyed(server_id, issued, upstreams)
         for upstream in upstreams:
             if upstream.server_id == server_id:
                 if issued is not None and self._clock() - issued > self._max_age_s / 2:  # type: ignore[operator]
@@ -136,8 +160,29 @@ class StickyCookieStrategy(Strategy):
         return self._pin(facts, upstreams, "redispatched")
 
     def _pin(self, facts: RequestFacts, upstreams: Sequence[UpstreamView], reason: str) -> Route:
+        if self.mode == "balanced":
+            key = BALANCED_PREFIX + secrets.token_hex(8)  # 64 random bits: where it lands is the ring's choice
+            return Route(self._owner(key, accepting_new(upstreams)), reason, self._set_cookie(key))  # type: ignore[arg-type]
         upstream = self._balance.choose(facts, upstreams).upstream
         return Route(upstream, reason, self._set_cookie(upstream.server_id))  # type: ignore[arg-type]
+
+    def _keyed(self, key: str, issued: int | None, upstreams: Sequence[UpstreamView]) -> Route:
+        """A balanced pin: the key's owner on the ring of the servers up now (a draining one keeps its keys)."""
+        if not upstreams:
+            raise NoHealthyUpstream("no healthy upstream")
+        upstream = self._owner(key, upstreams)
+        if issued is not None and self._clock() - issued > self._max_age_s / 2:  # type: ignore[operator]
+            return Route(upstream, "pinned", self._set_cookie(key))  # past half its life: slide, as above
+        return Route(upstream, "pinned")
+
+    def _owner(self, key: str, upstreams: Sequence[UpstreamView]) -> UpstreamView:
+        ids = tuple(u.server_id for u in upstreams)
+        ring = self._rings.get(ids)
+        if ring is None:
+            if len(self._rings) >= 16:  # health flapping must not grow this without bound
+                self._rings.clear()
+            ring = self._rings[ids] = HashRing(ids, 160)
+        return upstreams[ring.owner(stable_hash(key))]
 
     def _set_cookie(self, server_id: str) -> str:
         return f"{self.cookie_name}={self.cookie_value(server_id)}{self._attributes}"

@@ -120,9 +120,14 @@ function renderCookieStore(geo, layer) {
   // Nothing on the servers: each client carries its whole session, sealed, in its SESSION cookie.
   const health = state.status.servers.map((s) => s.health).find((h) => h && h.max_cookie_bytes);
   const limit = health ? health.max_cookie_bytes : 4096;
-  text(layer, COL.store, 80, "each client's SESSION cookie", "role");
-  text(layer, COL.store, 100, `sealed (Fernet), at most ${limit} bytes`, "small");
-  text(layer, COL.store, 118, "no server state: logout cannot revoke a copy", "small");
+  const sizes = state.status.servers.map((s) => s.health).filter((h) => h && h.cookie_bytes_max);
+  const largest = Math.max(0, ...sizes.map((h) => h.cookie_bytes_max));
+  const size = sizes.length ? `~${sizes[0].cookie_bytes_mean} B each, ${largest} B max` : "no cookie sealed yet";
+  text(layer, COL.store, 80, "the SESSION cookie", "role");
+  text(layer, COL.store, 100, `sealed, at most ${limit} B`, "small");
+  text(layer, COL.store, 118, size, "small").setAttribute("data-cookie-size", "");
+  // Logout is not revocation, unless the store keeps a deny-list (and is then no longer stateless).
+  text(layer, COL.store, 136, health && health.deny_list ? "logouts denied in Redis" : "logout cannot revoke", "small");
 }
 
 function renderRedis(geo, layer) {
@@ -183,7 +188,7 @@ function renderBalancer(geo) {
   const layer = document.getElementById("layer-lb");
   layer.replaceChildren();
   const group = svg("g", { class: "lb", transform: `translate(${COL.lb},${geo.lbY})` }, layer);
-  svg("rect", { class: "box", width: COL.lbW, height: 158, rx: 12 }, group);
+  svg("rect", { class: "box", width: COL.lbW, height: 176, rx: 12 }, group);
   text(group, 14, 26, "balancer", "title");
   text(group, 14, 48, state.status.strategy, "big");
   const total = [...state.rates.values()].reduce((a, b) => a + b, 0);
@@ -195,6 +200,18 @@ function renderBalancer(geo) {
   const tunnels = state.status.tunnels || { open: 0 };
   const open = text(group, 14, 148, `websockets: ${tunnels.open} open`, "small");
   open.dataset.field = "tunnels";
+  const settings = text(group, 14, 166, strategySettings(state.status.strategy_settings || {}), "small");
+  settings.setAttribute("data-strategy-settings", "");
+}
+
+function strategySettings(settings) {
+  // What shapes the routing beyond the strategy's name: the sticky mode, the bounded-load factor.
+  const parts = [];
+  if (settings.sticky_mode) parts.push(`mode ${settings.sticky_mode}`);
+  if (settings.balance_factor !== undefined) {
+    parts.push(settings.balance_factor ? `balance factor ${settings.balance_factor}%` : "balance factor off");
+  }
+  return parts.join(" · ");
 }
 
 function serverState(server) {
@@ -251,7 +268,8 @@ function updateServer(group, server, geo, backend, maxRate) {
   group.rateText.textContent = `${rate.toFixed(1)} req/s`;
   group.totalText.textContent = `${server.requests} req · ${server.in_flight} in flight`;
   const sessions = server.health && typeof server.health.sessions === "number" && current !== "killed" ? server.health.sessions : null;
-  group.sessionsText.textContent = sessions === null ? "sessions: ?" : `${sessions} session${sessions === 1 ? "" : "s"}`;
+  const held = backend === "cookie" ? "sessions: in cookies" : "sessions: ?";
+  group.sessionsText.textContent = sessions === null ? held : `${sessions} session${sessions === 1 ? "" : "s"}`;
   group.bar.setAttribute("width", Math.round((COL.serverW - 28) * Math.min(1, rate / maxRate)));
   const [killBtn, restartBtn] = group.controls;
   killBtn.style.display = state.topology && current !== "killed" ? "" : "none";

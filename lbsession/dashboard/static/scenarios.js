@@ -58,6 +58,12 @@ function differences(scenario) {
   const out = [];
   const [backend, ha] = scenario.backend.split(" ");
   if (state.status.strategy !== scenario.strategy) out.push(`strategy ${scenario.strategy} (switch it above)`);
+  else {
+    const settings = state.status.strategy_settings || {};
+    for (const [key, value] of Object.entries(scenario.strategy_settings || {})) {
+      if (settings[key] !== value) out.push(`${key.replace("_", " ")} ${value}`);
+    }
+  }
   if (backendName() && backendName() !== backend) out.push(`backend ${backend} (run the lab with --backend ${backend})`);
   else if (ha && !(state.topology && state.topology.redis && state.topology.redis.ha)) out.push("Redis with failover (--redis-ha)");
   if (state.status.servers.length !== scenario.servers) out.push(`${scenario.servers} servers`);
