@@ -35,8 +35,8 @@ import aiohttp
 from lbsession.appserver.lab_control import LAB_TOKEN_ENV, LAB_TOKEN_HEADER, REPLICATION_PATH
 from lbsession.balancer.balancer import LoadBalancer
 from lbsession.balancer.upstream import Upstream
-from lbsession.config import AppServerConfig, Config, RedisConfig, to_environ
-from lbsession.errors import TopologyError
+from lbsession.config import AppServerConfig, Config, RedisConfig, env_name, to_environ
+from lbsession.errors import ConfigError, TopologyError
 from lbsession.lab.control import LabControl, LbsessionView
 from lbsession.lab.process import Child, child_environ, free_port, read_ready_line, spawn
 from lbsession.lab.redis_servers import RedisTopology
@@ -84,6 +84,12 @@ class Topology:
     """Start, change and stop a lab: one balancer and its app servers."""
 
     def __init__(self, config: Config, *, log_dir: Path | None = None, server_args: list[str] | None = None) -> None:
+        if not config.balancer.health.active:
+            raise ConfigError(
+                f"balancer.health.active: false is for `lbsession lb` only: a lab waits on its servers' active "
+                f"health checks to know they are up; remove it from the config file (or unset "
+                f"{env_name('balancer.health.active')})"
+            )
         self.config = config
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lbsession-"))
         self.server_args = server_args or []  # flags that are not settings, for every app server
