@@ -150,6 +150,7 @@ async def judge(proxy: Proxy, case: Case, work: Path) -> dict[str, Any]:
         other = await judge_once(proxy, case.alternative, work)
         if other["ok"]:
             return other | {"alternative": case.alternative.verdict, "instead_of": result["problem"]}
+        result["problem"] += f"; as {case.alternative.verdict}: {other['problem']}"
     return result
 
 
