@@ -70,6 +70,11 @@ class BalancerCollector(Collector):
         connections.add_metric(["client"], len(lb.clients))
         connections.add_metric(["upstream"], len(lb.upstream_conns))
         yield connections
+        yield GaugeMetricFamily(
+            "lbsession_lb_all_upstreams_down",
+            "1 while every upstream fails its health check (requests then go to all of them)",
+            value=1 if lb.pool.all_down_since is not None else 0,
+        )
         yield _info("lbsession_lb_strategy", "The routing strategy in use", "strategy", lb.strategy.name)
 
     def _upstreams(self) -> Iterable[Metric]:

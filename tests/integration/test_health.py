@@ -104,6 +104,10 @@ class Balancer:
             result: dict[str, Any] = await response.json()
             return result
 
+    async def metrics(self) -> str:
+        async with aiohttp.ClientSession() as http, http.get(self.admin + "/metrics") as response:
+            return await response.text()
+
     async def until(self, what: str, probe: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         """The first `/status` for which `probe` holds (polled: the balancer's checks run on their own clock)."""
         status: dict[str, Any] = {}
@@ -228,6 +232,7 @@ async def test_all_down_is_said_in_status_and_logged_once_as_it_starts_and_ends(
     apps = [await serve_app(stack, StrictHostApp(f"django-{n}")) for n in (1, 2)]
     lb = await start_lb(stack, {a.server_id: a.url for a in apps}, *FAST)
     await lb.until("every upstream down", lambda s: s.get("health", {}).get("all_down") is True)
+    assert "\nlbsession_lb_all_upstreams_down 1.0\n" in await lb.metrics()
     # Still routed, as nginx does: the client gets the app's own answer rather than the balancer's 503.
     assert {await get(lb.url, "elsewhere.example") for _ in range(4)} == {(400, None)}
     assert (await get(lb.url, "app.example"))[0] == 200
@@ -244,6 +249,7 @@ async def test_all_down_is_said_in_status_and_logged_once_as_it_starts_and_ends(
     assert len(lb.logged(ALL_DOWN_STARTS)) == 1
     assert len(lb.logged(ALL_DOWN_ENDS)) == 1
     assert "django-1: status 400 (expected 200-399)" in lb.logged(ALL_DOWN_STARTS)[0]
+    assert "\nlbsession_lb_all_upstreams_down 0.0\n" in await lb.metrics()
 
 
 async def test_method_path_host_and_expected_statuses_are_the_ones_configured(
