@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -282,3 +284,24 @@ async def test_health_off_is_passive_only(stack: contextlib.AsyncExitStack) -> N
     await lb.until("gone tried again", lambda s: healthy(s)["gone"])
     [up] = await lb.wait_logged("): up: ")
     assert up.endswith(f"gone ({gone}): up: tried again after 0.5 s (passive check only)")
+
+
+async def test_health_settings_come_from_yaml_and_a_reload_applies_them(
+    stack: contextlib.AsyncExitStack, tmp_path: Any
+) -> None:
+    app = await serve_app(stack, StrictHostApp("django"))
+    config = tmp_path / "lb.yaml"
+
+    def write(health: dict[str, Any]) -> None:
+        fast = {"interval_s": 0.2, "timeout_s": 0.5, "rise": 1, "fall": 1}
+        balancer = {"upstreams": [{"id": "django", "url": app.url}], "health": fast | health}
+        config.write_text(json.dumps({"balancer": balancer}))  # JSON is YAML
+
+    write({})
+    lb = await start_lb(stack, {}, "--config", str(config))
+    await lb.until("django down", lambda s: not healthy(s)["django"])
+    write({"host": "app.example", "expect": "200"})
+    lb.process.send_signal(signal.SIGHUP)
+    status = await lb.until("django up after the reload", lambda s: healthy(s)["django"])
+    assert "GET /healthz (Host: app.example) expecting 200," in status["health"]["check"]
+    assert app.checks[-1][2] == "app.example"
