@@ -109,13 +109,22 @@ def _bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     bench.add_argument("--connections", type=int, default=50, help="concurrent keep-alive connections (default 50)")
     bench.add_argument("--servers", type=int, default=3, help="upstream servers (default 3)")
     bench.add_argument(
-        "--strategy", default="round-robin", choices=STRATEGY_NAMES, help="balancer strategy (default round-robin)"
+        "--strategy",
+        default="round-robin",
+        choices=[*STRATEGY_NAMES, "all"],
+        help="balancer strategy, each beside its HAProxy equivalent; all: every one (default round-robin)",
     )
     bench.add_argument(
         "--tool", default="auto", choices=["auto", "wrk", "builtin"], help="load generator (auto: wrk when installed)"
     )
     bench.add_argument(
         "--haproxy", default="auto", choices=["auto", "yes", "no"], help="also measure HAProxy in the same setup"
+    )
+    bench.add_argument(
+        "--body-bytes",
+        type=int,
+        metavar="N",
+        help="each response's body size in bytes (nginx serves a file of N bytes; default: a 3-byte answer)",
     )
     bench.add_argument("--json", type=Path, help="also write the figures as JSON here")
 
@@ -374,6 +383,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         tool=args.tool,
         haproxy=args.haproxy,
         loop=args.loop,
+        body_bytes=args.body_bytes,
     )
     report = await run_bench(params)
     if args.json:
@@ -383,12 +393,17 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_BENCH_ROW = "{:<14}{:>10}{:>9}{:>9}{:>12}{:>17}{:>8}"
+_BENCH_ROW = "{:<32}{:>10}{:>9}{:>9}{:>12}{:>17}{:>8}"
+_CASE_ROW = "{:<24}{:>11}{:>11}{:>8}{:>11}{:>11}{:>8}  {}"
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
 
 
 def _bench_lines(report: BenchReport, json_path: Path | None) -> list[str]:
-    """The bench's report as a table, then the ratios as facts."""
-    from lbsession.lab.bench import CPU_RATIO_TARGET
+    """The bench's report as a table of targets, then one row per case with its ratios against HAProxy."""
+    from lbsession.lab.bench import CPU_RATIO_TARGET, P99_RATIO_TARGET
 
     lines = [
         f"lbsession bench: {report.servers} {report.upstream} upstreams, {report.tool}, "
@@ -399,15 +414,33 @@ def _bench_lines(report: BenchReport, json_path: Path | None) -> list[str]:
         figures = [f"{row.load.rps:.0f}", f"{row.load.p50_ms:.2f}", f"{row.load.p99_ms:.2f}"]
         figures += [f"{row.cpu_us_per_request:.1f}", f"{row.upstream_cpu_us_per_request:.1f}"]
         lines.append(_BENCH_ROW.format(row.target, *figures, row.load.errors))
-    if report.cpu_ratio is not None:
-        verdict = "met" if report.cpu_target_met else "not met"
+    lines += [
+        "",
+        f"lbsession / haproxy, each case beside its HAProxy equivalent "
+        f"(targets: CPU <= {CPU_RATIO_TARGET}x, p99 <= {P99_RATIO_TARGET}x):",
+        _CASE_ROW.format("case", "CPU lbs", "CPU hap", "ratio", "p99 lbs", "p99 hap", "ratio", "verdict"),
+    ]
+    for case in report.cases:
+        ours = case.lbsession
+        if case.haproxy is None:
+            lines.append(f"{case.case:<24}{ours.cpu_us_per_request:>11.1f}  ({case.haproxy_config})")
+            continue
+        checks = (("CPU", case.cpu_target_met), ("p99", case.p99_target_met))
+        missed = [name for name, met in checks if met is False]
+        unknown = [name for name, met in checks if met is None]
+        verdict = f"not met ({', '.join(missed)})" if missed else "met" if not unknown else "too few requests to tell"
         lines.append(
-            f"CPU per request, lbsession / haproxy: ratio {report.cpu_ratio:.2f}x "
-            f"(target <= {CPU_RATIO_TARGET}x): {verdict}"
+            _CASE_ROW.format(
+                case.case,
+                f"{ours.cpu_us_per_request:.1f}",
+                f"{case.haproxy.cpu_us_per_request:.1f}",
+                _times(case.cpu_ratio),
+                f"{ours.load.p99_ms:.2f}",
+                f"{case.haproxy.load.p99_ms:.2f}",
+                _times(case.p99_ratio),
+                verdict,
+            )
         )
-        lines.append(f"req/s, lbsession / haproxy: {report.rps_ratio or 0:.2f}x")
-    else:
-        lines.append("CPU per request, lbsession / haproxy: not measured (HAProxy not run)")
     if json_path is not None:
         lines.append(f"figures written to {json_path}")
     return lines

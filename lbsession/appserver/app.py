@@ -8,6 +8,8 @@
     GET  /cart                              read it (needs login)
     GET  /healthz                           200 {"server", "backend", "sessions"}; 503 when the store is down
     GET  /headers                           the request headers as this server received them (what the LB forwarded)
+    GET  /ws                                a WebSocket: each text message is answered {"user", "server", "echo"};
+                                            closed with 4401 "login required" without a session
     GET  /metrics                           Prometheus: requests, re-logins, store calls (lbsession.appserver.metrics)
 
 Every response, errors and 404s included, carries `X-Served-By: <server id>`:
@@ -24,12 +26,13 @@ import signal
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from lbsession.appserver.config import AppServerConfig
 from lbsession.appserver.lab_control import add_lab_routes
-from lbsession.appserver.metrics import AppMetrics
+from lbsession.appserver.metrics import ASKED_TO_LOG_IN, AppMetrics
 from lbsession.appserver.session import get_session, session_middleware
 from lbsession.appserver.stores import SessionStore, Store, create_store
 from lbsession.errors import StoreUnavailable
@@ -38,6 +41,7 @@ CONFIG = web.AppKey("lbsession_config", AppServerConfig)
 STORE = web.AppKey("lbsession_store", Store)
 
 MAX_TEXT_CHARS = 64
+WS_LOGIN_REQUIRED = 4401  # a private-use close code (RFC 6455 §7.4.2): HTTP's 401, said on a WebSocket
 # The cart travels whole with every change (cluster replication) and every load (Redis), so normal use
 # must not grow it without bound: 100 items of 64 characters stay far below the cluster's frame limit.
 MAX_CART_ITEMS = 100
@@ -66,6 +70,7 @@ def create_app(config: AppServerConfig, store: Store) -> web.Application:
     app.router.add_get("/cart", read_cart)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/headers", echo_headers)
+    app.router.add_get("/ws", websocket)
     app.router.add_get("/metrics", metrics.handle)
     add_lab_routes(app, store)  # only with a lab token: see lbsession.appserver.lab_control
     return app
@@ -155,6 +160,33 @@ async def healthz(request: web.Request) -> web.Response:
 async def echo_headers(request: web.Request) -> web.Response:
     """The headers this server received: shows X-Forwarded-* and that the LB's cookie was stripped."""
     return _reply(request, {"headers": dict(request.headers)})
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """A WebSocket that answers each text message with who is logged in; 4401 without a session.
+
+    The session is read once, at the handshake, as a browser's WebSocket sends its cookies only
+    then: a user whose server dies reconnects, and the new server's store decides whether the
+    session is still known (the lab's B6).
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.host:
+        # A page of another site may open a WebSocket to us with the user's cookies: the browser
+        # sends its Origin, and only our own pages may speak for the user (RFC 6455 §10.2).
+        raise _json_error(request, web.HTTPForbidden, f"a WebSocket from {origin} is refused: not this site's page")
+    session = await get_session(request)
+    user = session.get("user")
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    if user is None:
+        request[ASKED_TO_LOG_IN] = True  # counted as a re-login when a session cookie came
+        await ws.close(code=WS_LOGIN_REQUIRED, message=b"login required")
+        return ws
+    server = request.app[CONFIG].id
+    async for message in ws:
+        if message.type == WSMsgType.TEXT:
+            await ws.send_json({"user": user, "server": server, "echo": message.data})
+    return ws
 
 
 # --------------------------------------------------------------------------- request and response helpers

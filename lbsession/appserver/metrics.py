@@ -23,6 +23,9 @@ from prometheus_client.registry import Collector
 from lbsession.appserver.stores.base import SessionStore, Store
 from lbsession.errors import StoreUnavailable
 
+# Set by a handler that asked the user to log in without a 401 to show for it (a WebSocket's 4401).
+ASKED_TO_LOG_IN = web.RequestKey("lbsession_asked_to_log_in", bool)
+
 if TYPE_CHECKING:
     from lbsession.appserver.config import AppServerConfig
 
@@ -142,7 +145,7 @@ class AppMetrics:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"  # bounded cardinality
         self.requests.labels(self.server, route, request.method, str(status)).inc()
-        asked_to_log_in = status == 401 or (status == 302 and location == "/login")
+        asked_to_log_in = status == 401 or (status == 302 and location == "/login") or ASKED_TO_LOG_IN in request
         if asked_to_log_in and self.cookie_name in request.cookies:
             self.relogins.labels(self.server).inc()
 

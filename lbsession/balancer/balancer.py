@@ -22,6 +22,7 @@ from lbsession.balancer.events import EventBus
 from lbsession.balancer.proxy import ClientConnection, UpstreamConnection
 from lbsession.balancer.strategies import STRATEGIES, Strategy, create_strategy
 from lbsession.balancer.strategies.base import ROUTE_REASONS
+from lbsession.balancer.tunnel import Tunnel
 from lbsession.balancer.upstream import Upstream, UpstreamPool
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ class LoadBalancer:
         self.clock = time.monotonic()  # coarse "now", advanced by the sweeper
         self.clients: set[ClientConnection] = set()
         self.upstream_conns: set[UpstreamConnection] = set()
+        self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSockets), each a client and an upstream
+        self.tunnels_opened = 0
+        self.tunnel_timeouts = 0  # tunnels closed for silence (limits.tunnel_timeout_s)
         self.routes: dict[str, int] = dict.fromkeys(ROUTE_REASONS, 0)
         self.statuses: dict[int, int] = {}  # responses relayed from upstreams, by status
         self.errors: dict[int, int] = {}  # responses the balancer made itself, by status
@@ -105,6 +109,8 @@ class LoadBalancer:
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.abort()
+        for tunnel in list(self.tunnels):  # a WebSocket has no idle moment to wait for: its peers reconnect
+            tunnel.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for task in list(self._tasks):
@@ -227,7 +233,10 @@ class LoadBalancer:
 
     async def _sweep_forever(self) -> None:
         limits = self.limits
-        shortest = min(limits.read_timeout_s, limits.header_timeout_s, limits.idle_timeout_s, limits.pool_idle_s)
+        shortest = min(
+            limits.read_timeout_s, limits.header_timeout_s, limits.idle_timeout_s, limits.pool_idle_s,
+            limits.tunnel_timeout_s,
+        )  # fmt: skip
         tick = min(1.0, max(0.05, shortest / 4))
         loop = asyncio.get_running_loop()
         while True:
@@ -237,6 +246,8 @@ class LoadBalancer:
                 client.check_timeouts(now)
             for conn in list(self.upstream_conns):
                 conn.check_timeouts(now)
+            for tunnel in list(self.tunnels):
+                tunnel.check_timeout(now)
 
     # ------------------------------------------------------------------ reporting
 
@@ -250,6 +261,7 @@ class LoadBalancer:
             "servers": [u.as_dict() for u in self.pool.upstreams.values()],
             "health": self.pool.status(),
             "connections": {"clients": len(self.clients), "upstream": len(self.upstream_conns)},
+            "tunnels": self.tunnel_status(),
             "counters": {
                 "requests": sum(self.routes.values()) - self.routes["retried"],
                 "routes": dict(self.routes),
@@ -261,6 +273,19 @@ class LoadBalancer:
                 "responses": {str(k): v for k, v in sorted(self.statuses.items())},
                 "lb_errors": {str(k): v for k, v in sorted(self.errors.items())},
             },
+        }
+
+    def tunnel_status(self) -> dict[str, Any]:
+        """Open WebSocket/Upgrade tunnels, by server, and how many were opened and timed out."""
+        by_server = dict.fromkeys(self.pool.upstreams, 0)
+        for tunnel in self.tunnels:
+            server_id = tunnel.upstream.server_id
+            by_server[server_id] = by_server.get(server_id, 0) + 1
+        return {
+            "open": len(self.tunnels),
+            "by_server": by_server,
+            "opened": self.tunnels_opened,
+            "timed_out": self.tunnel_timeouts,
         }
 
 

@@ -177,6 +177,11 @@ class LimitsConfig:
     header_timeout_s: float = 10.0  # a request head must arrive within this (slowloris)
     idle_timeout_s: float = 60.0  # client keep-alive idle time
     pool_idle_s: float = 15.0  # idle upstream connections; below aiohttp's 75 s keep-alive
+    # A WebSocket (any Upgrade tunnel) with no byte either way for this long is closed: HAProxy's
+    # `timeout tunnel`, which replaces the client and server timeouts once a connection is upgraded.
+    tunnel_timeout_s: float = setting(
+        3600.0, "--tunnel-timeout", "seconds a WebSocket/Upgrade tunnel may stay silent", commands=LISTENERS
+    )
     max_head_bytes: int = 32768
     max_body_bytes: int = 64 * 1024 * 1024
     # Client connections at once; past it a new one gets a 503 at once rather than a place in an

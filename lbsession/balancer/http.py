@@ -4,7 +4,9 @@ Only what a reverse proxy needs (RFC 9112), done in one pass per head and kept
 to plain bytes operations, because this runs for every request:
 
 - a request head is validated (request line, header syntax, Host, the framing
-  headers) and rewritten for the upstream in the same loop;
+  headers) and rewritten for the upstream in the same loop; a request to
+  upgrade (RFC 9110 §7.8) keeps `Upgrade` and `Connection: Upgrade`, the only
+  hop-by-hop headers that go on;
 - a response head is parsed for its framing and stripped of hop-by-hop headers;
 - ChunkedScanner walks a chunked body to find its end, so bodies stream through
   unchanged, yet the next pipelined message starts at the right byte.
@@ -19,6 +21,7 @@ request ends differently from the server behind it is open to request smuggling
 from __future__ import annotations
 
 import re
+from collections.abc import Set
 from http import HTTPStatus
 
 # RFC 9110 §5.6.2 token characters.
@@ -45,6 +48,9 @@ _URI_HOST = (
 _HOST = re.compile(_URI_HOST)
 # An absolute-form target (RFC 9112 §3.2.2): scheme, authority, then path and query.
 _ABSOLUTE_TARGET = re.compile(rb"https?://([^/?#]*)([/?][\x21-\x7e]*)?", re.I)
+# An Upgrade field value (RFC 9110 §7.8): a list of protocol-name ["/" protocol-version].
+_PROTOCOL = _TOKEN + rb"(?:/" + _TOKEN + rb")?"
+_UPGRADE = re.compile(_PROTOCOL + rb"(?:[ \t]*,[ \t]*" + _PROTOCOL + rb")*")
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 # de facto Proxy-Connection. Transfer-Encoding is kept: chunked bodies pass through as they are.
@@ -92,6 +98,7 @@ class RequestHead:
         "method",
         "out",
         "target",
+        "upgrade",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -104,6 +111,7 @@ class RequestHead:
         self.host: bytes | None = None
         self.cookie: bytes | None = None  # every Cookie header joined, or None
         self.forwarded: list[tuple[bytes, bytes]] = []  # the client's X-Forwarded-* (name, value)
+        self.upgrade: bytes | None = None  # the protocols asked for, when the request asks to upgrade
         # The request line and header block to forward, without the final blank line; the client's
         # hop-by-hop and forwarding headers are already gone. Usually the head exactly as it came.
         self.out = b""
@@ -150,12 +158,18 @@ def parse_request_head(head: bytes) -> RequestHead:
             block = _CONTENT_LENGTH_LINES.sub(b"", block) + b"\r\nContent-Length: %d" % req.content_length
         extra = {name for name in drop if name not in HOP_BY_HOP and name not in FORWARDED and name not in _REBUILT}
         if extra:  # headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1)
-            block = b"".join(
-                b"\r\n" + line for line in block.split(b"\r\n")[1:] if line.partition(b":")[0].lower() not in extra
-            )
+            block = _without_fields(block, extra)
+        if req.upgrade is not None:  # hop-by-hop, yet the upstream must see the request to switch (RFC 9110 §7.8)
+            block += b"\r\nUpgrade: " + req.upgrade + b"\r\nConnection: Upgrade"
         head = b"%s %s HTTP/1.1%s" % (req.method, req.target, block)
     req.out = head
     return req
+
+
+def _without_fields(block: bytes, names: Set[bytes]) -> bytes:
+    """`block` (header lines, each after a CRLF) without the lines whose lower-case name is in `names`."""
+    lines = block.split(b"\r\n")[1:]
+    return b"".join(b"\r\n" + line for line in lines if line.partition(b":")[0].lower() not in names)
 
 
 def _other_target_form(req: RequestHead) -> bytes | None:
@@ -197,6 +211,7 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
     lengths: list[bytes] = []
     cookies: list[bytes] = []
     connection: list[bytes] = []
+    upgrade: list[bytes] = []
     hosts = 0
     for raw_name, raw_value in _REQUEST_SPECIAL.findall(block):
         name, value = raw_name.lower(), raw_value.strip(b" \t")
@@ -221,6 +236,8 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
         else:  # hop-by-hop
             if name == b"connection":
                 connection += [t.strip(b" \t").lower() for t in value.split(b",")]
+            elif name == b"upgrade":
+                upgrade.append(value)
             drop.append(name)
     if hosts > 1:
         raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
@@ -239,7 +256,22 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
         # the body as the next request (request smuggling). No honest client asks for it.
         raise HTTPError(400, "the Connection header must not name Content-Length, Transfer-Encoding or Host")
     drop += [t for t in connection if t not in (b"close", b"keep-alive") and t]
+    # An Upgrade the Connection header does not name is not a request to upgrade (RFC 9110 §7.8), nor
+    # is one on HTTP/1.0, which a server must ignore; both are dropped as hop-by-hop like any other.
+    if upgrade and b"upgrade" in connection and not req.http10:
+        _read_upgrade(req, b", ".join(upgrade))
     return drop
+
+
+def _read_upgrade(req: RequestHead, value: bytes) -> None:
+    """Accept a request to switch protocols, or refuse one that cannot be tunnelled safely."""
+    if _UPGRADE.fullmatch(value) is None:
+        raise HTTPError(400, "the Upgrade header must list protocols like 'websocket'")
+    if req.chunked or req.content_length:
+        # RFC 9110 §7.8 would have the body read first, then the switch; no WebSocket client sends
+        # one, and a body ahead of the new protocol is a place for two readings to differ. Refused.
+        raise HTTPError(400, "a request to upgrade must not have a body")
+    req.upgrade = value
 
 
 _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host"})
@@ -248,7 +280,7 @@ _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host"})
 class ResponseHead:
     """A parsed response head: its framing, whether the connection may be reused, the head to forward."""
 
-    __slots__ = ("chunked", "codings", "content_length", "http10", "keep_alive", "out", "status")
+    __slots__ = ("chunked", "codings", "content_length", "http10", "keep_alive", "out", "status", "upgrade")
 
     def __init__(self) -> None:
         self.status = 0
@@ -257,6 +289,7 @@ class ResponseHead:
         self.content_length: int | None = None  # None and not chunked: the body ends at close
         self.chunked = False
         self.codings = False  # a transfer coding other than chunked was applied (gzip, ...)
+        self.upgrade: bytes | None = None  # the protocol a 101 switches to
         self.out = b""  # status line (as HTTP/1.1) and headers, hop-by-hop ones gone, no final blank line
 
     def without_transfer_encoding(self) -> bytes:
@@ -293,12 +326,16 @@ def parse_response_head(head: bytes) -> ResponseHead:
             drop = True
             if name == b"connection":
                 connection += b"," + value.lower()
+            elif name == b"upgrade":
+                resp.upgrade = value
     if codings:
         _read_codings(resp, codings)
     if b"close" in connection or (resp.http10 and b"keep-alive" not in connection):
         resp.keep_alive = False
     if drop:
         block = _RESPONSE_DROP.sub(b"", block)
+        if connection not in _USUAL_CONNECTION:  # a list naming fields: they are hop-by-hop too (RFC 9110 §7.6.1)
+            block = _without_connection_options(block, connection)
     if lengths and (codings or lengths > 1):
         # Transfer-Encoding overrides Content-Length, and an intermediary must remove the latter
         # before forwarding (RFC 9112 §6.3 rule 3); identical repeats are folded into one (§6.3 rule 5).
@@ -309,6 +346,20 @@ def parse_response_head(head: bytes) -> ResponseHead:
     status_rest = head[8:] if end < 0 else head[8:end]  # a head may be a status line alone
     resp.out = head if not (drop or resp.http10) else b"HTTP/1.1" + status_rest + block
     return resp
+
+
+# Connection values that name no field: the usual ones are checked without splitting a list.
+_USUAL_CONNECTION = frozenset({b"", b",keep-alive", b",close", b",upgrade"})
+_CONNECTION_OPTIONS = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
+
+
+def _without_connection_options(block: bytes, connection: bytes) -> bytes:
+    """`block` without the fields the response's Connection header names; 502 if it names the framing."""
+    named = {token.strip(b" \t") for token in connection.split(b",")} - _CONNECTION_OPTIONS
+    if named & {b"content-length", b"transfer-encoding"}:
+        # Dropping them would leave a body nobody can delimit; no honest server asks for it.
+        raise HTTPError(502, "the upstream's Connection header names Content-Length or Transfer-Encoding")
+    return _without_fields(block, named) if named else block
 
 
 def _read_codings(resp: ResponseHead, codings: bytes) -> None:
@@ -324,6 +375,12 @@ def _read_codings(resp: ResponseHead, codings: bytes) -> None:
     # Any other final coding leaves the body delimited by close.
     resp.chunked = bool(names) and names[-1] == b"chunked"
     resp.codings = len(names) > resp.chunked
+
+
+def switch_asked_for(switched: bytes, asked: bytes) -> bool:
+    """True if the protocols a 101's Upgrade names are among those the request's listed (by name, any case)."""
+    names = {p.strip(b" \t").partition(b"/")[0].lower() for p in asked.split(b",")}
+    return all(p.strip(b" \t").partition(b"/")[0].lower() in names for p in switched.split(b","))
 
 
 def response_has_body(method: bytes, status: int) -> bool:

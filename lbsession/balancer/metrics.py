@@ -70,6 +70,16 @@ class BalancerCollector(Collector):
         connections.add_metric(["client"], len(lb.clients))
         connections.add_metric(["upstream"], len(lb.upstream_conns))
         yield connections
+        tunnels = GaugeMetricFamily(
+            "lbsession_lb_tunnels", "Open WebSocket/Upgrade tunnels, by upstream", labels=["server"]
+        )
+        for server_id, count in lb.tunnel_status()["by_server"].items():
+            tunnels.add_metric([server_id], count)
+        yield tunnels
+        yield CounterMetricFamily("lbsession_lb_tunnels_opened", "Upgrade tunnels opened", value=lb.tunnels_opened)
+        yield CounterMetricFamily(
+            "lbsession_lb_tunnel_timeouts", "Tunnels closed after tunnel_timeout_s of silence", value=lb.tunnel_timeouts
+        )
         yield GaugeMetricFamily(
             "lbsession_lb_all_upstreams_down",
             "1 while every upstream fails its health check (requests then go to all of them)",

@@ -15,6 +15,11 @@ wait in its buffer and are answered in order (RFC 9112 §9.3.2). Backpressure
 is the transports' own: when one side's write buffer is full, the other side
 stops reading.
 
+A request that asks to switch protocols (`Connection: Upgrade` + `Upgrade`, a
+WebSocket) is routed like any other, but goes on an upstream connection of its
+own that is closed after the answer, never pooled; on a 101 both connections
+leave these protocols for a Tunnel (lbsession.balancer.tunnel).
+
 Timeouts use the balancer's coarse clock (updated by its sweeper a few times a
 second, as HAProxy's `now_ms`), so no timer is armed per request.
 """
@@ -33,8 +38,10 @@ from lbsession.balancer.http import (
     parse_request_head,
     parse_response_head,
     response_has_body,
+    switch_asked_for,
 )
 from lbsession.balancer.strategies.base import RequestFacts, Route, parse_cookie_header
+from lbsession.balancer.tunnel import Tunnel
 from lbsession.errors import NoHealthyUpstream
 
 if TYPE_CHECKING:
@@ -52,6 +59,7 @@ _CLOSED = 4
 _IDLE = 0  # pooled, no exchange
 _RESP_HEAD = 1  # waiting for the response head
 _RESP_BODY = 2  # streaming the response body to the client
+_TUNNELLED = 3  # switched protocols: its transport belongs to a Tunnel now
 
 _PIPELINE_HIGH_WATER = 256 * 1024  # stop reading a client that sends this far ahead
 # The methods a proxy may send again after a failure (RFC 9110 §9.2.2); never POST, PATCH or an unknown one.
@@ -109,7 +117,7 @@ class ClientConnection(asyncio.Protocol):
         # The same for every request of this connection, so built once (see LoadBalancer.upstream_head).
         self.forwarded_tail = b"\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: http" % self.client_ip.encode()
         self.deadline = self.lb.clock + self.lb.limits.idle_timeout_s
-        if len(self.lb.clients) >= self.lb.limits.max_connections:
+        if len(self.lb.clients) + len(self.lb.tunnels) >= self.lb.limits.max_connections:
             self.lb.shed += 1  # overloaded: say so at once; a queue would only make everyone wait
             self.state = _CLOSED
             transport.write(OVERLOADED)  # type: ignore[attr-defined]
@@ -246,7 +254,9 @@ class ClientConnection(asyncio.Protocol):
         upstream.in_flight += 1  # type: ignore[misc]
         upstream.requests += 1  # type: ignore[attr-defined]
         self.lb.routes[route.reason] += 1
-        conn = self._take_conn(upstream)  # type: ignore[arg-type]
+        # An upgrade goes on a connection of its own: whatever the answer, that connection is closed
+        # after it (a 101 makes it a tunnel), never pooled for someone else.
+        conn = self._take_conn(upstream) if self.req.upgrade is None else None  # type: ignore[union-attr, arg-type]
         if conn is not None:
             self._send(conn, reused=True)
         else:
@@ -352,6 +362,18 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.pause_reading()  # type: ignore[union-attr]
 
     # -------------------------------------------------------------- called by the upstream side
+
+    def hand_over(self) -> bytes:
+        """The exchange became a tunnel: let go of the connection; return the bytes read ahead of the switch.
+
+        The route goes with it, its upstream's in-flight count included: the tunnel releases it.
+        """
+        self.lb.clients.discard(self)
+        self._drop_own()
+        self.state = _CLOSED
+        self.upstream_conn = self.route = self.paused_upstream = None
+        data, self.pending = self.pending, b""
+        return data
 
     def response_done(self, keep_alive: bool) -> None:
         """The upstream's response was fully relayed; go on with the next request or close."""
@@ -527,8 +549,8 @@ class UpstreamConnection(asyncio.Protocol):
             rest = self.buffer[end + 4 :]
             self.buffer = b""
             if resp.status < 200:
-                if resp.status == 101:  # the proxy strips Upgrade, so a switch was never asked for
-                    self._fail(502, "the upstream switched protocols unasked")
+                if resp.status == 101:
+                    self._switch(client, resp, rest)
                     return
                 if not client.req.http10:  # HTTP/1.0 has no 1xx (RFC 9110 §15.2)
                     client.transport.write(resp.out + b"\r\n\r\n")  # type: ignore[union-attr]
@@ -577,8 +599,39 @@ class UpstreamConnection(asyncio.Protocol):
             lb.events.request_answered(client, resp.status, "upstream")
         self.state = _RESP_BODY
         self.client_keep = client_keep
-        self.keep_alive = resp.keep_alive and not self.until_close
+        self.keep_alive = resp.keep_alive and not self.until_close and req.upgrade is None
         return out + b"\r\n\r\n"
+
+    def _switch(self, client: ClientConnection, resp: ResponseHead, rest: bytes) -> None:
+        """A 101: relay it, then join this connection and the client's into a tunnel (RFC 9110 §15.2.2)."""
+        req, route = client.req, client.route
+        assert req is not None and route is not None
+        if req.upgrade is None:  # the proxy strips Upgrade from other requests: nobody asked for it
+            self._fail(502, "the upstream switched protocols unasked")
+            return
+        if resp.upgrade is None:
+            self._fail(502, "the upstream's 101 names no protocol in Upgrade")
+            return
+        if not switch_asked_for(resp.upgrade, req.upgrade):  # RFC 9110 §7.8: only to a protocol the client listed
+            self._fail(502, "the upstream switched to a protocol the client did not ask for")
+            return
+        head = resp.out
+        if route.set_cookie:  # a sticky pin must reach a WebSocket client too: its 101 is the only answer
+            head += b"\r\nSet-Cookie: " + route.set_cookie.encode()
+        head += b"\r\nUpgrade: " + resp.upgrade + b"\r\nConnection: Upgrade\r\n\r\n"
+        lb = self.lb
+        lb.statuses[101] = lb.statuses.get(101, 0) + 1
+        if lb.events.active:
+            lb.events.request_answered(client, 101, "upstream")
+        server_paused, client_paused = client.paused_upstream is self, client.paused_by_upstream
+        client_ended = client.half_closed
+        ahead = client.hand_over()
+        lb.upstream_conns.discard(self)
+        self.client, self.state = None, _TUNNELLED
+        tunnel = Tunnel(lb, route.upstream, client.transport, self.transport)  # type: ignore[arg-type]
+        tunnel.start(
+            head + rest, ahead, client_ended=client_ended, server_paused=server_paused, client_paused=client_paused
+        )
 
     def _relay_body(self, data: bytes, head: bytes = b"") -> None:
         """Relay body bytes (after `head`, when the head is still to be sent) and finish at the body's end."""

@@ -3,8 +3,16 @@
 Every target is measured on loopback, in front of the same upstreams:
 
     direct    the first upstream alone: what the upstream itself costs
-    lbsession `python -m lbsession lb` as a child process
-    haproxy   `haproxy -db` with `balance roundrobin`, `nbthread 1` (when installed)
+    lbsession `python -m lbsession lb` as a child process, with the strategy asked
+    haproxy   `haproxy -db`, `nbthread 1` (when installed), with that strategy's
+              HAProxy equivalent (CASES below): `balance roundrobin`, `cookie
+              LBSERVER insert`, `balance source`, ...
+
+Each strategy is a case, and sticky-cookie two: with the cookie inserted (every
+request comes without it, as from new users) and with it present (every request
+carries the pin its first response set, as from returning users). `--strategy
+all` measures every case, one balancer pair at a time, so only one pair shares
+the machine with the upstreams and the load generator.
 
 For each, a warm-up (connections opened, pools filled) and then a measured run
 give req/s and p50/p99 latency as the client saw them, and the CPU per request:
@@ -30,21 +38,33 @@ import dataclasses
 import importlib.util
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from lbsession.config import AppServerConfig, BalancerConfig, StrategyName, UpstreamConfig, to_environ
+from lbsession.config import (
+    AppServerConfig,
+    BalancerConfig,
+    LimitsConfig,
+    StickyConfig,
+    StrategyName,
+    UpstreamConfig,
+    to_environ,
+)
 from lbsession.errors import ConfigError, TopologyError
 from lbsession.lab.process import Child, child_environ, free_ports, read_ready_line, spawn, wait_http
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPU_RATIO_TARGET = 1.3  # the requirement: lbsession's CPU per request <= 1.3x HAProxy's
+P99_RATIO_TARGET = 1.5  # and its p99 latency <= 1.5x HAProxy's at the same concurrency
+STICKY_SECRET = "bench-sticky-secret-0123456789"  # a fixed key: a random one would log a warning
 READY_TIMEOUT_S = 10.0
 WARMUP_S = 1  # wrk's -d takes whole seconds
 BUILTIN_DEADLINE_S = 60.0  # the built-in generator stops here even if requests remain
@@ -59,10 +79,11 @@ class BenchParams:
     duration_s: int = 5  # of each measured wrk run
     connections: int = 50
     servers: int = 3
-    strategy: StrategyName = "round-robin"
+    strategy: StrategyName = "round-robin"  # or "all": every case of CASES
     tool: Literal["auto", "wrk", "builtin"] = "auto"
     haproxy: Literal["auto", "yes", "no"] = "auto"
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"  # the measured balancer's event loop
+    body_bytes: int | None = None  # each response's body size (nginx serves a file); None: nginx's "ok\n"
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,35 @@ class Figures:
             "cpu_us_per_request": round(self.cpu_us_per_request, 2),
             "upstream_cpu_us_per_request": round(self.upstream_cpu_us_per_request, 2),
         }
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One row of the comparison: an lbsession strategy, its HAProxy equivalent, and how clients come."""
+
+    name: str
+    strategy: StrategyName
+    haproxy: tuple[str, ...] | None  # the backend's directives; None: no HAProxy equivalent to measure
+    cookie: bool = False  # HAProxy's servers get `cookie <id>` values
+    pinned: bool = False  # every request carries the cookie its first response set (a returning user)
+
+
+_STICKY = ("balance roundrobin", "cookie LBSERVER insert indirect nocache httponly")
+CASES = (
+    BenchCase("round-robin", "round-robin", ("balance roundrobin",)),
+    BenchCase("least-conn", "least-conn", ("balance leastconn",)),
+    BenchCase("sticky-cookie insert", "sticky-cookie", _STICKY, cookie=True),
+    BenchCase("sticky-cookie present", "sticky-cookie", _STICKY, cookie=True, pinned=True),
+    BenchCase("ip-hash", "ip-hash", ("balance source", "hash-type map-based")),
+    BenchCase("consistent-hash", "consistent-hash", ("balance source", "hash-type consistent")),
+)
+
+
+def cases_for(strategy: str) -> tuple[BenchCase, ...]:
+    """The cases `--strategy` asks for: all of them, a strategy's own, or one with nothing to compare with."""
+    if strategy == "all":
+        return CASES
+    return tuple(c for c in CASES if c.strategy == strategy) or (BenchCase(strategy, strategy, None),)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -182,30 +232,46 @@ def percentile_ms(sorted_s: list[float], q: float) -> float:
     return sorted_s[int(rank) - 1] * 1000
 
 
-def nginx_config(ports: list[int], prefix: Path) -> str:
-    """A one-process nginx answering `200 ok` on each port; temp paths kept inside `prefix`."""
-    servers = "\n".join(
-        f'    server {{ listen {HOST}:{port}; location / {{ return 200 "ok\\n"; }} }}' for port in ports
-    )
+def nginx_config(ports: list[int], prefix: Path, *, body_file: Path | None = None, connections: int = 0) -> str:
+    """A one-process nginx answering `200 ok` (or `body_file`) on each port; temp paths kept inside `prefix`.
+
+    `connections`: the client connections it must hold at once (0: nginx's default of 512).
+    """
+    if body_file is None:
+        location = 'return 200 "ok\\n";'
+    else:
+        location = f"root {body_file.parent}; try_files /{body_file.name} =404;"
+    servers = "\n".join(f"    server {{ listen {HOST}:{port}; location / {{ {location} }} }}" for port in ports)
+    events = f"events {{ worker_connections {connections}; }}" if connections else "events {}"
     temp_paths = "\n".join(
         f"    {kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     return (
         f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
-        f"error_log {prefix}/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n"
+        f"error_log {prefix}/error.log;\n{events}\nhttp {{\n    access_log off;\n"
         f"{temp_paths}\n{servers}\n}}\n"
     )
 
 
-def haproxy_config(port: int, upstream_ports: list[int]) -> str:
-    """HAProxy in front of the upstreams as lbsession is: round-robin, keep-alive, one thread, no logs."""
-    servers = "\n".join(f"    server u{i} {HOST}:{p}" for i, p in enumerate(upstream_ports, 1))
+def haproxy_config(
+    port: int,
+    upstream_ports: list[int],
+    balance: tuple[str, ...] = ("balance roundrobin",),
+    *,
+    cookie: bool = False,
+    maxconn: int = 4096,
+) -> str:
+    """HAProxy in front of the upstreams as lbsession is: keep-alive, one thread, no logs, `balance` as given."""
+    servers = "\n".join(
+        f"    server u{i} {HOST}:{p}" + (f" cookie u{i}" if cookie else "") for i, p in enumerate(upstream_ports, 1)
+    )
+    directives = "".join(f"    {line}\n" for line in balance)
     return (
-        "global\n    nbthread 1\n    maxconn 4096\n\n"
+        f"global\n    nbthread 1\n    maxconn {maxconn}\n\n"
         "defaults\n    mode http\n    option http-keep-alive\n"
         "    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\n"
         f"frontend bench\n    bind {HOST}:{port}\n    default_backend upstreams\n\n"
-        f"backend upstreams\n    balance roundrobin\n{servers}\n"
+        f"backend upstreams\n{directives}{servers}\n"
     )
 
 
@@ -262,9 +328,12 @@ async def _keep_sending(port: int, request: bytes, tally: _Tally) -> None:
             conn[1].close()
 
 
-async def generate_load(port: int, path: str, connections: int, requests: int, deadline_s: float) -> LoadResult:
+async def generate_load(
+    port: int, path: str, connections: int, requests: int, deadline_s: float, cookie: str | None = None
+) -> LoadResult:
     """Send `requests` GETs over `connections` keep-alive sockets (or until the deadline); measure."""
-    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    extra = f"Cookie: {cookie}\r\n" if cookie else ""
+    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}\r\n".encode()
     tally = _Tally(remaining=requests)
     started = time.perf_counter()
     try:
@@ -284,9 +353,11 @@ async def generate_load(port: int, path: str, connections: int, requests: int, d
     )
 
 
-async def run_wrk(wrk: str, url: str, connections: int, duration_s: int) -> LoadResult:
-    """Run wrk once against `url` and parse its figures."""
+async def run_wrk(wrk: str, url: str, connections: int, duration_s: int, cookie: str | None = None) -> LoadResult:
+    """Run wrk once against `url` (every request carrying `cookie`, if given) and parse its figures."""
     argv = [wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", url]
+    if cookie:
+        argv[1:1] = ["-H", f"Cookie: {cookie}"]
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -305,14 +376,31 @@ async def run_wrk(wrk: str, url: str, connections: int, duration_s: int) -> Load
         raise TopologyError(str(exc)) from None
 
 
-async def apply_load(plan: LoadPlan, url: str, *, warmup: bool) -> LoadResult:
+async def apply_load(plan: LoadPlan, url: str, *, warmup: bool, cookie: str | None = None) -> LoadResult:
     """One run against `url`: a short warm-up, or the measured run that the plan bounds."""
     if plan.wrk is not None:
-        return await run_wrk(plan.wrk, url, plan.connections, WARMUP_S if warmup else plan.duration_s)
+        return await run_wrk(plan.wrk, url, plan.connections, WARMUP_S if warmup else plan.duration_s, cookie)
     parts = urlsplit(url)
     port, path = parts.port or 80, parts.path or "/"
     requests, deadline_s = (10**9, float(WARMUP_S)) if warmup else (plan.requests, BUILTIN_DEADLINE_S)
-    return await generate_load(port, path, plan.connections, requests, deadline_s)
+    return await generate_load(port, path, plan.connections, requests, deadline_s, cookie)
+
+
+async def first_cookie(url: str) -> str:
+    """The `name=value` of the first Set-Cookie that one GET of `url` gets: a balancer's pin."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+    try:
+        writer.write(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    finally:
+        writer.close()
+    for line in head.split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.lower() == "set-cookie":
+            return value.strip().split(";", 1)[0]
+    raise TopologyError(f"{url} set no cookie: a sticky balancer should have pinned the first request")
 
 
 # --------------------------------------------------------------------------- processes
@@ -349,12 +437,35 @@ class Upstreams:
     pids: tuple[int, ...]
 
 
-async def start_upstreams(children: Children, count: int) -> Upstreams:
-    """Start one nginx serving `count` ports when installed, else `count` lbsession servers."""
+def client_room(connections: int) -> int:
+    """The client connections a balancer must admit for `connections` clients: HAProxy's `maxconn`."""
+    return max(4096, connections + 64)  # room for health checks and the warm-up's leftovers
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (children inherit it); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+async def start_upstreams(children: Children, params: BenchParams) -> Upstreams:
+    """Start one nginx serving `params.servers` ports when installed, else as many lbsession servers."""
+    count = params.servers
     nginx = find_tool("nginx")
+    if nginx is None and params.body_bytes is not None:
+        raise ConfigError("--body-bytes needs nginx as the upstream: install it (apt-get install nginx)")
     if nginx is not None:
         ports, conf = free_ports(count), children.log_dir / "nginx.conf"
-        conf.write_text(nginx_config(ports, children.log_dir))
+        body_file = None
+        if params.body_bytes is not None:
+            body_file = children.log_dir / "www" / "body"
+            body_file.parent.mkdir()
+            body_file.write_bytes(b"x" * params.body_bytes)
+        # Each client of a balancer may hold an upstream connection of its own (`http-reuse safe`).
+        room = 2 * params.connections + 512
+        conf.write_text(nginx_config(ports, children.log_dir, body_file=body_file, connections=room))
         argv = [nginx, "-p", str(children.log_dir), "-c", str(conf), "-e", str(children.log_dir / "error.log")]
         child = children.start("nginx", argv)
         for port in ports:
@@ -375,42 +486,55 @@ async def start_upstreams(children: Children, count: int) -> Upstreams:
 async def start_target(
     children: Children, name: str, argv: list[str], port: int, path: str, settings: dict[str, str] | None = None
 ) -> Target:
-    """Start a balancer (`argv` listens on `port`); return once it proxies a 200."""
+    """Start a balancer (`argv` listens on `port`, logs to <name>.log); return once it proxies a 200."""
     child = children.start(name, argv, settings=settings)
     await wait_http(child, port, path, READY_TIMEOUT_S)
     return Target(name, f"http://{HOST}:{port}{path}", (child.popen.pid,))
 
 
-async def start_balancers(
-    children: Children, upstreams: Upstreams, params: BenchParams, loop: str, haproxy: str | None
-) -> list[Target]:
-    """Start `lbsession lb` and, unless `haproxy` is None, HAProxy in front of the same upstreams."""
+async def start_lbsession(
+    children: Children, upstreams: Upstreams, case: BenchCase, loop: str, connections: int
+) -> Target:
+    """Start `lbsession lb` with the case's strategy in front of the upstreams."""
     port, admin_port = free_ports(2)
     balancer = BalancerConfig(
         port=port,
         admin_port=admin_port,
-        strategy=params.strategy,
+        strategy=case.strategy,
         upstreams=tuple(UpstreamConfig(f"u{i}", f"http://{HOST}:{p}") for i, p in enumerate(upstreams.ports, 1)),
+        sticky=StickyConfig(secret=STICKY_SECRET),
+        limits=LimitsConfig(max_connections=max(LimitsConfig().max_connections, client_room(connections))),
     )
     argv = [sys.executable, "-m", "lbsession", "--loop", loop, "--log-level", "warning", "lb"]
     settings = to_environ(balancer, "balancer")
-    targets = [await start_target(children, "lbsession", argv, port, upstreams.path, settings)]
-    if haproxy is not None:
-        (port,) = free_ports(1)
-        conf = children.log_dir / "haproxy.cfg"
-        conf.write_text(haproxy_config(port, upstreams.ports))
-        targets.append(await start_target(children, "haproxy", [haproxy, "-f", str(conf), "-db"], port, upstreams.path))
-    return targets
+    return await start_target(children, f"lbsession-{case.strategy}", argv, port, upstreams.path, settings)
+
+
+async def start_haproxy(
+    children: Children, upstreams: Upstreams, case: BenchCase, haproxy: str, connections: int
+) -> Target:
+    """Start HAProxy with the case's equivalent of its strategy (`case.haproxy`) in front of the upstreams."""
+    assert case.haproxy is not None
+    (port,) = free_ports(1)
+    conf = children.log_dir / f"haproxy-{case.strategy}.cfg"
+    maxconn = client_room(connections)
+    conf.write_text(haproxy_config(port, upstreams.ports, case.haproxy, cookie=case.cookie, maxconn=maxconn))
+    argv = [haproxy, "-f", str(conf), "-db"]
+    return await start_target(children, f"haproxy-{case.strategy}", argv, port, upstreams.path)
 
 
 # --------------------------------------------------------------------------- measuring and reporting
 
 
-async def measure(plan: LoadPlan, target: Target, upstream_pids: tuple[int, ...]) -> Figures:
-    """Warm a target up, then load it once while counting its CPU and the upstreams'."""
-    await apply_load(plan, target.url, warmup=True)
+async def measure(plan: LoadPlan, target: Target, upstream_pids: tuple[int, ...], *, pinned: bool = False) -> Figures:
+    """Warm a target up, then load it once while counting its CPU and the upstreams'.
+
+    `pinned`: every request carries the cookie the target set on a first request.
+    """
+    cookie = await first_cookie(target.url) if pinned else None
+    await apply_load(plan, target.url, warmup=True, cookie=cookie)
     cpu_before, upstream_before = cpu_seconds(target.pids), cpu_seconds(upstream_pids)
-    load = await apply_load(plan, target.url, warmup=False)
+    load = await apply_load(plan, target.url, warmup=False, cookie=cookie)
     cpu_after, upstream_after = cpu_seconds(target.pids), cpu_seconds(upstream_pids)
     if load.requests == 0:
         raise TopologyError(f"{target.name} served no request at {target.url}")
@@ -435,6 +559,13 @@ def plan_for(params: BenchParams) -> tuple[LoadPlan, str | None]:
     for name, flag in _PARAM_FLAGS.items():
         if getattr(params, name) <= 0:
             raise ConfigError(f"{flag}: {getattr(params, name)} must be greater than 0")
+    if params.body_bytes is not None and params.body_bytes < 0:
+        raise ConfigError(f"--body-bytes: {params.body_bytes} must be 0 or more")
+    if params.connections > (limit := resource.getrlimit(resource.RLIMIT_NOFILE)[1]) // 2 - 64:
+        raise ConfigError(
+            f"--connections: {params.connections} needs about {2 * params.connections + 64} open files in the "
+            f"balancer (a client and an upstream connection each), over this machine's hard limit of {limit}"
+        )
     wrk = find_tool("wrk") if params.tool != "builtin" else None
     if params.tool == "wrk" and wrk is None:
         raise ConfigError("--tool wrk: wrk is not installed; install it (apt-get install wrk) or use --tool builtin")
@@ -446,60 +577,155 @@ def plan_for(params: BenchParams) -> tuple[LoadPlan, str | None]:
 
 
 @dataclass(frozen=True)
+class CaseReport:
+    """One case: lbsession's figures beside its HAProxy equivalent's, and the ratios against the targets."""
+
+    case: str
+    haproxy_config: str  # the HAProxy directives compared with, or why HAProxy was not measured
+    lbsession: Figures
+    haproxy: Figures | None = None
+    cpu_ratio: float | None = None  # lbsession / HAProxy CPU per request; None: HAProxy not run
+    p99_ratio: float | None = None
+    rps_ratio: float | None = None
+    cpu_target_met: bool | None = None  # None: HAProxy not run, nothing to compare with
+    p99_target_met: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The case as the JSON report holds it."""
+        out: dict[str, Any] = {"case": self.case, "haproxy_config": self.haproxy_config}
+        if self.haproxy is not None:
+            out.update(
+                cpu_ratio=self.cpu_ratio,
+                p99_ratio=self.p99_ratio,
+                rps_ratio=self.rps_ratio,
+                cpu_target_met=self.cpu_target_met,
+                p99_target_met=self.p99_target_met,
+            )
+        return out
+
+
+def _ratio(ours: float, theirs: float) -> float | None:
+    return round(ours / theirs, 2) if theirs else None
+
+
+def compare(case: str, lbsession: Figures, haproxy: Figures | None, haproxy_config: str = "") -> CaseReport:
+    """A case's figures, plus the lbsession/HAProxy ratios and the verdicts against the targets."""
+    report = CaseReport(case, haproxy_config, lbsession, haproxy)
+    if haproxy is None:
+        return report
+    cpu = _ratio(lbsession.cpu_us_per_request, haproxy.cpu_us_per_request)
+    p99 = _ratio(lbsession.load.p99_ms, haproxy.load.p99_ms)
+    return dataclasses.replace(
+        report,
+        cpu_ratio=cpu,
+        p99_ratio=p99,
+        rps_ratio=_ratio(lbsession.load.rps, haproxy.load.rps),
+        cpu_target_met=None if cpu is None else cpu <= CPU_RATIO_TARGET,  # None: too few requests to tell
+        p99_target_met=None if p99 is None else p99 <= P99_RATIO_TARGET,
+    )
+
+
+@dataclass(frozen=True)
 class BenchReport:
-    """What one bench run measured: the setup, a row per target, and lbsession's figures beside HAProxy's."""
+    """What one bench run measured: the setup, the direct upstream, and a comparison per case."""
 
     upstream: str  # "nginx" or "server"
     servers: int
     tool: str  # the load generator and its bounds
     loop: str
-    strategy: str
-    figures: tuple[Figures, ...]
-    cpu_ratio: float | None = None  # lbsession / HAProxy CPU per request; None: HAProxy not run
-    rps_ratio: float | None = None
-    cpu_target_met: bool | None = None  # None: HAProxy not run, nothing to compare with
+    strategy: str  # a strategy's name, or "all"
+    direct: Figures
+    cases: tuple[CaseReport, ...]
+
+    @property
+    def figures(self) -> tuple[Figures, ...]:
+        """Every row measured, in order: the direct upstream, then each case's lbsession and HAProxy."""
+        rows = [self.direct]
+        for case in self.cases:
+            rows += [case.lbsession] + ([case.haproxy] if case.haproxy is not None else [])
+        return tuple(rows)
 
     def as_dict(self) -> dict[str, Any]:
         """The report as its JSON file holds it."""
-        out: dict[str, Any] = {
+        return {
             "upstream": self.upstream,
             "servers": self.servers,
             "tool": self.tool,
             "loop": self.loop,
             "strategy": self.strategy,
             "targets": [f.as_dict() for f in self.figures],
+            "cases": [c.as_dict() for c in self.cases],
             "cpu_ratio_target": CPU_RATIO_TARGET,
+            "p99_ratio_target": P99_RATIO_TARGET,
         }
-        if self.cpu_target_met is not None:
-            out.update(cpu_ratio=self.cpu_ratio, rps_ratio=self.rps_ratio, cpu_target_met=self.cpu_target_met)
-        return out
 
 
-def build_report(figures: list[Figures], setup: dict[str, Any]) -> BenchReport:
-    """The figures, plus the lbsession/HAProxy ratios and the verdict against the CPU target."""
-    defaults: dict[str, Any] = {"upstream": "", "servers": 0, "tool": "", "loop": "", "strategy": ""}
-    report = BenchReport(**{**defaults, **setup}, figures=tuple(figures))
-    rows = {f.target: f for f in figures}
-    if "lbsession" not in rows or "haproxy" not in rows:
-        return report
-    lb, ha = rows["lbsession"], rows["haproxy"]
-    cpu_ratio = round(lb.cpu_us_per_request / ha.cpu_us_per_request, 2) if ha.cpu_us_per_request else None
-    rps_ratio = round(lb.load.rps / ha.load.rps, 2) if ha.load.rps else None
-    met = cpu_ratio is not None and cpu_ratio <= CPU_RATIO_TARGET
-    return dataclasses.replace(report, cpu_ratio=cpu_ratio, rps_ratio=rps_ratio, cpu_target_met=met)
+async def measure_balancer(
+    children: Children, start: Awaitable[Target], plan: LoadPlan, upstreams: Upstreams, cases: tuple[BenchCase, ...]
+) -> list[Figures]:
+    """Start one balancer, measure each case on it, stop it: the machine holds one balancer at a time."""
+    started = len(children.processes)
+    try:
+        target = await start
+        balancer = target.name.partition("-")[0]
+        rows = []
+        for case in cases:
+            figures = await measure(plan, target, upstreams.pids, pinned=case.pinned)
+            rows.append(dataclasses.replace(figures, target=f"{balancer} {case.name}"))  # "haproxy ip-hash"
+        return rows
+    finally:
+        mine, children.processes[started:] = children.processes[started:], []
+        await asyncio.gather(*(child.stop() for child in mine))
+
+
+async def measure_strategy(
+    children: Children, plan: LoadPlan, upstreams: Upstreams, params: BenchParams, strategy: str, loop: str,
+    haproxy: str | None,
+) -> list[CaseReport]:  # fmt: skip
+    """Each case of `strategy` on lbsession, then on its HAProxy equivalent; one report per case."""
+    cases = cases_for(strategy)
+    first, connections = cases[0], params.connections
+    ours = await measure_balancer(
+        children, start_lbsession(children, upstreams, first, loop, connections), plan, upstreams, cases
+    )
+    theirs: list[Figures | None] = [None] * len(cases)
+    if haproxy is not None and first.haproxy is not None:
+        start = start_haproxy(children, upstreams, first, haproxy, connections)
+        theirs = [*await measure_balancer(children, start, plan, upstreams, cases)]
+    reports = []
+    for case, lbsession_row, haproxy_row in zip(cases, ours, theirs, strict=True):
+        if haproxy is None:
+            compared = "HAProxy not run"
+        else:
+            compared = "; ".join(case.haproxy) if case.haproxy else "no HAProxy equivalent"
+        reports.append(compare(case.name, lbsession_row, haproxy_row, compared))
+    return reports
 
 
 async def measure_all(children: Children, plan: LoadPlan, params: BenchParams, haproxy: str | None) -> BenchReport:
-    """Start every process, measure each target in turn, and return the report."""
+    """Start the upstreams, measure them direct, then each strategy's pair in turn; return the report."""
     loop = params.loop if params.loop != "auto" else ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
-    upstreams = await start_upstreams(children, params.servers)
+    raise_fd_limit()
+    upstreams = await start_upstreams(children, params)
     direct = Target(
         f"direct {upstreams.kind}", f"http://{HOST}:{upstreams.ports[0]}{upstreams.path}", upstreams.pids[:1]
     )
-    targets = [direct, *await start_balancers(children, upstreams, params, loop, haproxy)]
-    figures = [await measure(plan, target, upstreams.pids) for target in targets]
-    setup = {"upstream": upstreams.kind, "servers": params.servers, "tool": plan.describe(), "loop": loop}
-    return build_report(figures, {**setup, "strategy": params.strategy})
+    direct_figures = await measure(plan, direct, upstreams.pids)
+    strategies = list(dict.fromkeys(case.strategy for case in cases_for(params.strategy)))
+    cases = [
+        report
+        for strategy in strategies
+        for report in await measure_strategy(children, plan, upstreams, params, strategy, loop, haproxy)
+    ]
+    return BenchReport(
+        upstream=upstreams.kind,
+        servers=params.servers,
+        tool=plan.describe(),
+        loop=loop,
+        strategy=params.strategy,
+        direct=direct_figures,
+        cases=tuple(cases),
+    )
 
 
 async def run_bench(params: BenchParams) -> BenchReport:

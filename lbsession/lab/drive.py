@@ -164,6 +164,7 @@ def _outcome(user: VirtualUser) -> UserOutcome:
         cookie_matches=user.cookie_matches,
         cart_acked=user.cart_acked,
         cart_seen=user.cart_seen,
+        ws_reconnects=user.ws_reconnects,
     )
 
 

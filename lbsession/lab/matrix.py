@@ -9,7 +9,10 @@ survives a change of server when the store is `shared` (or replicated); otherwis
 only a strategy that `pins` a user to one server avoids the re-login.
 
 The second part is every other scenario file with a claim (C4..C12, then B1..),
-each with its own topology, population, faults and expectations.
+each with its own topology, population, faults and expectations. A scenario that
+lists `backends` (B6) is run once on each, and its victims' re-logins are judged by
+the theory again: the users of a killed server keep their sessions exactly when
+the store is shared.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def theory(strategy: str, backend: str) -> tuple[Expectation, ...]:
     if store_class(backend).shared or strategy_class(strategy).pins:
         return (Expectation("relogins", "==", 0),)
     return (Expectation("relogins", ">", 0),)
+
+
+def fault_theory(backend: str) -> Expectation:
+    """What the seed predicts for the users of a killed server: all log in again, or none (a shared store)."""
+    return Expectation("victim_relogin_share", "==", 0 if store_class(backend).shared else 1)
 
 
 @functools.cache
@@ -88,6 +96,7 @@ def matrix_plan(scenarios: Sequence[Scenario], only: Sequence[str] = ()) -> list
         raise ConfigError("the scenario directory has no standard.yaml, the grid's population")
     grid = [_cell(standard, scenarios, strategy, backend) for backend in STORES for strategy in STRATEGIES]
     claims = sorted((s for s in scenarios if s.claim and s.claim not in CELL_CLAIMS), key=_claim_order)
+    claims = [run for s in claims for run in _across_backends(s)]
     plan = grid + claims
     if only:
         plan = [s for s in plan if any(_selects(word, s) for word in only)]
@@ -111,6 +120,21 @@ def _cell(standard: Scenario, scenarios: Sequence[Scenario], strategy: str, back
     return dataclasses.replace(
         standard, name=f"grid-{strategy}-{backend}", title=title, topology=topology, expect=expect
     )
+
+
+def _across_backends(scenario: Scenario) -> list[Scenario]:
+    """The scenario as written, or once per backend it lists, with the theory's expectation for each."""
+    if not scenario.backends:
+        return [scenario]
+    runs = []
+    for backend in scenario.backends:
+        theory = fault_theory(backend)
+        expect = (*(e for e in scenario.expect if e.metric != theory.metric), theory)
+        app = dataclasses.replace(scenario.topology.app, backend=backend)
+        topology = dataclasses.replace(scenario.topology, app=app)
+        name = f"{scenario.name}-{backend}"
+        runs.append(dataclasses.replace(scenario, name=name, topology=topology, expect=expect))
+    return runs
 
 
 def _claim_order(scenario: Scenario) -> tuple[bool, int]:

@@ -46,6 +46,8 @@ METRICS: dict[str, str] = {
     "cookie_names_server": "share of answers whose sticky cookie named the server that answered",
     "cart_writes": "cart writes the servers acknowledged (in sessions still alive at the end)",
     "lost_updates": "acknowledged cart writes missing from the cart at the end (concurrent writes)",
+    "ws_messages": "WebSocket messages answered (steps.websocket)",
+    "ws_reconnects": "WebSockets opened again after one was lost (its server died)",
 }
 
 
@@ -60,6 +62,7 @@ class UserOutcome:
     cookie_matches: int = 0
     cart_acked: int = 0
     cart_seen: int | None = None
+    ws_reconnects: int = 0
 
 
 @dataclass
@@ -119,6 +122,8 @@ def compute_metrics(data: RunData) -> dict[str, float | int | None]:
         **fault_effects(records, data),
         **cookie_effects(data),
         **cart_effects(data.users),
+        "ws_messages": sum(1 for r in records if r.action == "ws" and r.status == 200),
+        "ws_reconnects": sum(u.ws_reconnects for u in data.users),
     }
     metrics["relogin_user_share"] = _share(metrics["relogin_users"], len(data.users))
     metrics["reconfigured_servers"] = reconfigured(data.topology_before, data.topology_after)

@@ -33,7 +33,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from lbsession.config import STRATEGY_NAMES, Config, StrategyName, build_dataclass
+from lbsession.config import BACKEND_NAMES, STRATEGY_NAMES, BackendName, Config, StrategyName, build_dataclass
 from lbsession.errors import ConfigError
 from lbsession.lab.measures import METRICS
 from lbsession.settings import choice
@@ -112,11 +112,16 @@ class Steps:
     cart_parallel: bool = False  # send a visit's cart writes at once, as two browser tabs would
     think_ms: float = 50.0  # pause after each request (seeded jitter of +-20%)
     logout: bool = False  # POST /logout when the run ends
+    # Reads are messages on a WebSocket (GET /ws) held open across visits, not GET /me; a lost
+    # socket is opened again at the next read, as a web app reconnects (B6).
+    websocket: bool = False
 
     def problems(self) -> list[str]:
         out = [f"{k}: {v} must be between 0 and 100" for k, v in self._counts().items() if not 0 <= v <= 100]
         if self.reads + self.cart_writes == 0:
             out.append("reads: a visit needs at least one read or cart write")
+        if self.websocket and (self.cart_writes or self.reads == 0):
+            out.append("websocket: a WebSocket visit is reads only (messages); set cart_writes: 0 and reads above 0")
         return out + ([] if self.think_ms >= 0 else [f"think_ms: {self.think_ms} must not be negative"])
 
     def _counts(self) -> dict[str, int]:
@@ -194,6 +199,9 @@ class Scenario:
     steps: Steps = field(default_factory=Steps)
     faults: tuple[Fault, ...] = ()
     expect: tuple[Expectation, ...] = ()  # parsed from the file's `expect` mapping, not by the loader
+    # The matrix runs the scenario once on each of these backends, its re-login expectation for the
+    # victims of its fault taken from the theory (lbsession.lab.matrix.fault_theory); none: as written.
+    backends: tuple[BackendName, ...] = ()
     source: str = ""  # the file it was read from (set by the loader)
 
     def problems(self) -> list[str]:
@@ -202,6 +210,11 @@ class Scenario:
             out.append(f"claim: {self.claim!r} is not a claim id; use {claim_families()}")
         if not 0 <= self.settle_s <= 60:
             out.append(f"settle_s: {self.settle_s} must be between 0 and 60")
+        for backend in self.backends:
+            if backend not in BACKEND_NAMES:
+                out.append(f"backends: {backend!r} is not valid; choose one of: {', '.join(BACKEND_NAMES)}")
+        if self.backends and not (self.faults and self.faults[0].action == "kill-server"):
+            out.append("backends: the theory judges the victims of a server killed: make the first fault a kill-server")
         if self.population.ramp_s >= self.duration_s:
             out.append(f"population.ramp_s: {self.population.ramp_s:g} must be shorter than duration_s")
         return out

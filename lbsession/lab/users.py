@@ -6,6 +6,12 @@ after a successful login is a re-login, the very bug of the lab: the user logs
 in again, as a person would, and carries on. Every response is recorded with
 the server that answered (X-Served-By), its status and its latency.
 
+With `steps.websocket`, a read is a message on a WebSocket (`GET /ws`) the user
+keeps open: its answer names the server (a 200 in the records), a close with
+4401 is the re-login's 401, and a socket lost with its server is opened again
+at the next read (counted as a reconnect), through the balancer, which pins it
+by the same sticky cookie as every other request.
+
 The same seed gives the same population (addresses, heavy users, users behind
 the NAT, users who tamper with their cookie) and the same order of arrival and
 of requests; only the timings of a real network are left to chance.
@@ -14,6 +20,7 @@ of requests; only the timings of a real network are left to chance.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
 
 NAT_ADDRESS = "127.0.100.1"  # where users behind the NAT come from; apart from the distinct addresses
 REQUEST_TIMEOUT_S = 15.0  # above the Redis store's 5 s retry: a failover is a stall, not a client timeout
+WS_LOGIN_REQUIRED = 4401  # the app server's close code for an unknown session (lbsession.appserver.app)
 JITTER = 0.2  # think times vary by +-20%, so users do not march in lockstep
 
 
@@ -92,7 +100,7 @@ class Record:
     """One request as the user saw it."""
 
     user: int
-    action: str  # login | me | cart | cart-read | logout
+    action: str  # login | me | cart | cart-read | logout | ws-open | ws (a message on the WebSocket)
     started_s: float  # on the run's clock
     latency_s: float
     status: int  # 0: no response (connection refused, reset, timeout)
@@ -141,6 +149,9 @@ class VirtualUser:
         self.sample_cookie: str | None = None
         self.cart_acked = 0  # cart writes acknowledged since the last login
         self.cart_seen: int | None = None  # items in the cart at the end, when it could be read
+        self.ws_reconnects = 0  # WebSockets opened again after one was lost
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws_lost = False
         self._rng = random.Random(plan.seed)
         self._http: aiohttp.ClientSession | None = None
 
@@ -156,6 +167,8 @@ class VirtualUser:
         )
         try:
             await self._browse(deadline)
+            if self._ws is not None:
+                await self._ws.close()
             if self.steps.cart_writes and self.logged_in:
                 await self._read_cart()
             if self.steps.logout and self.logged_in:
@@ -194,7 +207,9 @@ class VirtualUser:
             self.cart_acked = 0  # a new session: its cart starts empty
 
     async def _act(self, action: str) -> None:
-        if action == "me":
+        if action == "me" and self.steps.websocket:
+            record = await self._ws_read()
+        elif action == "me":
             record, _ = await self._send("me", "GET", "/me")
         else:
             record, _ = await self._send("cart", "POST", "/cart", json={"item": f"{self.plan.name}-{self.cart_acked}"})
@@ -222,10 +237,53 @@ class VirtualUser:
                     await response.read()
         except (aiohttp.ClientError, TimeoutError, ValueError):
             status = 0  # no answer: the request counts as failed, and the user carries on
+        return self._record(action, started, status, server), body
+
+    async def _ws_read(self) -> Record:
+        """One message on the user's WebSocket, opened first if need be; its answer, a 4401, or a lost socket."""
+        if self._ws is None:
+            opened = await self._ws_open()
+            if self._ws is None:
+                return opened
+        started = self.clock()
+        status, server = 0, None
+        with contextlib.suppress(aiohttp.ClientError, ConnectionError):
+            await self._ws.send_str(self.plan.name)  # on a dead socket, the receive below says how it ended
+        try:
+            message: aiohttp.WSMessage | None = await self._ws.receive(timeout=REQUEST_TIMEOUT_S)
+        except (aiohttp.ClientError, ConnectionError, TimeoutError):
+            message = None
+        if message is not None and message.type == aiohttp.WSMsgType.TEXT:
+            status, server = 200, message.json().get("server")
+        elif message is not None and message.type == aiohttp.WSMsgType.CLOSE and message.data == WS_LOGIN_REQUIRED:
+            status = 401
+        if status != 200:  # closed by the server, or lost with it: a new socket at the next read
+            await self._ws.close()
+            self._ws, self._ws_lost = None, status != 401
+        return self._record("ws", started, status, server)
+
+    async def _ws_open(self) -> Record:
+        """Open the WebSocket through the balancer; recorded as `ws-open`, 101 when it was."""
+        assert self._http is not None
+        started = self.clock()
+        status, server = 0, None
+        try:
+            ws = await self._http.ws_connect(self.lb_url + "/ws", timeout=aiohttp.ClientWSTimeout(ws_close=1.0))
+        except aiohttp.WSServerHandshakeError as exc:
+            status = exc.status
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        else:
+            self._ws, status, server = ws, 101, ws._response.headers.get("X-Served-By")
+            self.ws_reconnects += self._ws_lost
+            self._ws_lost = False
+        return self._record("ws-open", started, status, server)
+
+    def _record(self, action: str, started: float, status: int, server: str | None) -> Record:
         record = Record(self.plan.index, action, started, self.clock() - started, status, server)
         self.records.append(record)
         self._check_cookie(server)
-        return record, body
+        return record
 
     def _cookie(self) -> str | None:
         assert self._http is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import aiohttp
 import pytest
 from playwright.async_api import Page, expect
 
@@ -147,3 +148,18 @@ async def test_a_scenario_run_from_the_page_counts_its_re_logins_up_to_a_verdict
     await expect(page.locator("#scenario-run")).to_be_enabled()
     assert await number(page, "#count-relogin") > 0  # its requests travelled through the diagram too
     await screenshot(page, "dashboard-scenario")
+
+
+async def test_an_open_websocket_is_counted_on_the_page_until_it_closes(start_lab, page: Page) -> None:
+    lab: Topology = await start_lab("sticky-cookie")
+    await open_dashboard(page, lab)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.post(f"{lab.lb.url}/login", json={"username": "wendy"}) as response:
+            assert response.status == 200
+        async with http.ws_connect(f"{lab.lb.url}/ws") as ws:
+            await ws.send_str("hi")
+            assert (await ws.receive_json(timeout=WAIT_MS / 1000))["user"] == "wendy"
+            await expect(page.locator("#count-tunnels")).to_have_text("1", timeout=WAIT_MS)  # polled from /status
+            await expect(page.locator('.lb [data-field="tunnels"]')).to_have_text("websockets: 1 open")
+            await screenshot(page, "dashboard-websocket")
+    await expect(page.locator("#count-tunnels")).to_have_text("0", timeout=WAIT_MS)

@@ -317,6 +317,39 @@ EXTRA_CASES = [
         body=b"ok",
     ),
     bad_response("101-unasked", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"),
+    # Upgrade (RFC 9110 §7.8): tunnelled only when Connection names it, on HTTP/1.1, without a body
+    # (tests/integration/test_tunnels.py follows a real switch); otherwise a hop-by-hop header like any other.
+    bad_request("upgrade-with-body", post(b"Connection: Upgrade\r\nUpgrade: ws\r\nContent-Length: 2\r\n", b"hi")),
+    Case(
+        "upgrade-not-in-connection",
+        get("/case", extra="Upgrade: websocket\r\n"),
+        SANITISE,
+        body=b"ok",
+        upstream_lacks=(b"upgrade",),
+    ),
+    Case(
+        "upgrade-on-http10",
+        b"GET /case HTTP/1.0\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        SANITISE,
+        body=b"ok",
+        upstream_lacks=(b"upgrade",),
+        closes=True,
+    ),
+    # Fields a response's Connection header names are hop-by-hop (RFC 9110 §7.6.1): never relayed.
+    Case(
+        "response-connection-names-a-field",
+        get("/case"),
+        SANITISE,
+        response=b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nX-End: 2\r\n"
+        b"Content-Length: 2\r\n\r\nok",
+        body=b"ok",
+        client_has=(b"X-End: 2",),
+        client_lacks=(b"x-hop", b"connection"),
+    ),
+    bad_response(
+        "response-connection-names-the-framing",
+        b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok",
+    ),
     # Bodiless responses with a stray body: the client gets the head alone, the stray bytes nobody.
     Case("204-stray-body", get("/case"), SANITISE, response=b"HTTP/1.1 204 No Content\r\n\r\nstray", status=204),
     Case(

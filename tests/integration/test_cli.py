@@ -71,6 +71,12 @@ async def test_run_writes_the_ready_file_serves_the_lab_and_stops_on_sigterm(tmp
             for _ in range(4):
                 async with http.get(info["lb"] + "/me") as r:
                     assert (r.status, r.headers["X-Served-By"]) == (200, home)
+            for _ in range(3):  # a WebSocket stays on the same server too, and knows who we are
+                async with http.ws_connect(info["lb"] + "/ws") as ws:
+                    await ws.send_str("hi")
+                    assert await ws.receive_json(timeout=10) == {"user": "alice", "server": home, "echo": "hi"}
+                    async with http.get(info["admin"] + "/status") as r:
+                        assert (await r.json())["tunnels"]["by_server"][home] >= 1  # the last may still be closing
             async with http.get(info["admin"] + "/status") as r:
                 assert (await r.json())["strategy"] == "sticky-cookie"
         process.send_signal(signal.SIGTERM)

@@ -53,6 +53,8 @@ async def listener_closed(url: str) -> None:
                 _, writer = await asyncio.open_connection(host, int(port))
             except ConnectionRefusedError:
                 return
+            except ConnectionResetError:  # accepted into the backlog as the listener closed: ask again
+                continue
             writer.close()
             await asyncio.sleep(0.01)
 

@@ -15,11 +15,14 @@ from aiohttp import web
 
 from lbsession.errors import ConfigError
 from lbsession.lab.bench import (
+    CASES,
     CPU_RATIO_TARGET,
+    P99_RATIO_TARGET,
     BenchParams,
     Figures,
     LoadResult,
-    build_report,
+    cases_for,
+    compare,
     cpu_us_per_request,
     generate_load,
     haproxy_config,
@@ -145,19 +148,59 @@ def test_haproxy_config_balances_round_robin_over_every_upstream_with_one_thread
     assert not any(ln.startswith("log") for ln in lines)
 
 
-def _figures(target: str, cpu_us: float, rps: float) -> Figures:
-    return Figures(target, LoadResult(1000, 0, 1.0, rps, 0.1, 0.2), cpu_us, 4.0)
+def _figures(target: str, cpu_us: float, rps: float, p99_ms: float = 0.2) -> Figures:
+    return Figures(target, LoadResult(1000, 0, 1.0, rps, 0.1, p99_ms), cpu_us, 4.0)
 
 
 def test_report_ratio_and_verdict() -> None:
-    report = build_report([_figures("lbsession", 12.0, 50_000), _figures("haproxy", 10.0, 100_000)], {}).as_dict()
+    report = compare("round-robin", _figures("lbsession", 12.0, 50_000), _figures("haproxy", 10.0, 100_000)).as_dict()
     assert (report["cpu_ratio"], report["rps_ratio"], report["cpu_target_met"]) == (1.2, 0.5, True)
-    report = build_report([_figures("lbsession", 28.0, 30_000), _figures("haproxy", 10.0, 100_000)], {}).as_dict()
+    report = compare("round-robin", _figures("lbsession", 28.0, 30_000), _figures("haproxy", 10.0, 100_000)).as_dict()
     assert report["cpu_ratio"] > CPU_RATIO_TARGET and report["cpu_target_met"] is False
 
 
+def test_report_judges_p99_against_its_own_target() -> None:
+    fast, slow = _figures("lbsession", 12.0, 50_000, p99_ms=0.29), _figures("lbsession", 12.0, 50_000, p99_ms=0.31)
+    haproxy = _figures("haproxy", 10.0, 100_000, p99_ms=0.2)
+    assert compare("c", fast, haproxy).p99_target_met is True  # 1.45x
+    assert compare("c", slow, haproxy).p99_target_met is False  # 1.55x
+    assert P99_RATIO_TARGET == 1.5
+
+
 def test_report_without_haproxy_has_no_ratio() -> None:
-    assert "cpu_ratio" not in build_report([_figures("lbsession", 12.0, 50_000)], {}).as_dict()
+    assert "cpu_ratio" not in compare("round-robin", _figures("lbsession", 12.0, 50_000), None).as_dict()
+
+
+def test_every_strategy_has_a_case_and_sticky_cookie_two() -> None:
+    from lbsession.balancer.strategies import STRATEGY_NAMES
+
+    assert [c.name for c in cases_for("all")] == [c.name for c in CASES]
+    assert {c.strategy for c in CASES} == set(STRATEGY_NAMES)
+    assert [(c.name, c.pinned) for c in cases_for("sticky-cookie")] == [
+        ("sticky-cookie insert", False),
+        ("sticky-cookie present", True),
+    ]
+    assert cases_for("ip-hash")[0].haproxy == ("balance source", "hash-type map-based")
+    assert cases_for("no-such-strategy")[0].haproxy is None  # a plug-in without an equivalent: lbsession alone
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_each_haproxy_equivalent_is_a_config_haproxy_accepts(case, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    haproxy = shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin:/sbin") or shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    assert case.haproxy is not None
+    text = haproxy_config(9000, [8001, 8002], case.haproxy, cookie=case.cookie)
+    for line in case.haproxy:
+        assert f"    {line}\n" in text
+    assert ("server u2 127.0.0.1:8002 cookie u2" in text) is case.cookie
+    conf = tmp_path / "haproxy.cfg"
+    conf.write_text(text)
+    checked = subprocess.run([haproxy, "-c", "-f", str(conf)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def _bench_args(**changes: object) -> BenchParams:
@@ -213,3 +256,27 @@ async def test_builtin_generator_against_nothing_stops_with_errors() -> None:
     result = await generate_load(port, "/", connections=2, requests=10, deadline_s=30.0)
     assert (result.requests, result.errors, result.rps) == (0, 10, 0.0)
     assert not math.isnan(result.p99_ms)
+
+
+def test_nginx_serves_a_body_file_and_holds_the_connections_asked(tmp_path: Path) -> None:
+    body = tmp_path / "www" / "body"
+    text = nginx_config([8001], tmp_path, body_file=body, connections=2612)
+    assert f"location / {{ root {tmp_path}/www; try_files /body =404; }}" in text
+    assert "events { worker_connections 2612; }" in text and "return 200" not in text
+    assert text.count("{") == text.count("}")
+
+
+def test_haproxy_maxconn_follows_the_run() -> None:
+    assert "    maxconn 10064\n" in haproxy_config(9000, [8001], maxconn=10064)
+
+
+def test_plan_refuses_more_connections_than_the_file_limit_allows() -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here")
+    with pytest.raises(ConfigError, match=f"--connections: {hard} needs about .* hard limit of {hard}"):
+        plan_for(_bench_args(connections=hard))
+    with pytest.raises(ConfigError, match="--body-bytes: -1 must be 0 or more"):
+        plan_for(_bench_args(body_bytes=-1))

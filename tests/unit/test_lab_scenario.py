@@ -12,7 +12,7 @@ from lbsession.appserver.stores import STORES
 from lbsession.balancer.strategies import STRATEGIES
 from lbsession.errors import ConfigError
 from lbsession.lab.faults import fault_request
-from lbsession.lab.matrix import CELL_CLAIMS, load_directory, matrix_plan, theory
+from lbsession.lab.matrix import CELL_CLAIMS, fault_theory, load_directory, matrix_plan, theory
 from lbsession.lab.scenario import FAULT_ACTIONS, Expectation, Fault, find_scenario, load_scenario
 from lbsession.lab.users import NAT_ADDRESS, plan_population
 
@@ -35,7 +35,7 @@ def problems(path: Path) -> list[str]:
 def test_every_claim_of_the_seed_has_exactly_one_scenario_file_labelled_with_it():
     scenarios = load_directory(SCENARIOS)
     by_claim = {s.claim: s for s in scenarios if s.claim}
-    assert sorted(by_claim, key=lambda c: (c[0], int(c[1:]))) == [*[f"B{n}" for n in range(1, 6)], *CLAIMS]
+    assert sorted(by_claim, key=lambda c: (c[0], int(c[1:]))) == [*[f"B{n}" for n in range(1, 7)], *CLAIMS]
     assert len([s for s in scenarios if s.claim]) == len(by_claim)  # one file per claim
     for scenario in scenarios:
         if scenario.claim:
@@ -60,7 +60,7 @@ def test_the_matrix_plan_is_the_grid_then_every_other_claim():
     cells = {(s.topology.balancer.strategy, s.topology.app.backend) for s in grid}
     assert len(cells) == size
     assert [s.claim for s in grid if s.claim] == ["C1", "C2", "C3"]
-    assert [s.claim for s in claims] == [*CLAIMS[3:], "B1", "B2", "B3", "B4", "B5"]
+    assert [s.claim for s in claims] == [*CLAIMS[3:], "B1", "B2", "B3", "B4", "B5", "B6", "B6", "B6"]
     assert matrix_plan(load_directory(SCENARIOS), ["C6", "grid-least-conn"])[0].name == "grid-least-conn-local"
     with pytest.raises(ConfigError, match="selects no run"):
         matrix_plan(load_directory(SCENARIOS), ["C99"])
@@ -75,6 +75,20 @@ def test_the_grid_theory(strategy, backend, relogins_expected):
     (expectation,) = theory(strategy, backend)
     assert expectation.check(5) is relogins_expected
     assert expectation.check(0) is not relogins_expected
+
+
+def test_a_scenario_listing_backends_runs_once_on_each_judged_by_the_theory():
+    b6 = load_scenario(find_scenario("B6"))
+    runs = matrix_plan(load_directory(SCENARIOS), ["B6"])
+    assert [r.topology.app.backend for r in runs] == list(b6.backends) == ["local", "redis", "cluster"]
+    assert len({r.name for r in runs}) == 3
+    for run in runs:
+        judged = [e for e in run.expect if e.metric == "victim_relogin_share"]
+        assert judged == [fault_theory(run.topology.app.backend)]
+        assert {e.metric for e in run.expect} == {e.metric for e in b6.expect}  # the rest as the file says
+    # The file, run alone on its own backend, expects what the theory does.
+    assert fault_theory(b6.topology.app.backend) in b6.expect
+    assert fault_theory("local").value == 1 and fault_theory("redis").value == 0 == fault_theory("cluster").value
 
 
 def test_find_by_claim_id_does_not_confuse_c1_and_c10():
@@ -156,6 +170,9 @@ faults:
          "faults[0].peer: 'was-4' is not a server of this topology then"),
         ("population: {addresses: shared, nat_users: 2}", "population.nat_users: needs addresses: distinct"),
         ("steps: {reads: 0}", "steps.reads: a visit needs at least one read"),
+        ("steps: {websocket: true, cart_writes: 1}", "steps.websocket: a WebSocket visit is reads only"),
+        ("backends: [local, mongo]", "backends: 'mongo' is not valid; choose one of: local, redis, cluster"),
+        ("backends: [local, redis]", "backends: the theory judges the victims of a server killed"),
         ("expect: [relogins]", "expect: must map metrics to conditions"),
     ],
 )  # fmt: skip

@@ -49,6 +49,7 @@ function refresh() {
   fillStrategies(document.getElementById("strategy"), state.status.strategies || [state.status.strategy]);
   document.getElementById("strategy").value = state.status.strategy;
   document.getElementById("backend").textContent = "backend " + (backendName() || "?");
+  document.getElementById("count-tunnels").textContent = state.status.tunnels ? state.status.tunnels.open : 0;
   document.getElementById("kill-redis").hidden = !(state.topology && state.topology.redis);
   document.getElementById("add-server").hidden = !state.topology;
   document.getElementById("lab-hint").textContent = state.topology

@@ -183,7 +183,7 @@ function renderBalancer(geo) {
   const layer = document.getElementById("layer-lb");
   layer.replaceChildren();
   const group = svg("g", { class: "lb", transform: `translate(${COL.lb},${geo.lbY})` }, layer);
-  svg("rect", { class: "box", width: COL.lbW, height: 140, rx: 12 }, group);
+  svg("rect", { class: "box", width: COL.lbW, height: 158, rx: 12 }, group);
   text(group, 14, 26, "balancer", "title");
   text(group, 14, 48, state.status.strategy, "big");
   const total = [...state.rates.values()].reduce((a, b) => a + b, 0);
@@ -192,6 +192,9 @@ function renderBalancer(geo) {
   text(group, 14, 94, `new ${routes.new} · pinned ${routes.pinned}`, "small");
   text(group, 14, 112, `redispatched ${routes.redispatched} · retried ${routes.retried}`, "small");
   text(group, 14, 130, `forged cookies ${routes["forged-cookie"]}`, "small");
+  const tunnels = state.status.tunnels || { open: 0 };
+  const open = text(group, 14, 148, `websockets: ${tunnels.open} open`, "small");
+  open.dataset.field = "tunnels";
 }
 
 function serverState(server) {
