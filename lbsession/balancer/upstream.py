@@ -218,15 +218,11 @@ class UpstreamPool:
     def set_health(self, health: HealthConfig) -> None:
         """Use new health-check settings from the next check on (a config reload)."""
         self._health, self._passing = health, health.statuses()
-        if not health.active:  # passive only from now on: nothing else would bring a downed server back
-            for upstream in self.upstreams.values():
-                if not upstream.healthy:
-                    self._schedule_retry(upstream)
-
-    @property
-    def health(self) -> HealthConfig:
-        """The health-check settings in use."""
-        return self._health
+        for upstream in self.upstreams.values():
+            if health.active:  # the active checks decide again
+                self._cancel_retry_timer(upstream.server_id)
+            elif not upstream.healthy:  # passive only from now on: nothing else would bring it back
+                self._schedule_retry(upstream)
 
     def mark_down(self, upstream: Upstream, error: str) -> None:
         """Passive health: a failed connect takes the upstream out of rotation at once."""

@@ -305,3 +305,6 @@ async def test_health_settings_come_from_yaml_and_a_reload_applies_them(
     status = await lb.until("django up after the reload", lambda s: healthy(s)["django"])
     assert "GET /healthz (Host: app.example) expecting 200," in status["health"]["check"]
     assert app.checks[-1][2] == "app.example"
+    write({"active": False})  # YAML's `active: false`, applied by a reload too
+    lb.process.send_signal(signal.SIGHUP)
+    await lb.until("passive only", lambda s: s["health"]["checks"] == "passive only")
