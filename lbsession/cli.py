@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--print-config", action="store_true", help="print the config the lab writes for --balancer haproxy|nginx"
     )
+    # Not offered (a lab waits on its checks), but refused by name rather than as an ambiguous --health-*.
+    run.add_argument("--health", dest="refused_health", help=argparse.SUPPRESS)
 
     lb = sub.add_parser("lb", help="run the load balancer alone, in front of any HTTP/1.1 servers")
     _config_flags(lb, "lb", "a YAML topology file (see configs/)")
@@ -180,7 +182,7 @@ def _config_flags(parser: argparse.ArgumentParser, command: str, config_help: st
         if command not in flag.commands:
             continue
         kind: dict[str, Any] = {"metavar": flag.metavar or flag.name.rsplit("-", 1)[-1].upper()}
-        if declared.hint is bool:
+        if declared.hint is bool and not flag.switch:
             kind = {"action": "store_true", "default": None}  # None: unset, so the file and variables count
         elif flag.repeat:
             kind["action"] = "append"
@@ -218,10 +220,20 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     for declared in declared_settings():
         if args.command in declared.flag.commands:
             value = getattr(args, _dest(declared.path), None)
+            if declared.flag.switch:
+                value = _switch(declared.flag.name, value)
             overrides[f"{declared.path}|{declared.flag.name}"] = _split(value) if declared.flag.split else value
     if getattr(args, "upstream", None):
         overrides["balancer.upstreams|--upstream"] = [_parse_upstream(i, u) for i, u in enumerate(args.upstream, 1)]
     return load_config(getattr(args, "config", None), overrides, environ)
+
+
+def _switch(flag: str, text: str | None) -> bool | None:
+    if text is None:
+        return None
+    if text.lower() in ("on", "off"):
+        return text.lower() == "on"
+    raise UsageError(f"{flag}: {text!r} is not on or off; give {flag} on or {flag} off")
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -247,6 +259,11 @@ def _stop_signals() -> asyncio.Event:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     """`lbsession run`: the whole lab until Ctrl-C; its log folder is removed on exit unless --keep-logs."""
+    if args.refused_health is not None:
+        raise UsageError(
+            "--health: `lbsession run` keeps its active health checks (it waits on them to know its servers "
+            "are up); --health off is for `lbsession lb`"
+        )
     config = config_from_args(args)
     if args.print_config:
         from lbsession.lab.balancers import printed_config

@@ -47,6 +47,7 @@ class Flag:
     choices: Callable[[], Sequence[str]] | None = None  # read when the parser is built, for --help
     split: bool = False  # a list given as a,b,c in one flag
     repeat: bool = False  # a list given by repeating the flag
+    switch: bool = False  # a bool given as `--flag on|off` (default for a bool: a flag that sets it true)
 
 
 def setting(

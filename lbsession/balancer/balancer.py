@@ -260,6 +260,7 @@ class LoadBalancer:
             "url": self.url,
             "uptime_s": round(time.time() - self.started_at, 3),
             "servers": [u.as_dict() for u in self.pool.upstreams.values()],
+            "health": self.pool.status(),
             "connections": {"clients": len(self.clients), "upstream": len(self.upstream_conns)},
             "tunnels": self.tunnel_status(),
             "counters": {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -99,19 +100,84 @@ class HashConfig:
         return out
 
 
+# A request target's path and query as RFC 9112 §3.2.1 allows them (visible ASCII), a method as a
+# token (RFC 9110 §9.1), a Host value as uri-host[:port] (RFC 9110 §7.2) with a reg-name or an IP literal.
+_PATH = re.compile(r"/[\x21-\x7e]*")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]{1,5})?")
+_HEALTH = ("lb",)  # what an app server of `run` answers is known; `lb` fronts any app
+
+
 @dataclass(frozen=True)
 class HealthConfig:
-    """Active health checks, with HAProxy's `inter`, `rise` and `fall` meaning."""
+    """Active health checks like HAProxy's `option httpchk` + `http-check expect status`, `inter`, `rise`, `fall`."""
 
-    path: str = "/healthz"
-    interval_s: float = 1.0
-    timeout_s: float = 1.0
-    rise: int = 2
-    fall: int = 2
+    active: bool = setting(
+        True,
+        "--health",
+        "active health checks; off: passive only (a server that refuses a connection is left out "
+        "for --health-interval, then tried again)",
+        commands=_HEALTH,
+        metavar="on|off",
+        switch=True,
+    )
+    path: str = setting("/healthz", "--health-path", "the path (and query) each check asks for", commands=_HEALTH)
+    method: str = setting("GET", "--health-method", "the check's method, e.g. GET, HEAD or OPTIONS", commands=_HEALTH)
+    host: str | None = setting(
+        None,
+        "--health-host",
+        "the Host header the check sends, for an app that checks it (Django's ALLOWED_HOSTS)",
+        commands=_HEALTH,
+        default_text="the upstream's host:port",
+    )
+    expect: str = setting(
+        "200-399",  # HAProxy's httpchk default: 2xx and 3xx pass
+        "--health-expect",
+        "the statuses that pass: a range, a list or both, e.g. 200-399 or 200,204",
+        commands=_HEALTH,
+    )
+    interval_s: float = setting(1.0, "--health-interval", "seconds between two checks of a server", commands=LISTENERS)
+    timeout_s: float = setting(1.0, "--health-timeout", "seconds a check may take before it fails", commands=LISTENERS)
+    rise: int = setting(2, "--health-rise", "passed checks in a row that bring a server back up", commands=LISTENERS)
+    fall: int = setting(2, "--health-fall", "failed checks in a row that take a server down", commands=LISTENERS)
 
     def problems(self) -> list[str]:
         out = positive(interval_s=self.interval_s, timeout_s=self.timeout_s, rise=self.rise, fall=self.fall)
-        return out + ([] if self.path.startswith("/") else [f"path: {self.path!r} must start with /"])
+        if not _PATH.fullmatch(self.path):
+            out.append(f"path: {self.path!r} must start with / and hold no spaces, like /healthz")
+        if not _TOKEN.fullmatch(self.method):
+            out.append(f"method: {self.method!r} is not an HTTP method; give one like GET, HEAD or OPTIONS")
+        if self.host is not None and not _HOST.fullmatch(self.host):
+            out.append(f"host: {self.host!r} is not a host name with an optional port, like app.example or app:8000")
+        try:
+            self.statuses()
+        except ValueError as exc:
+            out.append(f"expect: {exc}")
+        return out
+
+    def statuses(self) -> frozenset[int]:
+        """The statuses that pass, from `expect`; ValueError naming the first bad item."""
+        passing: set[int] = set()
+        for item in self.expect.split(","):
+            low, dash, high = item.strip().partition("-")
+            bounds = [low.strip(), high.strip()] if dash else [low.strip()]
+            if not all(b.isdecimal() and 100 <= int(b) <= 599 for b in bounds):
+                raise ValueError(
+                    f"{item.strip()!r} is not an HTTP status (100-599) or a range of them; "
+                    "give a range or a list, like 200-399 or 200,204"
+                )
+            if int(bounds[0]) > int(bounds[-1]):
+                raise ValueError(f"the range {item.strip()!r} ends before it starts; give the low status first")
+            passing.update(range(int(bounds[0]), int(bounds[-1]) + 1))
+        return frozenset(passing)
+
+    def describe(self) -> str:
+        """The check in one line, for `/status` and the logs."""
+        host = f" (Host: {self.host})" if self.host else ""
+        return (
+            f"{self.method} {self.path}{host} expecting {self.expect}, every {self.interval_s:g} s, "
+            f"timeout {self.timeout_s:g} s, rise {self.rise}, fall {self.fall}"
+        )
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,11 @@ class BalancerCollector(Collector):
         yield CounterMetricFamily(
             "lbsession_lb_tunnel_timeouts", "Tunnels closed after tunnel_timeout_s of silence", value=lb.tunnel_timeouts
         )
+        yield GaugeMetricFamily(
+            "lbsession_lb_all_upstreams_down",
+            "1 while every upstream fails its health check (requests then go to all of them)",
+            value=1 if lb.pool.all_down_since is not None else 0,
+        )
         yield _info("lbsession_lb_strategy", "The routing strategy in use", "strategy", lb.strategy.name)
 
     def _upstreams(self) -> Iterable[Metric]:

@@ -35,8 +35,8 @@ import aiohttp
 from lbsession.appserver.lab_control import LAB_TOKEN_ENV, LAB_TOKEN_HEADER, REPLICATION_PATH
 from lbsession.balancer.balancer import LoadBalancer
 from lbsession.balancer.upstream import Upstream
-from lbsession.config import AppServerConfig, Config, RedisConfig, to_environ
-from lbsession.errors import TopologyError
+from lbsession.config import AppServerConfig, Config, RedisConfig, env_name, to_environ
+from lbsession.errors import ConfigError, TopologyError
 from lbsession.lab.balancers import front_class
 from lbsession.lab.balancers.base import BalancerFront
 from lbsession.lab.control import BalancerView, LabControl, LbsessionView
@@ -93,6 +93,12 @@ class Topology:
         server_args: list[str] | None = None,
         balancer: str = "lbsession",
     ) -> None:
+        if not config.balancer.health.active:
+            raise ConfigError(
+                f"balancer.health.active: false is for `lbsession lb` only: a lab waits on its servers' active "
+                f"health checks to know they are up; remove it from the config file (or unset "
+                f"{env_name('balancer.health.active')})"
+            )
         self.config = config
         self.balancer = balancer  # lbsession's own, in this process; or a real one (lbsession.lab.balancers)
         self.front: BalancerFront | None = None  # the real balancer, when one is in front

@@ -94,6 +94,8 @@ async def test_killing_a_server_turns_it_red_and_its_counters_stop(start_lab, pa
         while lab.lb.pool.upstreams["was-2"].healthy:
             await asyncio.sleep(0.05)
     before = {s: await requests_of(page, s) for s in ("was-1", "was-2", "was-3")}
+    # Its hover text says why it is down, as /status does (refused, or the check's connect failure).
+    await expect(box.locator("title")).to_have_text(re.compile(r"^was-2 down: \S"), timeout=WAIT_MS)
 
     await log_in_and_ask(page, 7)
     expected = before["was-1"] + before["was-3"] + 7

@@ -636,8 +636,10 @@ async def test_admin_status_shape(lab: ProxyLab) -> None:
     [server] = status["servers"]
     assert server.keys() == {
         "id", "url", "healthy", "draining", "drained", "in_flight", "requests", "idle_connections", "last_error",
-        "changed_at", "health",
+        "down_reason", "last_check", "changed_at", "health",
     }  # fmt: skip
+    assert server["last_check"]["ok"] is True and server["down_reason"] is None
+    assert status["health"]["checks"] == "active" and status["health"]["all_down"] is False
     assert (server["id"], server["healthy"], server["requests"], server["in_flight"]) == ("echo", True, 1, 0)
     counters = status["counters"]
     assert counters["requests"] == 1

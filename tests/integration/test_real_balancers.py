@@ -80,6 +80,22 @@ def test_haproxy_config_carries_health_socket_and_scale_out_slots() -> None:
         assert f"server was-{n} 127.0.0.1:1 check cookie was-{n} disabled" in text
 
 
+@needs("haproxy")
+async def test_haproxy_checks_with_the_labs_method_path_host_and_statuses(short_dir: Path) -> None:
+    from tests.integration.conftest import FAST_HEALTH
+
+    health = {**FAST_HEALTH, "method": "HEAD", "path": "/ready", "host": "app.example", "expect": "200-299,404"}
+    front = front_class("haproxy")(lab_config("round-robin", balancer={"health": health}), short_dir)
+    front.servers = {"was-1": 8001}
+    front.states = {"was-1": "ready"}
+    front.write_config()
+    await front.check_config()
+    lines = [line.strip() for line in front.config_path.read_text().splitlines()]
+    assert "option httpchk" in lines
+    assert "http-check send meth HEAD uri /ready ver HTTP/1.1 hdr Host app.example" in lines
+    assert "http-check expect status 200-299,404" in lines
+
+
 @needs("nginx")
 def test_nginx_config_has_passive_checks_and_says_it_has_no_sticky_cookie() -> None:
     text = printed_config("nginx", lab_config("sticky-cookie"))

@@ -41,6 +41,11 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "app.cluster.join": ("127.0.0.1:7001", "127.0.0.1:7001"),
     "app.cluster.peers": ("127.0.0.1:7001,127.0.0.1:7002", ("127.0.0.1:7001", "127.0.0.1:7002")),
     "app.redis.sentinels": ("127.0.0.1:26379", ("127.0.0.1:26379",)),
+    "balancer.health.active": ("off", False),  # a switch: --health on|off
+    "balancer.health.path": ("/up?full=1", "/up?full=1"),
+    "balancer.health.method": ("HEAD", "HEAD"),
+    "balancer.health.host": ("app.example:8000", "app.example:8000"),
+    "balancer.health.expect": ("200,204,300-399", "200,204,300-399"),
 }
 
 

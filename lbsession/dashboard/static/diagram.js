@@ -238,6 +238,7 @@ function renderServers(geo, backend) {
 function buildServer(layer, id) {
   // Built once, then updated in place: a box rebuilt every second would swallow clicks.
   const group = svg("g", { class: "server", "data-server": id }, layer);
+  group.tip = svg("title", {}, group); // the hover text: why it is down, or its last check
   const w = COL.serverW;
   svg("rect", { class: "box", width: w, height: 104, rx: 12 }, group);
   svg("circle", { class: "led", cx: 18, cy: 21, r: 6 }, group);
@@ -264,6 +265,8 @@ function updateServer(group, server, geo, backend, maxRate) {
   group.dataset.state = current;
   group.setAttribute("transform", `translate(${COL.server},${geo.serverY.get(server.id)})`);
   group.stateText.textContent = current;
+  const check = server.last_check ? `last check: ${server.last_check.result}` : "no check yet";
+  group.tip.textContent = server.down_reason ? `${server.id} down: ${server.down_reason}` : `${server.id}: ${check}`;
   const rate = current === "up" || current === "draining" ? state.rates.get(server.id) || 0 : 0;
   group.rateText.textContent = `${rate.toFixed(1)} req/s`;
   group.totalText.textContent = `${server.requests} req · ${server.in_flight} in flight`;

@@ -7,7 +7,8 @@
     consistent-hash  balance source + hash-type consistent
 
 Health is HAProxy's active check with the lab's settings (`option httpchk GET
-/healthz`, `inter`, `rise`, `fall`). The stats socket (`level admin`, a unix
+/healthz`, `http-check send ... hdr Host` when a Host is set, `http-check expect
+status 200-399`, `inter`, `rise`, `fall`). The stats socket (`level admin`, a unix
 socket in the run's log folder) is how the lab reads `show stat` and changes
 servers while HAProxy runs.
 
@@ -85,8 +86,15 @@ class HaproxyFront(BalancerFront):
             flags += f" maxlife {sticky.max_age_s}s" if sticky.max_age_s else ""
             backend += [f"cookie {sticky.cookie_name} insert indirect nocache httponly{flags}"]
             backend += ["option redispatch" if sticky.redispatch else "no option redispatch"]
+        if health.host is None:
+            backend += [f"option httpchk {health.method} {health.path}"]
+        else:  # a Host header needs HTTP/1.1, which `http-check send` writes
+            backend += [
+                "option httpchk",
+                f"http-check send meth {health.method} uri {health.path} ver HTTP/1.1 hdr Host {health.host}",
+            ]
         backend += [
-            f"option httpchk GET {health.path}",
+            f"http-check expect status {health.expect}",  # the same grammar as lbsession's: 200-399,404
             f"default-server inter {_ms(health.interval_s)} rise {health.rise} fall {health.fall}",
         ]
         cookie = balancer.strategy == "sticky-cookie"
