@@ -162,7 +162,11 @@ def test_the_balancer_answers_any_stream_safely(lab: Lab, stream_and_markers) ->
         assert status < 500, f"the balancer answered {status}: {body[:200]!r}"
         if status == 200:
             echoed.append(json.loads(body)["marker"])
-    assert echoed == markers[: len(echoed)], "a reply carried another request's marker, or came out of order"
+    # In order, each once; one may be missing: a too-short body swallows the start of the next request
+    # (`DELET` of `DELETE /abc`), which is then answered as whatever is left, not with its echo.
+    assert all(marker in markers for marker in echoed), "a reply carried another connection's marker"
+    at = [markers.index(marker) for marker in echoed]
+    assert at == sorted(set(at)), "a reply came out of order, or twice"
     clean_request(lab.lb.port)  # and it still serves a well-behaved client
 
 
