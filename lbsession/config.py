@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -101,6 +101,10 @@ class Config:
     """A whole topology: the balancer, the app servers' template, and how many to start."""
 
     servers: int = setting(3, "--servers", "how many app servers", commands=("run",))
+    links: Literal["on", "off"] = setting(
+        "on", "--links", "a faultable TCP relay in every path of the lab (GET /links on the admin port)",
+        commands=("run",),
+    )  # fmt: skip
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     app: AppServerConfig = field(default_factory=AppServerConfig)
     redis_server: RedisServerConfig = field(default_factory=RedisServerConfig)

@@ -7,6 +7,8 @@
     POST /redis/primary/kill            SIGKILL the current Redis primary
     POST /redis/{name}/restart          start a Redis node again
     GET/POST /scenarios, GET /scenarios/current   play a scenario against this lab (lbsession.lab.live)
+    GET /links, PUT/DELETE /links/{name}          the lab's links: their faults, bytes, connections; set, heal
+    POST /partitions, DELETE /partitions/{name}   cut a set of links both ways; heal (lbsession.lab.link_service)
 
 and, through the balancer's adapter (`BalancerView`), whatever that balancer
 offers itself: for lbsession's own, its admin API (`/status`, `/servers`,
@@ -127,6 +129,13 @@ class LabControl:
         app.router.add_post("/redis/{name}/restart", self._post_restart_redis)
         app.router.add_post("/servers/{id}/cluster/cut", self._post_cut)
         app.router.add_post("/servers/{id}/cluster/heal", self._post_cut)
+        app.router.add_get("/links", self._links_call)
+        app.router.add_get("/links/{name}", self._links_call)
+        app.router.add_put("/links/{name}", self._links_call)
+        app.router.add_delete("/links/{name}", self._links_call)
+        app.router.add_get("/partitions", self._links_call)
+        app.router.add_post("/partitions", self._links_call)
+        app.router.add_delete("/partitions/{name}", self._links_call)
 
     async def _get_topology(self, request: web.Request) -> web.Response:
         return web.json_response(self.topology.ready_info())
@@ -164,6 +173,20 @@ class LabControl:
             return web.json_response(await self.topology.cut_peer(request.match_info["id"], peer, cut=cut))
         except TopologyError as exc:
             return json_error(404 if "no managed" in str(exc) else 409, str(exc))
+
+    async def _links_call(self, request: web.Request) -> web.Response:
+        """Forward to the links process, which checks the request whole (a 400 changes nothing)."""
+        links = self.topology.links
+        if links is None:
+            return json_error(409, "this lab runs without links (--links off); start it with --links on")
+        body = await read_json(request) if request.method in ("PUT", "POST") else None
+        try:
+            status, answer = await links.call(request.method, request.path, body)
+        except TopologyError as exc:
+            return json_error(502, str(exc))
+        if status < 300 and request.method != "GET":
+            log.info("%s %s: %s", request.method, request.path, body or "healed")
+        return web.json_response(answer, status=status)
 
     async def _post_kill_redis(self, request: web.Request) -> web.Response:
         redis = self.topology.redis

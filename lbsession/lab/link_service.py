@@ -10,6 +10,7 @@ forwards the user's fault requests here.
     POST   /links                       {"name", "from", "to", "target": "host:port"[, "listen": "host:port"]}
     PUT    /links/{name}                set faults: {"latency_ms": 200, "jitter_ms": 20, "direction": "both"}
     DELETE /links/{name}                heal every fault of the link
+    POST   /links/{name}/probe          ask the target now; refuse as it does (the lab just killed it)
     GET    /partitions                  the partitions in force
     POST   /partitions                  {"name": "p1", "cut": [link names]}: cut them both ways, bytes held
     DELETE /partitions/{name}           heal it
@@ -137,6 +138,7 @@ class LinkRegistry:
         app.router.add_get("/links/{name}", self._get_link)
         app.router.add_put("/links/{name}", self._put_link)
         app.router.add_delete("/links/{name}", self._delete_link)
+        app.router.add_post("/links/{name}/probe", self._post_probe)
         app.router.add_get("/partitions", self._get_partitions)
         app.router.add_post("/partitions", self._post_partition)
         app.router.add_delete("/partitions/{name}", self._delete_partition)
@@ -161,6 +163,10 @@ class LinkRegistry:
         link = self.link(request.match_info["name"])
         await link.heal()
         return web.json_response(link.describe())
+
+    async def _post_probe(self, request: web.Request) -> web.Response:
+        link = self.link(request.match_info["name"])
+        return web.json_response({"accepts": await link.probe_target(), **link.describe()})
 
     async def _get_partitions(self, request: web.Request) -> web.Response:
         return web.json_response({"partitions": [{"name": n, "cut": list(c)} for n, c in self.partitions.items()]})

@@ -269,6 +269,16 @@ class Link:
         finally:
             self._open.discard(conn)
 
+    async def probe_target(self) -> bool:
+        """Ask the target now (the lab has just killed it): if it refuses, refuse too; True if it accepts."""
+        try:
+            _, writer = await asyncio.open_connection(self.target_host, self.target_port)
+        except ConnectionRefusedError:
+            await self._mirror_refusal()
+            return False
+        writer.close()
+        return True
+
     async def _mirror_refusal(self) -> None:
         """The target refused: refuse too until it accepts again (see the module docstring)."""
         if self.target_refusing:

@@ -38,6 +38,7 @@ from lbsession.balancer.upstream import Upstream
 from lbsession.config import AppServerConfig, Config, RedisConfig, to_environ
 from lbsession.errors import TopologyError
 from lbsession.lab.control import LabControl, LbsessionView
+from lbsession.lab.link_service import LinkService
 from lbsession.lab.process import Child, child_environ, free_port, read_ready_line, spawn
 from lbsession.lab.redis_servers import RedisTopology
 
@@ -61,6 +62,7 @@ class ManagedServer:
     cluster_peers: tuple[str, ...] = ()
     cluster_join: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)  # kill/restart one at a time
+    links: dict[str, int] = field(default_factory=dict)  # with links: the relay port in front, by link name
 
     @property
     def url(self) -> str:
@@ -77,6 +79,8 @@ class ManagedServer:
         info: dict[str, Any] = {"id": self.server_id, "url": self.url, "pid": self.pid, "restarts": self.restarts}
         if self.cluster_port:
             info["cluster_address"] = f"127.0.0.1:{self.cluster_port}"
+        if self.links:
+            info["links"] = sorted(self.links)
         return info
 
 
@@ -100,6 +104,7 @@ class Topology:
         # process knows it, so clients reaching the servers through the balancer cannot use the route.
         self._lab_token = secrets.token_urlsafe(32)
         self.control: LabControl | None = None  # the lab's admin port: process controls, scenarios, dashboard
+        self.links: LinkService | None = None  # the faultable relays in the lab's paths (lbsession.lab.links)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -107,6 +112,9 @@ class Topology:
         """Start every app server, then the balancer in front of them; return once all are healthy."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.config.links == "on":
+                self.links = LinkService(self.log_dir / "links.log", self._lab_token)
+                await self.links.start()
             await self._start_redis()
             servers = [self._new_server() for _ in range(self.config.servers)]
             for server in servers:  # every first server lists all the others
@@ -114,7 +122,7 @@ class Topology:
             await asyncio.gather(*(self._spawn(s) for s in servers))
             self.lb = LoadBalancer(self.config.balancer)
             for server in servers:
-                self.lb.pool.add(server.server_id, server.url)
+                self.lb.pool.add(server.server_id, await self._front_url(server))
             await self.lb.start(admin=False)  # the lab's control listener serves its admin API
             self.control = LabControl(self, LbsessionView(self.lb), self.lb.config)
             await self.control.start()
@@ -139,6 +147,8 @@ class Topology:
         await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
         if self.redis is not None:
             await self.redis.stop()
+        if self.links is not None:
+            await self.links.stop()
 
     async def _start_redis(self) -> None:
         """Start the session server when the app servers need one and were given none."""
@@ -210,6 +220,10 @@ class Topology:
             raise TopologyError(f"{server.server_id} is not running")
         await server.process.kill()
         log.info("killed %s (SIGKILL)", server.server_id)
+        if self.links is not None and f"lb->{server.server_id}" in server.links:
+            # Its link refuses from now on, as the dead server does, rather than from the first
+            # request that finds it dead (which a link, having accepted, could only reset).
+            await self.links.call("POST", f"/links/lb->{server.server_id}/probe", {})
 
     async def restart_server(self, server_id: str) -> ManagedServer:
         """Start a stopped or killed server again on its old port (a running one is killed first)."""
@@ -242,7 +256,7 @@ class Topology:
         else:
             server.cluster_peers = self._cluster_addresses(others)
         await self._spawn(server)
-        self._balancer().pool.add(server.server_id, server.url)
+        self._balancer().pool.add(server.server_id, await self._front_url(server))
         return server
 
     async def cut_peer(self, server_id: str, peer_id: str | None, *, cut: bool = True) -> dict[str, Any]:
@@ -296,7 +310,7 @@ class Topology:
         cookie = dataclasses.replace(app.cookie, keys=self._cookie_keys)
         return dataclasses.replace(
             app, id=server.server_id, host="127.0.0.1", port=server.port, cluster=cluster, cookie=cookie,
-            redis=self._redis_config(),
+            redis=self._redis_config(server),
         )  # fmt: skip
 
     def server_environ(self, server: ManagedServer) -> dict[str, str]:
@@ -306,13 +320,39 @@ class Topology:
     def _cluster_addresses(self, peers: list[ManagedServer]) -> tuple[str, ...]:
         return tuple(f"127.0.0.1:{p.cluster_port}" for p in peers) if self.config.app.backend == "cluster" else ()
 
-    def _redis_config(self) -> RedisConfig:
-        """How the app servers reach Redis: the lab's own, or the one configured."""
+    def _redis_config(self, server: ManagedServer) -> RedisConfig:
+        """How an app server reaches Redis: the lab's own (through its link, if it has one), or the one configured."""
         redis = self.config.app.redis
-        return self.redis.client_config(redis) if self.redis is not None else redis
+        if self.redis is None:
+            return redis
+        config = self.redis.client_config(redis)
+        port = server.links.get(f"{server.server_id}->{self.redis.nodes[0].name}")
+        return config if port is None else dataclasses.replace(config, url=f"redis://127.0.0.1:{port}/0")
+
+    async def _front_url(self, server: ManagedServer) -> str:
+        """The URL the balancer is given for `server`: its link's, with links, else its own."""
+        if self.links is None:
+            return server.url
+        name = f"lb->{server.server_id}"
+        server.links[name] = await self.links.add(name, "lb", server.server_id, server.port)
+        return f"http://127.0.0.1:{server.links[name]}"
+
+    async def _link_to_redis(self, server: ManagedServer) -> None:
+        """With links and a single lab Redis: a link of its own from this server to it, made once.
+
+        Not with Sentinel: a client connects to the address Sentinel hands out, which would
+        have to be mapped to a relay per side (issue 14's 127.0.1.x plan); not done yet.
+        """
+        if self.links is None or self.redis is None or self.redis.ha:
+            return
+        node = self.redis.nodes[0]
+        name = f"{server.server_id}->{node.name}"
+        if name not in server.links:
+            server.links[name] = await self.links.add(name, server.server_id, node.name, node.port)
 
     async def _spawn(self, server: ManagedServer) -> None:
         assert server.log_path is not None
+        await self._link_to_redis(server)
         server.process = spawn(
             server.server_id,
             self.server_argv(server),
