@@ -235,6 +235,10 @@ class LinkService:
         if self.process is not None:
             await self.process.stop()
 
+    def as_dict(self) -> dict[str, Any]:
+        """The links process as the ready file and /topology show it."""
+        return {"pid": self.process.pid if self.process is not None else None, "control_port": self.port}
+
     async def add(self, name: str, source: str, dest: str, target_port: int, listen_port: int = 0) -> int:
         """Put a link named `name` in front of `target_port`; the port it listens on."""
         body = {"name": name, "from": source, "to": dest, "target": f"{HOST}:{target_port}",

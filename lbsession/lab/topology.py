@@ -203,6 +203,7 @@ class Topology:
             "backend": self.config.app.backend,
             "servers": [s.as_dict() for s in self.servers.values()],
             "redis": self.redis.as_dict() if self.redis is not None else None,
+            "links": self.links.as_dict() if self.links is not None else None,
             "log_dir": str(self.log_dir),
         }
 
