@@ -133,7 +133,9 @@ def _lab_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--lb", metavar="URL", help="with --target: the balancer's public URL, if not the one it reports (containers)"
     )
     matrix = sub.add_parser("matrix", help="every strategy x store, then every claim's scenario, in one table")
-    matrix.add_argument("--only", action="append", metavar="CLAIM|NAME", help="run only these (repeatable)")
+    matrix.add_argument(
+        "--only", action="append", metavar="CLAIM|FAMILY|NAME", help="run only these: C6, a family (F), a name"
+    )
     matrix.add_argument("--scenarios", type=Path, help="the scenario directory (default: the shipped scenarios)")
     for parser in (scenario, matrix):
         parser.add_argument("--seed", type=int, help="the seed of the population and its order (default: the file's)")
