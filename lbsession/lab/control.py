@@ -5,7 +5,7 @@
     POST /servers/{id}/kill, /restart   SIGKILL an app server; start it again on its port
     POST /servers/{id}/cluster/cut      stop replication from a cluster server (to {"peer"}, or all); /heal
     POST /redis/primary/kill            SIGKILL the current Redis primary
-    POST /redis/{name}/restart          start a Redis node again
+    POST /redis/{name}/restart          start a Redis node again (HA: a synced replica; {"empty": true}: empty master)
     GET/POST /scenarios, GET /scenarios/current   play a scenario against this lab (lbsession.lab.live)
     GET /links, PUT/DELETE /links/{name}          the lab's links: their faults, bytes, connections; set, heal
     POST /partitions, DELETE /partitions/{name}   cut a set of links both ways; heal (lbsession.lab.link_service)
@@ -138,7 +138,12 @@ class LabControl:
         app.router.add_delete("/partitions/{name}", self._links_call)
 
     async def _get_topology(self, request: web.Request) -> web.Response:
-        return web.json_response(self.topology.ready_info())
+        info = self.topology.ready_info()
+        if self.topology.redis is not None and info["redis"] is not None:
+            roles = await self.topology.redis.roles()  # asked of each node now: a failover shows at once
+            for node in info["redis"]["nodes"]:
+                node["role"] = roles[node["name"]]
+        return web.json_response(info)
 
     async def _post_add(self, request: web.Request) -> web.Response:
         await read_json(request)
@@ -202,8 +207,11 @@ class LabControl:
         redis = self.topology.redis
         if redis is None:
             return json_error(409, "this lab did not start a Redis (backend is not redis, or --redis-url was given)")
+        empty = (await read_json(request)).get("empty", False)
+        if not isinstance(empty, bool):
+            return json_error(400, f'"empty" must be true or false, not {empty!r}')
         try:
-            node = await redis.restart(request.match_info["name"])
+            node = await redis.restart(request.match_info["name"], empty=empty)
         except TopologyError as exc:
             return json_error(404 if "no Redis node" in str(exc) else 500, str(exc))
         return web.json_response(node.as_dict())

@@ -10,7 +10,7 @@ code), so every scenario also runs against a lab started in another terminal.
     drain-server         POST   /servers/{id}/drain           no new clients (HAProxy's drain)
     remove-server        DELETE /servers/{id}                 out of the balancer
     kill-redis-primary   POST   /redis/primary/kill           SIGKILL the current Redis primary
-    restart-redis        POST   /redis/{node}/restart         restart a Redis node (empty without persistence)
+    restart-redis        POST   /redis/{node}/restart         restart a Redis node (HA: a synced replica; empty: true)
     cut-peer             POST   /servers/{id}/cluster/cut     stop replication from a server to a peer
     heal-peer            POST   /servers/{id}/cluster/heal    resume it
     set-strategy         PUT    /strategy                     switch the balancer's strategy
@@ -54,7 +54,7 @@ def fault_request(fault: Fault) -> tuple[str, str, dict[str, Any]]:
         "drain-server": ("POST", f"/servers/{server}/drain", {"draining": True}),
         "remove-server": ("DELETE", f"/servers/{server}", {}),
         "kill-redis-primary": ("POST", "/redis/primary/kill", {}),
-        "restart-redis": ("POST", f"/redis/{fault.node}/restart", {}),
+        "restart-redis": ("POST", f"/redis/{fault.node}/restart", {"empty": True} if fault.empty else {}),
         "cut-peer": ("POST", f"/servers/{server}/cluster/cut", {"peer": fault.peer}),
         "heal-peer": ("POST", f"/servers/{server}/cluster/heal", {"peer": fault.peer}),
         "set-strategy": ("PUT", "/strategy", {"strategy": fault.strategy}),

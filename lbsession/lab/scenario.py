@@ -163,6 +163,7 @@ class Fault:
     server: str | None = None  # kill/restart/drain/remove/cut/heal: the app server, e.g. was-1
     peer: str | None = None  # cut-peer/heal-peer: the peer it stops (resumes) replicating to; none: all
     node: str = "redis-1"  # restart-redis: the Redis node
+    empty: bool = False  # restart-redis under Sentinel: as an empty master (the hazard), not a synced replica
     strategy: StrategyName | None = choice(None, lambda: STRATEGY_NAMES)  # set-strategy
     link: str | None = None  # set-link/heal-link: the link's name, e.g. was-1->redis-1 (GET /links)
     link_faults: LinkFaults | None = None  # set-link: what to set
