@@ -44,6 +44,7 @@ FaultAction = Literal[
     "restart-server",
     "add-server",
     "drain-server",
+    "undrain-server",
     "remove-server",
     "kill-redis-primary",
     "restart-redis",
@@ -56,7 +57,9 @@ FaultAction = Literal[
     "heal-partition",
 ]
 FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
-SERVER_FAULTS = ("kill-server", "restart-server", "drain-server", "remove-server", "cut-peer", "heal-peer")
+SERVER_FAULTS = (
+    "kill-server", "restart-server", "drain-server", "undrain-server", "remove-server", "cut-peer", "heal-peer",
+)  # fmt: skip
 LINK_FAULTS = ("set-link", "heal-link", "partition", "heal-partition")
 TIMED_FAULTS = {"set-link": "heal-link", "partition": "heal-partition"}  # those that take `for_s`, and their heal
 OPERATORS = (">=", "<=", "==", "!=", ">", "<")
@@ -211,7 +214,7 @@ class Fault:
             return f"{self.action} {what} {detail}".strip() + (f" for {self.for_s:g} s" if self.for_s else "")
         target = self.server or (self.strategy if self.action == "set-strategy" else None)
         if self.action == "restart-redis":
-            target = self.node
+            target = f"{self.node} empty" if self.empty else self.node
         text = f"{self.action} {target}" if target else self.action
         return f"{text}->{self.peer}" if self.peer else text
 
