@@ -23,6 +23,12 @@ which after a Sentinel failover is the dead primary (redis-py issues #3560,
 delay of a few seconds, not a logout; past the bound the app server answers
 503 "session store unavailable", never 401.
 
+A refused write (NOREPLICAS: a primary with `min-replicas-to-write` that lost
+its replicas; READONLY: a demoted one) is retried the same way, then is
+StoreUnavailable with Redis' own reason, never a 500. A read renews the TTL,
+which is a write: when that renewal is refused, the read is made again without
+it (a plain HGETALL), so an isolated primary still serves the sessions it holds.
+
 Redis Cluster: redis-py's cluster retry is off too (it would repeat a hung node's
 timeout ten times within one attempt), and an attempt re-reads the slot map when
 redis-py has dropped it. A primary with no replica that dies leaves its slots
@@ -49,6 +55,7 @@ from redis.exceptions import (
     ClusterDownError,
     ReadOnlyError,
     RedisClusterException,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -87,6 +94,15 @@ TRANSIENT = (
     TryAgainError,
     OSError,
 )
+
+
+def _refused_write(exc: ResponseError) -> bool:
+    """A write Redis refused for its replication state (from a script too: the code leads the message)."""
+    return any(code in str(exc) for code in ("NOREPLICAS", "READONLY"))
+
+
+class RefusedWrite(Exception):
+    """Internal: a ResponseError that is a refused write, retried as a transient failure."""
 
 
 class RedisStore(SessionStore):
@@ -144,10 +160,25 @@ class RedisStore(SessionStore):
     async def load(self, session_id: str, ttl_s: float | None = None) -> dict[str, Any] | None:
         keys = [self._prefix + session_id]
         args = [_milliseconds(ttl_s) if ttl_s is not None else ""]
-        flat = await self._call("load", lambda: self._load_script(keys=keys, args=args))
+
+        async def attempt() -> list[str]:
+            try:
+                flat: list[str] = await self._load_script(keys=keys, args=args)
+                return flat
+            except ResponseError as exc:
+                if "NOREPLICAS" not in str(exc):
+                    raise
+                log.warning("redis refused the TTL renewal of a read (%s); reading without it", exc)
+                return await self._hgetall_flat(keys[0])
+
+        flat = await self._call("load", attempt)
         if not flat:
             return None
         return decode_attributes(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    async def _hgetall_flat(self, key: str) -> list[str]:
+        fields = await self._client.hgetall(key)
+        return [item for pair in fields.items() for item in pair]
 
     async def save(self, session_id: str, changed: Mapping[str, Any], removed: Set[str], ttl_s: float) -> None:
         if not changed and not removed:
@@ -197,8 +228,13 @@ class RedisStore(SessionStore):
             try:
                 if self.config.cluster:
                     await self._client.initialize()  # see _call's docstring
-                return await attempt()
-            except (*TRANSIENT, RedisClusterException) as exc:
+                try:
+                    return await attempt()
+                except ResponseError as exc:
+                    if not _refused_write(exc) or isinstance(exc, ReadOnlyError):
+                        raise
+                    raise RefusedWrite(str(exc)) from exc
+            except (*TRANSIENT, RedisClusterException, RefusedWrite) as exc:
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
                         f"redis at {self.where} did not answer {what} for {self.config.retry_s:g} s: {exc}"
