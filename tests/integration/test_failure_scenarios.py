@@ -38,3 +38,8 @@ async def test_f6_a_drained_rolling_deploy_with_redis_costs_nothing(tmp_path):
 async def test_f7_a_slow_server_under_round_robin_slows_everyone_s_tail(tmp_path):
     m = (await measure("F7", tmp_path)).metrics
     assert m["p99_ms"] >= 200 > m["p50_ms"]
+
+
+async def test_f5_a_split_cluster_loses_cart_writes_but_no_session_whole(tmp_path):
+    m = (await measure("F5", tmp_path)).metrics
+    assert m["lost_updates"] > 0 and m["relogins"] == 0
