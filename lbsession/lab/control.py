@@ -3,6 +3,7 @@
     GET  /topology                      the lab's processes: servers with their pids, Redis nodes, logs
     POST /topology/servers              start one more app server and put it behind the balancer
     POST /servers/{id}/kill, /restart   SIGKILL an app server; start it again on its port
+    POST /servers/{id}/deploy           drain it, wait for its requests in flight, restart, undrain (a rolling deploy)
     POST /servers/{id}/cluster/cut      stop replication from a cluster server (to {"peer"}, or all); /heal
     POST /redis/primary/kill            SIGKILL the current Redis primary
     POST /redis/{name}/restart          start a Redis node again (HA: a synced replica; {"empty": true}: empty master)
@@ -125,6 +126,7 @@ class LabControl:
         app.router.add_post("/topology/servers", self._post_add)
         app.router.add_post("/servers/{id}/kill", self._post_kill)
         app.router.add_post("/servers/{id}/restart", self._post_restart)
+        app.router.add_post("/servers/{id}/deploy", self._post_deploy)
         app.router.add_post("/redis/primary/kill", self._post_kill_redis)
         app.router.add_post("/redis/{name}/restart", self._post_restart_redis)
         app.router.add_post("/servers/{id}/cluster/cut", self._post_cut)
@@ -168,6 +170,17 @@ class LabControl:
         except TimeoutError:
             return json_error(504, f"{request.match_info['id']} restarted but did not pass its health check in time")
         return web.json_response(server.as_dict())
+
+    async def _post_deploy(self, request: web.Request) -> web.Response:
+        timeout_s = (await read_json(request)).get("drain_timeout_s", 5.0)
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 <= timeout_s <= 600:
+            return json_error(400, f'"drain_timeout_s" must be a number of seconds from 0 to 600, not {timeout_s!r}')
+        try:
+            return web.json_response(await self.topology.deploy_server(request.match_info["id"], timeout_s))
+        except TopologyError as exc:
+            return json_error(404 if "no managed" in str(exc) else 500, str(exc))
+        except TimeoutError:
+            return json_error(504, f"{request.match_info['id']} restarted but did not pass its health check in time")
 
     async def _post_cut(self, request: web.Request) -> web.Response:
         peer = (await read_json(request)).get("peer")

@@ -9,6 +9,7 @@ code), so every scenario also runs against a lab started in another terminal.
     add-server           POST   /topology/servers             one more app server behind the balancer
     drain-server         POST   /servers/{id}/drain           no new clients (HAProxy's drain)
     undrain-server       POST   /servers/{id}/drain           new clients again ({"draining": false})
+    deploy-server        POST   /servers/{id}/deploy          drain, wait for in-flight requests, restart, undrain
     remove-server        DELETE /servers/{id}                 out of the balancer
     kill-redis-primary   POST   /redis/primary/kill           SIGKILL the current Redis primary
     restart-redis        POST   /redis/{node}/restart         restart a Redis node (HA: a synced replica; empty: true)
@@ -54,6 +55,7 @@ def fault_request(fault: Fault) -> tuple[str, str, dict[str, Any]]:
         "add-server": ("POST", "/topology/servers", {}),
         "drain-server": ("POST", f"/servers/{server}/drain", {"draining": True}),
         "undrain-server": ("POST", f"/servers/{server}/drain", {"draining": False}),
+        "deploy-server": ("POST", f"/servers/{server}/deploy", {}),
         "remove-server": ("DELETE", f"/servers/{server}", {}),
         "kill-redis-primary": ("POST", "/redis/primary/kill", {}),
         "restart-redis": ("POST", f"/redis/{fault.node}/restart", {"empty": True} if fault.empty else {}),

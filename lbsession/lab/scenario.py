@@ -45,6 +45,7 @@ FaultAction = Literal[
     "add-server",
     "drain-server",
     "undrain-server",
+    "deploy-server",
     "remove-server",
     "kill-redis-primary",
     "restart-redis",
@@ -58,7 +59,8 @@ FaultAction = Literal[
 ]
 FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
 SERVER_FAULTS = (
-    "kill-server", "restart-server", "drain-server", "undrain-server", "remove-server", "cut-peer", "heal-peer",
+    "kill-server", "restart-server", "drain-server", "undrain-server", "deploy-server", "remove-server", "cut-peer",
+    "heal-peer",
 )  # fmt: skip
 LINK_FAULTS = ("set-link", "heal-link", "partition", "heal-partition")
 TIMED_FAULTS = {"set-link": "heal-link", "partition": "heal-partition"}  # those that take `for_s`, and their heal

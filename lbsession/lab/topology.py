@@ -243,6 +243,28 @@ class Topology:
                 await self._until_healthy(lb.pool.upstreams[server_id])
         return server
 
+    async def deploy_server(self, server_id: str, drain_timeout_s: float = 5.0) -> dict[str, Any]:
+        """One step of a rolling deploy: drain, wait for its requests in flight (bounded), restart, undrain.
+
+        HAProxy's drain: no new clients, pinned ones still arrive; the process is replaced once
+        nothing is in flight or `drain_timeout_s` has passed, and put back once healthy.
+        """
+        self._server(server_id)
+        pool = self._balancer().pool
+        upstream = pool.drain(server_id, True, None)
+        started = asyncio.get_running_loop().time()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout_s):
+                while upstream.in_flight:  # noqa: ASYNC110 - the balancer's own count is the fact waited for
+                    await asyncio.sleep(0.01)
+        drained_s = asyncio.get_running_loop().time() - started
+        left = upstream.in_flight
+        try:
+            server = await self.restart_server(server_id)
+        finally:
+            pool.drain(server_id, False)
+        return {**server.as_dict(), "drained_s": round(drained_s, 3), "in_flight_at_restart": left}
+
     async def add_server(self) -> ManagedServer:
         """Start one more app server and put it behind the balancer (scale-out).
 
