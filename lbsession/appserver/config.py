@@ -59,6 +59,9 @@ class RedisConfig:
         "lbsession:session:", "--redis-prefix", "key prefix of session hashes", commands=("server",)
     )
     timeout_s: float = 0.5  # one attempt's socket timeout
+    # Sentinel: "HOST:PORT=HOST:PORT" pairs, the primary's address as Sentinel gives it -> the one to dial
+    # (redis-py's force_master_ip, per address): the lab's links put a relay of its own before each node.
+    address_map: tuple[str, ...] = ()
     # A failover is a delay, not a logout.
     retry_s: float = setting(
         5.0, "--redis-retry", "seconds to keep retrying a failing Redis call", commands=("server",)
@@ -70,6 +73,11 @@ class RedisConfig:
             out.append(f"url: {self.url!r} must start with redis://, rediss:// or unix://")
         for address in self.sentinels:
             out += host_port_problems("sentinels", address)
+        for pair in self.address_map:
+            given, sep, dialled = pair.partition("=")
+            out += host_port_problems("address_map", given) + host_port_problems("address_map", dialled)
+            if not sep:
+                out.append(f"address_map: {pair!r} must be SENTINEL_HOST:PORT=DIAL_HOST:PORT")
         if self.sentinels and self.cluster:
             out.append("cluster: Sentinel and Redis Cluster are exclusive; set one of them")
         return out

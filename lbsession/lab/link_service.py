@@ -239,10 +239,12 @@ class LinkService:
         """The links process as the ready file and /topology show it."""
         return {"pid": self.process.pid if self.process is not None else None, "control_port": self.port}
 
-    async def add(self, name: str, source: str, dest: str, target_port: int, listen_port: int = 0) -> int:
+    async def add(
+        self, name: str, source: str, dest: str, target_port: int, listen_port: int = 0, listen_host: str = HOST
+    ) -> int:
         """Put a link named `name` in front of `target_port`; the port it listens on."""
         body = {"name": name, "from": source, "to": dest, "target": f"{HOST}:{target_port}",
-                "listen": f"{HOST}:{listen_port}"}  # fmt: skip
+                "listen": f"{listen_host}:{listen_port}"}  # fmt: skip
         status, answer = await self.call("POST", "/links", body)
         if status != 201:
             raise TopologyError(f"the links process refused link {name}: {answer.get('error', status)}")

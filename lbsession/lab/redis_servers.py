@@ -77,6 +77,9 @@ class RedisProcess:
     port: int = field(default_factory=free_port)
     extra: list[str] = field(default_factory=list)  # more server options, e.g. --replicaof
     config_text: str | None = None  # for a Sentinel: the config file it must be able to rewrite
+    # The address replicas and Sentinels reach it at: 127.0.0.1, or with the lab's links its own
+    # 127.0.2.x, where a relay listens on its port (lbsession.lab.links), so that path can be cut.
+    announce_host: str = "127.0.0.1"
     process: Child | None = None
 
     @property
@@ -130,7 +133,8 @@ class RedisTopology:
     """The session server of a lab: one Redis, or a primary, a replica and three Sentinels."""
 
     def __init__(self, workdir: Path, *, ha: bool = False, persist: bool = False, binary: str | None = None,
-                 down_after_ms: int = 1000) -> None:  # fmt: skip
+                 down_after_ms: int = 1000, announce: bool = False) -> None:  # fmt: skip
+        """`announce`: replicas and Sentinels reach node k at 127.0.2.k (whoever starts it puts a relay there)."""
         self.workdir = workdir
         self.ha = ha
         self.binary = find_redis_binary(binary)
@@ -139,11 +143,14 @@ class RedisTopology:
         self.sentinels: list[RedisProcess] = []
         if ha:
             primary = self.nodes[0]
-            replica_of = ["--replicaof", "127.0.0.1", str(primary.port)]
-            self.nodes.append(RedisProcess("redis-2", self.binary, workdir, extra=persistence + replica_of))
+            self.nodes.append(RedisProcess("redis-2", self.binary, workdir, extra=list(persistence)))
+            for k, node in enumerate(self.nodes, 1):
+                node.announce_host = f"127.0.2.{k}" if announce else "127.0.0.1"
+                node.extra += ["--replica-announce-ip", node.announce_host]
+            self.nodes[1].extra += ["--replicaof", primary.announce_host, str(primary.port)]
             for n in range(1, 4):
                 sentinel = RedisProcess(f"sentinel-{n}", self.binary, workdir)
-                sentinel.config_text = _sentinel_config(sentinel.port, primary.port, down_after_ms)
+                sentinel.config_text = _sentinel_config(sentinel.port, primary, down_after_ms)
                 self.sentinels.append(sentinel)
 
     async def start(self) -> None:
@@ -216,7 +223,7 @@ class RedisTopology:
             log.warning("restarted %s as an empty master (the restart hazard, on purpose)", node.name)
             return node
         primary = await self._primary_other_than(node)
-        node.extra = [*own, "--replicaof", "127.0.0.1", str(primary.port)]
+        node.extra = [*own, "--replicaof", primary.announce_host, str(primary.port)]
         await node.start()
         await self._wait_replica_synced(node)
         await asyncio.gather(*(self._wait_sentinel_sees_replica(s, node) for s in self.sentinels if s.pid))
@@ -366,11 +373,11 @@ def _without_replicaof(extra: list[str]) -> list[str]:
     return extra[:at] + extra[at + 3 :]
 
 
-def _sentinel_config(port: int, primary_port: int, down_after_ms: int) -> str:
+def _sentinel_config(port: int, primary: RedisProcess, down_after_ms: int) -> str:
     # Quorum 2 of 3. failover-timeout bounds a failover attempt and the wait before another.
     return (
         f"port {port}\nbind 127.0.0.1\ndaemonize no\n"
-        f"sentinel monitor {SERVICE_NAME} 127.0.0.1 {primary_port} 2\n"
+        f"sentinel monitor {SERVICE_NAME} {primary.announce_host} {primary.port} 2\n"
         f"sentinel down-after-milliseconds {SERVICE_NAME} {down_after_ms}\n"
         f"sentinel failover-timeout {SERVICE_NAME} 10000\n"
         f"sentinel parallel-syncs {SERVICE_NAME} 1\n"

@@ -162,7 +162,12 @@ class Topology:
             persist=settings.persist,
             binary=settings.binary,
             down_after_ms=settings.down_after_ms,
+            announce=self.links is not None,
         )
+        if self.links is not None and self.redis.ha:
+            for node in self.redis.nodes:  # the path of replication and Sentinel to each node
+                name = f"sentinels->{node.name}"
+                await self.links.add(name, "sentinels", node.name, node.port, node.port, node.announce_host)
         await self.redis.start()
 
     async def __aenter__(self) -> Topology:
@@ -349,8 +354,15 @@ class Topology:
         if self.redis is None:
             return redis
         config = self.redis.client_config(redis)
-        port = server.links.get(f"{server.server_id}->{self.redis.nodes[0].name}")
-        return config if port is None else dataclasses.replace(config, url=f"redis://127.0.0.1:{port}/0")
+        sid, nodes = server.server_id, self.redis.nodes
+        if f"{sid}->{nodes[0].name}" not in server.links:
+            return config
+        if not self.redis.ha:
+            return dataclasses.replace(config, url=f"redis://127.0.0.1:{server.links[f'{sid}->{nodes[0].name}']}/0")
+        # Sentinel names a primary by its announced address; this server dials its own link to it.
+        sentinels = tuple(f"127.0.0.1:{server.links[f'{sid}->{s.name}']}" for s in self.redis.sentinels)
+        mapped = tuple(f"{n.announce_host}:{n.port}=127.0.0.1:{server.links[f'{sid}->{n.name}']}" for n in nodes)
+        return dataclasses.replace(config, sentinels=sentinels, address_map=mapped)
 
     async def _front_url(self, server: ManagedServer) -> str:
         """The URL the balancer is given for `server`: its link's, with links, else its own."""
@@ -361,17 +373,18 @@ class Topology:
         return f"http://127.0.0.1:{server.links[name]}"
 
     async def _link_to_redis(self, server: ManagedServer) -> None:
-        """With links and a single lab Redis: a link of its own from this server to it, made once.
+        """With links and the lab's Redis: links of its own from this server to each node and Sentinel, made once.
 
-        Not with Sentinel: a client connects to the address Sentinel hands out, which would
-        have to be mapped to a relay per side (issue 14's 127.0.1.x plan); not done yet.
+        Under Sentinel the server is told each node's announced address (127.0.2.k, the path
+        Sentinel and the replicas use) and dials its own link instead (RedisConfig.address_map),
+        so its path to a node can be cut apart from Sentinel's, and the other way round.
         """
-        if self.links is None or self.redis is None or self.redis.ha:
+        if self.links is None or self.redis is None:
             return
-        node = self.redis.nodes[0]
-        name = f"{server.server_id}->{node.name}"
-        if name not in server.links:
-            server.links[name] = await self.links.add(name, server.server_id, node.name, node.port)
+        for part in [*self.redis.nodes, *self.redis.sentinels]:
+            name = f"{server.server_id}->{part.name}"
+            if name not in server.links:
+                server.links[name] = await self.links.add(name, server.server_id, part.name, part.port)
 
     async def _spawn(self, server: ManagedServer) -> None:
         assert server.log_path is not None

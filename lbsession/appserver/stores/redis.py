@@ -105,6 +105,26 @@ class RefusedWrite(Exception):
     """Internal: a ResponseError that is a refused write, retried as a transient failure."""
 
 
+class MappedSentinel(Sentinel):
+    """Sentinel, with the primary's address mapped to the one this server dials (RedisConfig.address_map)."""
+
+    def __init__(self, address_map: Mapping[tuple[str, int], tuple[str, int]], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.address_map = dict(address_map)
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        host, port = await super().discover_master(service_name)
+        return self.address_map.get((host, int(port)), (host, int(port)))
+
+
+def _address_map(pairs: tuple[str, ...]) -> dict[tuple[str, int], tuple[str, int]]:
+    def address(text: str) -> tuple[str, int]:
+        host, _, port = text.rpartition(":")
+        return host, int(port)
+
+    return {address(given): address(dialled) for given, _, dialled in (p.partition("=") for p in pairs)}
+
+
 class RedisStore(SessionStore):
     """Sessions as Redis hashes, through a URL, Sentinel or Redis Cluster."""
 
@@ -140,7 +160,8 @@ class RedisStore(SessionStore):
         if config.sentinels:
             nodes = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in config.sentinels)]
             sentinel_kwargs = {"socket_timeout": config.timeout_s}
-            self._sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs, **options)  # type: ignore[no-untyped-call]
+            mapping = _address_map(config.address_map)
+            self._sentinel = MappedSentinel(mapping, nodes, sentinel_kwargs=sentinel_kwargs, **options)
             self._client = self._sentinel.master_for(config.service_name, retry=Retry(NoBackoff(), 0))
         elif config.cluster:
             assert config.url is not None  # __init__ checked: no sentinels means a URL
