@@ -43,3 +43,8 @@ async def test_f7_a_slow_server_under_round_robin_slows_everyone_s_tail(tmp_path
 async def test_f5_a_split_cluster_loses_cart_writes_but_no_session_whole(tmp_path):
     m = (await measure("F5", tmp_path)).metrics
     assert m["lost_updates"] > 0 and m["relogins"] == 0
+
+
+async def test_f1_writes_to_an_isolated_old_primary_vanish_when_it_is_demoted(tmp_path):
+    m = (await measure("F1", tmp_path)).metrics
+    assert m["lost_updates"] > 0
