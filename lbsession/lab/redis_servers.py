@@ -133,21 +133,34 @@ class RedisTopology:
     """The session server of a lab: one Redis, or a primary, a replica and three Sentinels."""
 
     def __init__(self, workdir: Path, *, ha: bool = False, persist: bool = False, binary: str | None = None,
-                 down_after_ms: int = 1000, announce: bool = False) -> None:  # fmt: skip
-        """`announce`: replicas and Sentinels reach node k at 127.0.2.k (whoever starts it puts a relay there)."""
+                 down_after_ms: int = 1000, announce: bool = False, replicas: int = 1,
+                 min_replicas: tuple[int, int] = (0, 10)) -> None:  # fmt: skip
+        """`announce`: replicas and Sentinels reach node k at 127.0.2.k (whoever starts it puts a relay there).
+
+        `min_replicas`: (min-replicas-to-write, min-replicas-max-lag in s), on every node, since any may be promoted.
+        """
         self.workdir = workdir
         self.ha = ha
         self.binary = find_redis_binary(binary)
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+        if ha and min_replicas[0]:
+            persistence += [
+                "--min-replicas-to-write",
+                str(min_replicas[0]),
+                "--min-replicas-max-lag",
+                str(min_replicas[1]),
+            ]
         self.nodes = [RedisProcess("redis-1", self.binary, workdir, extra=persistence)]
         self.sentinels: list[RedisProcess] = []
         if ha:
             primary = self.nodes[0]
-            self.nodes.append(RedisProcess("redis-2", self.binary, workdir, extra=list(persistence)))
+            for k in range(2, replicas + 2):
+                self.nodes.append(RedisProcess(f"redis-{k}", self.binary, workdir, extra=list(persistence)))
             for k, node in enumerate(self.nodes, 1):
                 node.announce_host = f"127.0.2.{k}" if announce else "127.0.0.1"
                 node.extra += ["--replica-announce-ip", node.announce_host]
-            self.nodes[1].extra += ["--replicaof", primary.announce_host, str(primary.port)]
+            for node in self.nodes[1:]:
+                node.extra += ["--replicaof", primary.announce_host, str(primary.port)]
             for n in range(1, 4):
                 sentinel = RedisProcess(f"sentinel-{n}", self.binary, workdir)
                 sentinel.config_text = _sentinel_config(sentinel.port, primary, down_after_ms)

@@ -163,6 +163,8 @@ class Topology:
             binary=settings.binary,
             down_after_ms=settings.down_after_ms,
             announce=self.links is not None,
+            replicas=settings.replicas,
+            min_replicas=(settings.min_replicas_to_write, settings.min_replicas_max_lag_s),
         )
         if self.links is not None and self.redis.ha:
             for node in self.redis.nodes:  # the path of replication and Sentinel to each node

@@ -48,3 +48,8 @@ async def test_f5_a_split_cluster_loses_cart_writes_but_no_session_whole(tmp_pat
 async def test_f1_writes_to_an_isolated_old_primary_vanish_when_it_is_demoted(tmp_path):
     m = (await measure("F1", tmp_path)).metrics
     assert m["lost_updates"] > 0
+
+
+async def test_f2_min_replicas_to_write_turns_most_lost_writes_into_503s(tmp_path):
+    m = (await measure("F2", tmp_path)).metrics
+    assert m["lost_updates"] > 0 and m["errors_5xx"] > 0 and m["relogins"] == 0
