@@ -53,3 +53,8 @@ async def test_f1_writes_to_an_isolated_old_primary_vanish_when_it_is_demoted(tm
 async def test_f2_min_replicas_to_write_turns_most_lost_writes_into_503s(tmp_path):
     m = (await measure("F2", tmp_path)).metrics
     assert m["lost_updates"] > 0 and m["errors_5xx"] > 0 and m["relogins"] == 0
+
+
+async def test_waiting_for_every_replica_loses_no_acknowledged_write_in_the_split_brain(tmp_path):
+    m = (await measure("wait-zero-loss", tmp_path)).metrics
+    assert m["lost_updates"] == 0 and m["errors_5xx"] > 0

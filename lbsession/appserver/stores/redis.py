@@ -23,6 +23,11 @@ which after a Sentinel failover is the dead primary (redis-py issues #3560,
 delay of a few seconds, not a logout; past the bound the app server answers
 503 "session store unavailable", never 401.
 
+With `wait_replicas`, each write is followed by `WAIT n timeout`: a write that
+fewer replicas acknowledged is retried, then is a 503, so a write the user was
+told about is on a replica too and survives the primary's loss (the zero-loss
+variant of F2, at the price of a round trip and a replica's ack per write).
+
 A refused write (NOREPLICAS: a primary with `min-replicas-to-write` that lost
 its replicas; READONLY: a demoted one) is retried the same way, then is
 StoreUnavailable with Redis' own reason, never a 500. A read renews the TTL,
@@ -209,7 +214,17 @@ class RedisStore(SessionStore):
         args: list[Any] = [_milliseconds(ttl_s), len(removed), *removed]
         for field, value in encoded.items():
             args += (field, value)
-        await self._call("save", lambda: self._save_script(keys=keys, args=args))
+
+        async def attempt() -> None:
+            await self._save_script(keys=keys, args=args)
+            wanted = self.config.wait_replicas
+            if wanted:  # a second round trip: the price of a write that survives a failover
+                acked = int(await self._client.execute_command("WAIT", wanted, self.config.wait_timeout_ms))
+                if acked < wanted:
+                    raise RefusedWrite(f"WAIT: {acked} of {wanted} replicas acknowledged within "
+                                       f"{self.config.wait_timeout_ms} ms")  # fmt: skip
+
+        await self._call("save", attempt)
 
     async def delete(self, session_id: str) -> None:
         await self._call("delete", lambda: self._client.delete(self._prefix + session_id))
