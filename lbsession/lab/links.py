@@ -349,11 +349,20 @@ class _Pump:
         self.counters = link.counters[direction]
         self.last_due = 0.0
         self.held = 0
+        self.queued = 0  # chunks handed to the writer and not yet delivered
+        self.flowing = link._flowing[direction]
 
     async def read(self) -> None:
         while True:
             chunk = await self.reader.read(CHUNK_BYTES)
             faults = self.link.faults[self.direction]
+            if chunk and not self.queued and self.flowing.is_set() and _clear(faults):
+                # No fault and nothing queued: deliver at once, without the writer task's hand-off,
+                # which is what a link costs when no fault is set (benchmarks/links.py).
+                self.writer.write(chunk)
+                self.counters.bytes += len(chunk)
+                await self.writer.drain()
+                continue
             now = time.monotonic()
             delay_ms = faults.latency_ms + random.uniform(-faults.jitter_ms, faults.jitter_ms)
             if not chunk:
@@ -362,15 +371,15 @@ class _Pump:
             self.last_due = max(self.last_due, now + max(0.0, delay_ms) / 1000)
             self.held += len(chunk)
             self.counters.held += len(chunk)
+            self.queued += 1
             await self.queue.put((self.last_due, chunk))
             if not chunk:
                 return
 
     async def write(self) -> None:
-        flowing = self.link._flowing[self.direction]
         while True:
             due, chunk = await self.queue.get()
-            await flowing.wait()  # a blackhole holds here; heal sets it again
+            await self.flowing.wait()  # a blackhole holds here; heal sets it again
             wait_s = due - time.monotonic()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)  # the latency fault: delivering later is the point
@@ -386,11 +395,17 @@ class _Pump:
             rate = self.link.faults[self.direction].bandwidth_kb_s
             if rate:
                 await asyncio.sleep(len(chunk) / (rate * 1000))  # the bandwidth fault
+            self.queued -= 1
 
     def release(self) -> None:
         """Forget the bytes this pump still held (its connection is gone)."""
         self.counters.held -= self.held
         self.held = 0
+
+
+def _clear(faults: StreamFaults) -> bool:
+    """No fault that delays a chunk (a blackhole is the flow event's; slow_close concerns only the end)."""
+    return not (faults.latency_ms or faults.jitter_ms or faults.bandwidth_kb_s)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
