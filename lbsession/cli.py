@@ -6,6 +6,7 @@
     lbsession bench    measure the balancer's throughput, latency and CPU per request
     lbsession scenario run one lab scenario (configs/scenarios/) and report what it measured
     lbsession matrix   every strategy x every store, and every claim's scenario, in one table
+    lbsession links    the lab's faultable TCP links (started by `run` and the scenarios, not by hand)
 
 Exit status: 0 success, 2 a usage or configuration mistake (with a one-line
 `error:` that says how to fix it), 1 a failure at run time.
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
     server.add_argument("--ready-line", action="store_true", help="print one JSON line on stdout once listening")
 
+    links = sub.add_parser("links", help="the lab's TCP relays with faults (a child of `lbsession run`)")
+    links.add_argument("--port", type=int, default=0, help="the control API's loopback port (default: any free one)")
+    links.add_argument("--ready-line", action="store_true", help="print one JSON line on stdout once listening")
+
     _bench_parser(sub)
     _lab_parsers(sub)
     return parser
@@ -146,7 +151,9 @@ def _lab_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     _balancer_flag(scenario, BALANCER_NAMES)
     matrix = sub.add_parser("matrix", help="every strategy x store, then every claim's scenario, in one table")
     _balancer_flag(matrix, (*BALANCER_NAMES, "all"))
-    matrix.add_argument("--only", action="append", metavar="CLAIM|NAME", help="run only these (repeatable)")
+    matrix.add_argument(
+        "--only", action="append", metavar="CLAIM|FAMILY|NAME", help="run only these: C6, a family (F), a name"
+    )
     matrix.add_argument("--scenarios", type=Path, help="the scenario directory (default: the shipped scenarios)")
     for parser in (scenario, matrix):
         parser.add_argument("--seed", type=int, help="the seed of the population and its order (default: the file's)")
@@ -408,6 +415,27 @@ async def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_links(args: argparse.Namespace) -> int:
+    """`lbsession links`: the relays of a lab, until SIGTERM."""
+    from lbsession.lab.link_service import serve_links
+
+    def ready(port: int) -> None:
+        if args.ready_line:
+            print(json.dumps({"ready": True, "port": port, "pid": os.getpid()}), flush=True)
+        else:
+            print(f"links control API on http://127.0.0.1:{port}", file=sys.stderr, flush=True)
+
+    stop = _stop_signals()
+    serving = asyncio.create_task(serve_links(ready, args.port))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    stopping.cancel()
+    return 0
+
+
 async def cmd_bench(args: argparse.Namespace) -> int:
     """`lbsession bench`: throughput, latency and CPU per request."""
     from lbsession.lab.bench import BenchParams, run_bench
@@ -559,6 +587,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = 
     "bench": cmd_bench,
     "scenario": cmd_scenario,
     "matrix": cmd_matrix,
+    "links": cmd_links,
 }
 
 
@@ -599,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("lb", "run"):
         _raise_file_limit()
     # A scenario's progress bar and tables would drown in the lab's info lines.
-    default_level = "warning" if args.command in ("server", "scenario", "matrix") else "info"
+    default_level = "warning" if args.command in ("server", "scenario", "matrix", "links") else "info"
     logging.basicConfig(
         level=(args.log_level or default_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

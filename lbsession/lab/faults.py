@@ -8,12 +8,18 @@ code), so every scenario also runs against a lab started in another terminal.
     restart-server       POST   /servers/{id}/restart         start it again on its port
     add-server           POST   /topology/servers             one more app server behind the balancer
     drain-server         POST   /servers/{id}/drain           no new clients (HAProxy's drain)
+    undrain-server       POST   /servers/{id}/drain           new clients again ({"draining": false})
+    deploy-server        POST   /servers/{id}/deploy          drain, wait for in-flight requests, restart, undrain
     remove-server        DELETE /servers/{id}                 out of the balancer
     kill-redis-primary   POST   /redis/primary/kill           SIGKILL the current Redis primary
-    restart-redis        POST   /redis/{node}/restart         restart a Redis node (empty without persistence)
+    restart-redis        POST   /redis/{node}/restart         restart a Redis node (HA: a synced replica; empty: true)
     cut-peer             POST   /servers/{id}/cluster/cut     stop replication from a server to a peer
     heal-peer            POST   /servers/{id}/cluster/heal    resume it
     set-strategy         PUT    /strategy                     switch the balancer's strategy
+    set-link             PUT    /links/{name}                 latency, blackhole, down, reset... (for_s: then heal)
+    heal-link            DELETE /links/{name}                 clear every fault of a link
+    partition            POST   /partitions                   cut a set of links both ways (for_s: then heal)
+    heal-partition       DELETE /partitions/{name}            end it
 """
 
 from __future__ import annotations
@@ -48,12 +54,18 @@ def fault_request(fault: Fault) -> tuple[str, str, dict[str, Any]]:
         "restart-server": ("POST", f"/servers/{server}/restart", {}),
         "add-server": ("POST", "/topology/servers", {}),
         "drain-server": ("POST", f"/servers/{server}/drain", {"draining": True}),
+        "undrain-server": ("POST", f"/servers/{server}/drain", {"draining": False}),
+        "deploy-server": ("POST", f"/servers/{server}/deploy", {}),
         "remove-server": ("DELETE", f"/servers/{server}", {}),
         "kill-redis-primary": ("POST", "/redis/primary/kill", {}),
-        "restart-redis": ("POST", f"/redis/{fault.node}/restart", {}),
+        "restart-redis": ("POST", f"/redis/{fault.node}/restart", {"empty": True} if fault.empty else {}),
         "cut-peer": ("POST", f"/servers/{server}/cluster/cut", {"peer": fault.peer}),
         "heal-peer": ("POST", f"/servers/{server}/cluster/heal", {"peer": fault.peer}),
         "set-strategy": ("PUT", "/strategy", {"strategy": fault.strategy}),
+        "set-link": ("PUT", f"/links/{fault.link}", fault.link_faults.body() if fault.link_faults else {}),
+        "heal-link": ("DELETE", f"/links/{fault.link}", {}),
+        "partition": ("POST", "/partitions", {"name": fault.partition, "cut": list(fault.cut)}),
+        "heal-partition": ("DELETE", f"/partitions/{fault.partition}", {}),
     }
     return calls[fault.action]
 
@@ -116,7 +128,8 @@ async def run_timeline(
     A fault that fails is recorded with its error and the timeline goes on: the
     report then shows which fault did not happen, and the run cannot pass.
     """
-    for fault in sorted(faults, key=lambda f: f.at_s):
+    heals = [heal for fault in faults if (heal := fault.healing()) is not None]
+    for fault in sorted((*faults, *heals), key=lambda f: f.at_s):
         entry = AppliedFault(fault.at_s, fault.action, fault.server, fault.describe())
         applied.append(entry)
         await asyncio.sleep(max(0.0, fault.at_s - clock()))  # a timeline: waiting for the planned time is the point

@@ -34,7 +34,14 @@ from lbsession.errors import ConfigError, LBSessionError
 from lbsession.lab.measures import METRICS
 from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport
 from lbsession.lab.runner import run_scenario
-from lbsession.lab.scenario import Expectation, Scenario, load_scenario, scenario_dirs
+from lbsession.lab.scenario import (
+    CLAIM_FAMILIES,
+    FAULT_ACTIONS,
+    Expectation,
+    Scenario,
+    load_scenario,
+    scenario_dirs,
+)
 
 SCHEMA_ID = "lbsession-matrix/1"
 SCHEMA_TEMPLATE = Path(__file__).with_name("matrix.schema.json")
@@ -69,6 +76,7 @@ def matrix_schema() -> dict[str, Any]:
     topology = schema["$defs"]["run"]["properties"]["topology"]["properties"]
     topology["strategy"] = {"enum": list(STRATEGIES)}
     topology["backend"] = {"enum": list(STORES)}
+    schema["$defs"]["fault"]["properties"]["action"] = {"enum": list(FAULT_ACTIONS)}
     return schema
 
 
@@ -137,14 +145,17 @@ def _across_backends(scenario: Scenario) -> list[Scenario]:
     return runs
 
 
-def _claim_order(scenario: Scenario) -> tuple[bool, int]:
+def _claim_order(scenario: Scenario) -> tuple[int, int]:
     claim = scenario.claim or "C0"
-    return claim[0] != "C", int(claim[1:])  # the seed's claims first, then those beyond it
+    return list(CLAIM_FAMILIES).index(claim[0]), int(claim[1:])  # the seed's claims first, then B, then F
 
 
 def _selects(word: str, scenario: Scenario) -> bool:
-    if re.fullmatch(r"[CcBb]\d{1,2}", word):
+    families = "".join(CLAIM_FAMILIES)
+    if re.fullmatch(rf"[{families}]\d{{1,2}}", word, re.IGNORECASE):
         return (scenario.claim or "").upper() == word.upper()
+    if re.fullmatch(rf"[{families}]", word, re.IGNORECASE):  # a whole family: --only F
+        return (scenario.claim or "").upper().startswith(word.upper())
     return word in scenario.name
 
 

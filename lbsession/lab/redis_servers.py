@@ -77,6 +77,9 @@ class RedisProcess:
     port: int = field(default_factory=free_port)
     extra: list[str] = field(default_factory=list)  # more server options, e.g. --replicaof
     config_text: str | None = None  # for a Sentinel: the config file it must be able to rewrite
+    # The address replicas and Sentinels reach it at: 127.0.0.1, or with the lab's links its own
+    # 127.0.2.x, where a relay listens on its port (lbsession.lab.links), so that path can be cut.
+    announce_host: str = "127.0.0.1"
     process: Child | None = None
 
     @property
@@ -130,20 +133,37 @@ class RedisTopology:
     """The session server of a lab: one Redis, or a primary, a replica and three Sentinels."""
 
     def __init__(self, workdir: Path, *, ha: bool = False, persist: bool = False, binary: str | None = None,
-                 down_after_ms: int = 1000) -> None:  # fmt: skip
+                 down_after_ms: int = 1000, announce: bool = False, replicas: int = 1,
+                 min_replicas: tuple[int, int] = (0, 10)) -> None:  # fmt: skip
+        """`announce`: replicas and Sentinels reach node k at 127.0.2.k (whoever starts it puts a relay there).
+
+        `min_replicas`: (min-replicas-to-write, min-replicas-max-lag in s), on every node, since any may be promoted.
+        """
         self.workdir = workdir
         self.ha = ha
         self.binary = find_redis_binary(binary)
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+        if ha and min_replicas[0]:
+            persistence += [
+                "--min-replicas-to-write",
+                str(min_replicas[0]),
+                "--min-replicas-max-lag",
+                str(min_replicas[1]),
+            ]
         self.nodes = [RedisProcess("redis-1", self.binary, workdir, extra=persistence)]
         self.sentinels: list[RedisProcess] = []
         if ha:
             primary = self.nodes[0]
-            replica_of = ["--replicaof", "127.0.0.1", str(primary.port)]
-            self.nodes.append(RedisProcess("redis-2", self.binary, workdir, extra=persistence + replica_of))
+            for k in range(2, replicas + 2):
+                self.nodes.append(RedisProcess(f"redis-{k}", self.binary, workdir, extra=list(persistence)))
+            for k, node in enumerate(self.nodes, 1):
+                node.announce_host = f"127.0.2.{k}" if announce else "127.0.0.1"
+                node.extra += ["--replica-announce-ip", node.announce_host]
+            for node in self.nodes[1:]:
+                node.extra += ["--replicaof", primary.announce_host, str(primary.port)]
             for n in range(1, 4):
                 sentinel = RedisProcess(f"sentinel-{n}", self.binary, workdir)
-                sentinel.config_text = _sentinel_config(sentinel.port, primary.port, down_after_ms)
+                sentinel.config_text = _sentinel_config(sentinel.port, primary, down_after_ms)
                 self.sentinels.append(sentinel)
 
     async def start(self) -> None:
@@ -190,15 +210,69 @@ class RedisTopology:
         log.info("killed Redis primary %s (port %s)", node.name, node.port)
         return node
 
-    async def restart(self, name: str) -> RedisProcess:
-        """Start a stopped node again on its port (without persistence it comes back empty)."""
+    async def restart(self, name: str, *, empty: bool = False) -> RedisProcess:
+        """Start a node again on its port: with Sentinel, as a replica of the current primary, synced.
+
+        The single node keeps its meaning (C10: without persistence it comes back empty). Under
+        Sentinel, a node that came back as a master (its old role) without persistence is empty
+        until Sentinel demotes it, and a failover to it in that window loses every session (the
+        replication docs' "safety of replication when master has persistence turned off"). So it
+        is started as a replica of the primary Sentinel names, and returned once it has synced
+        and every Sentinel sees it as a healthy replica. `empty=True` is that hazard on purpose
+        (F3): the node starts as an empty master, as a careless supervisor would restart it.
+        """
         node = next((n for n in self.nodes if n.name == name), None)
         if node is None:
             raise TopologyError(f"no Redis node {name!r}; known: {', '.join(n.name for n in self.nodes)}")
         if node.pid is not None:
             await node.kill()
+        if not self.ha:
+            await node.start()
+            return node
+        own = _without_replicaof(node.extra)
+        if empty:
+            node.extra = own
+            await node.start()
+            log.warning("restarted %s as an empty master (the restart hazard, on purpose)", node.name)
+            return node
+        primary = await self._primary_other_than(node)
+        node.extra = [*own, "--replicaof", primary.announce_host, str(primary.port)]
         await node.start()
+        await self._wait_replica_synced(node)
+        await asyncio.gather(*(self._wait_sentinel_sees_replica(s, node) for s in self.sentinels if s.pid))
+        log.info("restarted %s as a replica of %s, synced", node.name, primary.name)
         return node
+
+    async def _primary_other_than(self, node: RedisProcess) -> RedisProcess:
+        """The primary Sentinel names, once a running node other than `node` (a dead one waits for the failover)."""
+        sentinel = next((s for s in self.sentinels if s.pid is not None), None)
+        if sentinel is None:
+            raise TopologyError("no Sentinel is running: cannot tell which Redis is primary")
+        found: list[RedisProcess] = []
+
+        async def elected() -> bool:
+            with contextlib.suppress(TopologyError):
+                primary = await self.primary()
+                if primary is not node and primary.pid is not None:
+                    found.append(primary)
+            return bool(found)
+
+        await _until(elected, f"Sentinel to name a running primary other than {node.name} (its failover)", sentinel)
+        return found[0]
+
+    async def roles(self) -> dict[str, str]:
+        """Each node's role now, asked of the node: master, slave, or down."""
+
+        async def role(node: RedisProcess) -> str:
+            if node.pid is None:
+                return "down"
+            async with _client(node.port) as client:
+                with contextlib.suppress(OSError, aioredis.RedisError):
+                    return str((await client.info("replication")).get("role", "unknown"))
+            return "unreachable"
+
+        found = await asyncio.gather(*(role(n) for n in self.nodes))
+        return {node.name: name for node, name in zip(self.nodes, found, strict=True)}
 
     def as_dict(self) -> dict[str, Any]:
         """The Redis processes, for the admin API and the ready file."""
@@ -215,6 +289,19 @@ class RedisTopology:
 
         async with _client(node.port) as client:
             await _until(synced, f"{node.name} to sync with its primary (master_link_status:up)", node)
+
+    async def _wait_sentinel_sees_replica(self, sentinel: RedisProcess, node: RedisProcess) -> None:
+        async def healthy_replica() -> bool:
+            replicas = await client.execute_command("SENTINEL", "REPLICAS", SERVICE_NAME)
+            for replica in replicas:  # redis-py parses each into a dict, its flags into a set
+                if int(replica.get("port", 0)) == node.port:
+                    flags = replica.get("flags")
+                    flags = set(flags.split(",")) if isinstance(flags, str) else set(flags or ())
+                    return flags == {"slave"}  # not s_down, not disconnected
+            return False
+
+        async with _client(sentinel.port) as client:
+            await _until(healthy_replica, f"{sentinel.name} to see {node.name} as a healthy replica", sentinel)
 
     async def _wait_sentinel_ready(self, sentinel: RedisProcess) -> None:
         async def ready() -> bool:
@@ -291,11 +378,19 @@ class RedisClusterTopology:
             await _until(ok, f"{node.name} to report cluster_state:ok", node)
 
 
-def _sentinel_config(port: int, primary_port: int, down_after_ms: int) -> str:
+def _without_replicaof(extra: list[str]) -> list[str]:
+    """`extra` without its `--replicaof HOST PORT`."""
+    if "--replicaof" not in extra:
+        return list(extra)
+    at = extra.index("--replicaof")
+    return extra[:at] + extra[at + 3 :]
+
+
+def _sentinel_config(port: int, primary: RedisProcess, down_after_ms: int) -> str:
     # Quorum 2 of 3. failover-timeout bounds a failover attempt and the wait before another.
     return (
         f"port {port}\nbind 127.0.0.1\ndaemonize no\n"
-        f"sentinel monitor {SERVICE_NAME} 127.0.0.1 {primary_port} 2\n"
+        f"sentinel monitor {SERVICE_NAME} {primary.announce_host} {primary.port} 2\n"
         f"sentinel down-after-milliseconds {SERVICE_NAME} {down_after_ms}\n"
         f"sentinel failover-timeout {SERVICE_NAME} 10000\n"
         f"sentinel parallel-syncs {SERVICE_NAME} 1\n"

@@ -44,15 +44,26 @@ FaultAction = Literal[
     "restart-server",
     "add-server",
     "drain-server",
+    "undrain-server",
+    "deploy-server",
     "remove-server",
     "kill-redis-primary",
     "restart-redis",
     "cut-peer",
     "heal-peer",
     "set-strategy",
+    "set-link",
+    "heal-link",
+    "partition",
+    "heal-partition",
 ]
 FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
-SERVER_FAULTS = ("kill-server", "restart-server", "drain-server", "remove-server", "cut-peer", "heal-peer")
+SERVER_FAULTS = (
+    "kill-server", "restart-server", "drain-server", "undrain-server", "deploy-server", "remove-server", "cut-peer",
+    "heal-peer",
+)  # fmt: skip
+LINK_FAULTS = ("set-link", "heal-link", "partition", "heal-partition")
+TIMED_FAULTS = {"set-link": "heal-link", "partition": "heal-partition"}  # those that take `for_s`, and their heal
 OPERATORS = (">=", "<=", "==", "!=", ">", "<")
 # Every family of claim ids, in one place: the file check, the lookup by id and the hints follow it.
 CLAIM_FAMILIES: dict[str, str] = {
@@ -141,6 +152,31 @@ class Steps:
 
 
 @dataclass(frozen=True)
+class LinkFaults:
+    """What `set-link` sets on a link (lbsession.lab.links: the same names, the same meaning)."""
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    bandwidth_kb_s: float = 0.0
+    blackhole: bool = False
+    slow_close_ms: float = 0.0
+    down: bool = False
+    reset: bool = False
+    direction: Literal["both", "upstream", "downstream"] = "both"
+
+    def problems(self) -> list[str]:
+        numbers = {"latency_ms": self.latency_ms, "jitter_ms": self.jitter_ms, "bandwidth_kb_s": self.bandwidth_kb_s,
+                   "slow_close_ms": self.slow_close_ms}  # fmt: skip
+        return [f"{name}: {value:g} must be from 0 to 600000" for name, value in numbers.items()
+                if not 0 <= value <= 600_000]  # fmt: skip
+
+    def body(self) -> dict[str, Any]:
+        """The PUT /links/{name} body: the faults set, and the direction."""
+        set_ = {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) and f.name != "direction"}
+        return {**set_, "direction": self.direction}
+
+
+@dataclass(frozen=True)
 class Fault:
     """One change applied through the lab's admin API at a time on the run's clock."""
 
@@ -149,10 +185,17 @@ class Fault:
     server: str | None = None  # kill/restart/drain/remove/cut/heal: the app server, e.g. was-1
     peer: str | None = None  # cut-peer/heal-peer: the peer it stops (resumes) replicating to; none: all
     node: str = "redis-1"  # restart-redis: the Redis node
+    empty: bool = False  # restart-redis under Sentinel: as an empty master (the hazard), not a synced replica
     strategy: StrategyName | None = choice(None, lambda: STRATEGY_NAMES)  # set-strategy
+    link: str | None = None  # set-link/heal-link: the link's name, e.g. was-1->redis-1 (GET /links)
+    link_faults: LinkFaults | None = None  # set-link: what to set
+    partition: str | None = None  # partition/heal-partition: its name
+    cut: tuple[str, ...] = ()  # partition: the links it cuts
+    for_s: float | None = None  # set-link/partition: healed this long after (none: left as it is)
 
     def problems(self) -> list[str]:
         out = [] if self.at_s >= 0 else [f"at_s: {self.at_s} must not be negative"]
+        out += self._link_problems()
         if self.action in SERVER_FAULTS and self.server is None:
             out.append(f"server: is required for {self.action} (e.g. server: was-1)")
         if self.action == "set-strategy" and self.strategy is None:
@@ -161,11 +204,36 @@ class Fault:
             out.append(f"peer: only cut-peer and heal-peer take a peer, not {self.action}")
         return out
 
+    def _link_problems(self) -> list[str]:
+        out = []
+        if self.action in ("set-link", "heal-link") and not self.link:
+            out.append(f"link: is required for {self.action} (e.g. link: was-1->redis-1; GET /links lists them)")
+        if self.action == "set-link" and (self.link_faults is None or len(self.link_faults.body()) == 1):
+            out.append("link_faults: is required for set-link, e.g. link_faults: {latency_ms: 50}")
+        if self.action in ("partition", "heal-partition") and not self.partition:
+            out.append(f"partition: is required for {self.action} (a name of your choice, e.g. partition: p1)")
+        if self.action == "partition" and not self.cut:
+            out.append("cut: is required for partition: the links it cuts, e.g. cut: [lb->was-1, was-1->redis-1]")
+        if self.for_s is not None and (self.action not in TIMED_FAULTS or self.for_s <= 0):
+            out.append(f"for_s: only set-link and partition take one, a positive number of seconds; not {self.action}")
+        return out
+
+    def healing(self) -> Fault | None:
+        """The fault that ends this one `for_s` later (set-link -> heal-link, partition -> heal-partition)."""
+        if self.for_s is None or self.action not in TIMED_FAULTS:
+            return None
+        heal: Any = TIMED_FAULTS[self.action]
+        return Fault(self.at_s + self.for_s, heal, link=self.link, partition=self.partition)
+
     def describe(self) -> str:
         """The fault in a few words, as reports show it."""
+        if self.action in LINK_FAULTS:
+            what = self.link or self.partition
+            detail = self.link_faults.body() if self.link_faults is not None else list(self.cut) or ""
+            return f"{self.action} {what} {detail}".strip() + (f" for {self.for_s:g} s" if self.for_s else "")
         target = self.server or (self.strategy if self.action == "set-strategy" else None)
         if self.action == "restart-redis":
-            target = self.node
+            target = f"{self.node} empty" if self.empty else self.node
         text = f"{self.action} {target}" if target else self.action
         return f"{text}->{self.peer}" if self.peer else text
 
@@ -237,6 +305,11 @@ class Scenario:
 
     def _fault_problems(self, fault: Fault) -> list[str]:
         out = [] if fault.at_s < self.duration_s else [f"at_s: {fault.at_s:g} is not before duration_s"]
+        if fault.for_s is not None and fault.at_s + fault.for_s >= self.duration_s:
+            # Else a lab run with --target would keep the fault after the scenario.
+            out.append(f"for_s: the heal at {fault.at_s + fault.for_s:g} s is not before duration_s")
+        if fault.action in LINK_FAULTS and self.topology.links == "off":
+            out.append(f"action: {fault.action} needs the topology's links (topology: {{links: on}})")
         backend = self.topology.app.backend
         needs = {"kill-redis-primary": "redis", "restart-redis": "redis", "cut-peer": "cluster", "heal-peer": "cluster"}
         if fault.action in needs and backend != needs[fault.action]:
@@ -325,12 +398,13 @@ def parse_expectations(data: Any, label: str, problems: list[str]) -> tuple[Expe
         if metric not in METRICS:
             problems.append(f"{where}: unknown metric; choose one of: {', '.join(METRICS)}")
             continue
-        parsed = _parse_condition(condition)
-        if parsed is None:
-            ops = ", ".join(OPERATORS)
-            problems.append(f"{where}: {condition!r} is not a condition; write '<op> <number>' with op one of {ops}")
-            continue
-        out.append(Expectation(str(metric), *parsed))
+        for one in condition if isinstance(condition, list) else [condition]:  # a range: [">= 50", "< 100"]
+            parsed = _parse_condition(one)
+            if parsed is None:
+                ops = ", ".join(OPERATORS)
+                problems.append(f"{where}: {one!r} is not a condition; write '<op> <number>' with op one of {ops}")
+                continue
+            out.append(Expectation(str(metric), *parsed))
     return tuple(out)
 
 

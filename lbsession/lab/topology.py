@@ -40,6 +40,7 @@ from lbsession.errors import ConfigError, TopologyError
 from lbsession.lab.balancers import front_class
 from lbsession.lab.balancers.base import BalancerFront
 from lbsession.lab.control import BalancerView, LabControl, LbsessionView
+from lbsession.lab.link_service import LinkService
 from lbsession.lab.process import Child, child_environ, free_port, read_ready_line, spawn
 from lbsession.lab.redis_servers import RedisTopology
 
@@ -63,6 +64,7 @@ class ManagedServer:
     cluster_peers: tuple[str, ...] = ()
     cluster_join: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)  # kill/restart one at a time
+    links: dict[str, int] = field(default_factory=dict)  # with links: the relay port in front, by link name
 
     @property
     def url(self) -> str:
@@ -79,6 +81,8 @@ class ManagedServer:
         info: dict[str, Any] = {"id": self.server_id, "url": self.url, "pid": self.pid, "restarts": self.restarts}
         if self.cluster_port:
             info["cluster_address"] = f"127.0.0.1:{self.cluster_port}"
+        if self.links:
+            info["links"] = sorted(self.links)
         return info
 
 
@@ -117,6 +121,7 @@ class Topology:
         # process knows it, so clients reaching the servers through the balancer cannot use the route.
         self._lab_token = secrets.token_urlsafe(32)
         self.control: LabControl | None = None  # the lab's admin port: process controls, scenarios, dashboard
+        self.links: LinkService | None = None  # the faultable relays in the lab's paths (lbsession.lab.links)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -126,6 +131,9 @@ class Topology:
         if self.balancer != "lbsession":  # before any process: a missing binary is the user's to fix
             self.front = front_class(self.balancer)(self.config, self.log_dir)
         try:
+            if self.config.links == "on":
+                self.links = LinkService(self.log_dir / "links.log", self._lab_token)
+                await self.links.start()
             await self._start_redis()
             servers = [self._new_server() for _ in range(self.config.servers)]
             for server in servers:  # every first server lists all the others
@@ -136,7 +144,7 @@ class Topology:
                 return
             self.lb = LoadBalancer(self.config.balancer)
             for server in servers:
-                self.lb.pool.add(server.server_id, server.url)
+                self.lb.pool.add(server.server_id, await self._front_url(server))
             await self.lb.start(admin=False)  # the lab's control listener serves its admin API
             self.control = LabControl(self, LbsessionView(self.lb), self.lb.config)
             await self.control.start()
@@ -154,7 +162,7 @@ class Topology:
 
     async def _start_front(self, front: BalancerFront, servers: list[ManagedServer]) -> None:
         """Start the real balancer in front of `servers`, then the control listener with its view."""
-        await front.start({s.server_id: s.port for s in servers})
+        await front.start({s.server_id: await self._front_port(s) for s in servers})
         self.control = LabControl(self, front, self.config.balancer)
         await self.control.start()
         await self.wait_healthy()
@@ -170,6 +178,8 @@ class Topology:
         await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
         if self.redis is not None:
             await self.redis.stop()
+        if self.links is not None:
+            await self.links.stop()
 
     async def _start_redis(self) -> None:
         """Start the session server when the app servers need one and were given none."""
@@ -184,7 +194,14 @@ class Topology:
             persist=settings.persist,
             binary=settings.binary,
             down_after_ms=settings.down_after_ms,
+            announce=self.links is not None,
+            replicas=settings.replicas,
+            min_replicas=(settings.min_replicas_to_write, settings.min_replicas_max_lag_s),
         )
+        if self.links is not None and self.redis.ha:
+            for node in self.redis.nodes:  # the path of replication and Sentinel to each node
+                name = f"sentinels->{node.name}"
+                await self.links.add(name, "sentinels", node.name, node.port, node.port, node.announce_host)
         await self.redis.start()
 
     async def __aenter__(self) -> Topology:
@@ -230,6 +247,7 @@ class Topology:
             "backend": self.config.app.backend,
             "servers": [s.as_dict() for s in self.servers.values()],
             "redis": self.redis.as_dict() if self.redis is not None else None,
+            "links": self.links.as_dict() if self.links is not None else None,
             "log_dir": str(self.log_dir),
         }
 
@@ -247,6 +265,10 @@ class Topology:
             raise TopologyError(f"{server.server_id} is not running")
         await server.process.kill()
         log.info("killed %s (SIGKILL)", server.server_id)
+        if self.links is not None and f"lb->{server.server_id}" in server.links:
+            # Its link refuses from now on, as the dead server does, rather than from the first
+            # request that finds it dead (which a link, having accepted, could only reset).
+            await self.links.call("POST", f"/links/lb->{server.server_id}/probe", {})
 
     async def restart_server(self, server_id: str) -> ManagedServer:
         """Start a stopped or killed server again on its old port (a running one is killed first)."""
@@ -269,6 +291,28 @@ class Topology:
                 await self._until_healthy(lb.pool.upstreams[server_id])
         return server
 
+    async def deploy_server(self, server_id: str, drain_timeout_s: float = 5.0) -> dict[str, Any]:
+        """One step of a rolling deploy: drain, wait for its requests in flight (bounded), restart, undrain.
+
+        HAProxy's drain: no new clients, pinned ones still arrive; the process is replaced once
+        nothing is in flight or `drain_timeout_s` has passed, and put back once healthy.
+        """
+        self._server(server_id)
+        pool = self._balancer().pool
+        upstream = pool.drain(server_id, True, None)
+        started = asyncio.get_running_loop().time()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout_s):
+                while upstream.in_flight:  # noqa: ASYNC110 - the balancer's own count is the fact waited for
+                    await asyncio.sleep(0.01)
+        drained_s = asyncio.get_running_loop().time() - started
+        left = upstream.in_flight
+        try:
+            server = await self.restart_server(server_id)
+        finally:
+            pool.drain(server_id, False)
+        return {**server.as_dict(), "drained_s": round(drained_s, 3), "in_flight_at_restart": left}
+
     async def add_server(self) -> ManagedServer:
         """Start one more app server and put it behind the balancer (scale-out).
 
@@ -284,10 +328,10 @@ class Topology:
             server.cluster_peers = self._cluster_addresses(others)
         await self._spawn(server)
         if self.front is not None:
-            await self.front.add(server.server_id, server.port)
+            await self.front.add(server.server_id, await self._front_port(server))
             await self.front.wait_up(server.server_id)  # as the balancer's own check sees it come up
         else:
-            self._balancer().pool.add(server.server_id, server.url)
+            self._balancer().pool.add(server.server_id, await self._front_url(server))
         return server
 
     async def cut_peer(self, server_id: str, peer_id: str | None, *, cut: bool = True) -> dict[str, Any]:
@@ -341,7 +385,7 @@ class Topology:
         cookie = dataclasses.replace(app.cookie, keys=self._cookie_keys)
         return dataclasses.replace(
             app, id=server.server_id, host="127.0.0.1", port=server.port, cluster=cluster, cookie=cookie,
-            redis=self._redis_config(),
+            redis=self._redis_config(server),
         )  # fmt: skip
 
     def server_environ(self, server: ManagedServer) -> dict[str, str]:
@@ -351,13 +395,51 @@ class Topology:
     def _cluster_addresses(self, peers: list[ManagedServer]) -> tuple[str, ...]:
         return tuple(f"127.0.0.1:{p.cluster_port}" for p in peers) if self.config.app.backend == "cluster" else ()
 
-    def _redis_config(self) -> RedisConfig:
-        """How the app servers reach Redis: the lab's own, or the one configured."""
+    def _redis_config(self, server: ManagedServer) -> RedisConfig:
+        """How an app server reaches Redis: the lab's own (through its link, if it has one), or the one configured."""
         redis = self.config.app.redis
-        return self.redis.client_config(redis) if self.redis is not None else redis
+        if self.redis is None:
+            return redis
+        config = self.redis.client_config(redis)
+        sid, nodes = server.server_id, self.redis.nodes
+        if f"{sid}->{nodes[0].name}" not in server.links:
+            return config
+        if not self.redis.ha:
+            return dataclasses.replace(config, url=f"redis://127.0.0.1:{server.links[f'{sid}->{nodes[0].name}']}/0")
+        # Sentinel names a primary by its announced address; this server dials its own link to it.
+        sentinels = tuple(f"127.0.0.1:{server.links[f'{sid}->{s.name}']}" for s in self.redis.sentinels)
+        mapped = tuple(f"{n.announce_host}:{n.port}=127.0.0.1:{server.links[f'{sid}->{n.name}']}" for n in nodes)
+        return dataclasses.replace(config, sentinels=sentinels, address_map=mapped)
+
+    async def _front_url(self, server: ManagedServer) -> str:
+        """The URL the balancer is given for `server`: its link's, with links, else its own."""
+        if self.links is None:
+            return server.url
+        name = f"lb->{server.server_id}"
+        server.links[name] = await self.links.add(name, "lb", server.server_id, server.port)
+        return f"http://127.0.0.1:{server.links[name]}"
+
+    async def _front_port(self, server: ManagedServer) -> int:
+        """The port a real balancer is given for `server`: its link's, with links, else its own."""
+        return int((await self._front_url(server)).rpartition(":")[2])
+
+    async def _link_to_redis(self, server: ManagedServer) -> None:
+        """With links and the lab's Redis: links of its own from this server to each node and Sentinel, made once.
+
+        Under Sentinel the server is told each node's announced address (127.0.2.k, the path
+        Sentinel and the replicas use) and dials its own link instead (RedisConfig.address_map),
+        so its path to a node can be cut apart from Sentinel's, and the other way round.
+        """
+        if self.links is None or self.redis is None:
+            return
+        for part in [*self.redis.nodes, *self.redis.sentinels]:
+            name = f"{server.server_id}->{part.name}"
+            if name not in server.links:
+                server.links[name] = await self.links.add(name, server.server_id, part.name, part.port)
 
     async def _spawn(self, server: ManagedServer) -> None:
         assert server.log_path is not None
+        await self._link_to_redis(server)
         server.process = spawn(
             server.server_id,
             self.server_argv(server),

@@ -13,7 +13,7 @@ from lbsession.balancer.strategies import STRATEGIES
 from lbsession.errors import ConfigError
 from lbsession.lab.faults import fault_request
 from lbsession.lab.matrix import CELL_CLAIMS, fault_theory, load_directory, matrix_plan, theory
-from lbsession.lab.scenario import FAULT_ACTIONS, Expectation, Fault, find_scenario, load_scenario
+from lbsession.lab.scenario import FAULT_ACTIONS, Expectation, Fault, LinkFaults, find_scenario, load_scenario
 from lbsession.lab.users import NAT_ADDRESS, plan_population
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "configs" / "scenarios"
@@ -32,6 +32,9 @@ def problems(path: Path) -> list[str]:
     return info.value.problems
 
 
+F_CLAIMS = ["F1", "F2", "F3", "F4", "F5", "F6", "F7"]  # failures as production has them (issue 14), so far
+
+
 def test_every_claim_of_the_seed_has_exactly_one_scenario_file_labelled_with_it():
     scenarios = load_directory(SCENARIOS)
     by_claim = {s.claim: s for s in scenarios if s.claim}
@@ -39,6 +42,7 @@ def test_every_claim_of_the_seed_has_exactly_one_scenario_file_labelled_with_it(
     assert {f"B{n}" for n in range(1, 7)} <= set(by_claim)
     seed_files = [s for s in scenarios if s.claim and s.claim.startswith("C")]
     assert len(seed_files) == len(CLAIMS)  # one file per claim of the seed; beyond it, one per variant (B7)
+    assert sorted(c for c in by_claim if c.startswith("F")) == sorted(F_CLAIMS)
     for scenario in scenarios:
         if scenario.claim:
             assert scenario.expect, f"{scenario.name} states no expected outcome"
@@ -64,8 +68,12 @@ def test_the_matrix_plan_is_the_grid_then_every_other_claim():
     assert [s.claim for s in grid if s.claim] == ["C1", "C2", "C3"]
     first = [*CLAIMS[3:], "B1", "B2", "B3", "B4", "B5", "B6", "B6", "B6"]  # B6: one file, run per backend
     assert [s.claim for s in claims][: len(first)] == first
-    beyond = [int(s.claim[1:]) for s in claims[len(first) :] if s.claim]
-    assert beyond == sorted(beyond)  # B7, B7..., B8, ..., B10: by number, a claim's files together
+    beyond = [s.claim for s in claims[len(first) :] if s.claim]
+    b_numbers = [int(c[1:]) for c in beyond if c.startswith("B")]
+    assert b_numbers == sorted(b_numbers)  # B7, B7..., B8, ..., B13: by number, a claim's files together
+    assert [c for c in beyond if not c.startswith("B")] == F_CLAIMS  # then the F family, after every B
+    assert beyond[-len(F_CLAIMS) :] == F_CLAIMS
+    assert [s.claim for s in matrix_plan(load_directory(SCENARIOS), ["F"])] == F_CLAIMS  # --only F: one family
     assert matrix_plan(load_directory(SCENARIOS), ["C6", "grid-least-conn"])[0].name == "grid-least-conn-local"
     with pytest.raises(ConfigError, match="selects no run"):
         matrix_plan(load_directory(SCENARIOS), ["C99"])
@@ -213,14 +221,36 @@ def test_expectations(condition, measured, passed):
 
 
 def test_every_fault_action_maps_to_an_admin_api_call():
-    routes = {action: fault_request(Fault(1.0, action, server="was-2", peer="was-3", strategy="ip-hash"))  # type: ignore[arg-type]
+    link = {"link": "lb->was-2", "link_faults": LinkFaults(latency_ms=50), "partition": "p1", "cut": ("lb->was-2",)}
+    routes = {action: fault_request(Fault(1.0, action, server="was-2", peer="was-3", strategy="ip-hash", **link))  # type: ignore[arg-type]
               for action in FAULT_ACTIONS}  # fmt: skip
     assert routes["kill-server"] == ("POST", "/servers/was-2/kill", {})
     assert routes["remove-server"] == ("DELETE", "/servers/was-2", {})
     assert routes["cut-peer"] == ("POST", "/servers/was-2/cluster/cut", {"peer": "was-3"})
     assert routes["set-strategy"] == ("PUT", "/strategy", {"strategy": "ip-hash"})
     assert routes["restart-redis"] == ("POST", "/redis/redis-1/restart", {})
-    assert all(re.fullmatch(r"/[a-z0-9/{}_-]+", path) for _, path, _ in routes.values())
+    assert routes["set-link"] == ("PUT", "/links/lb->was-2", {"latency_ms": 50, "direction": "both"})
+    assert routes["partition"] == ("POST", "/partitions", {"name": "p1", "cut": ["lb->was-2"]})
+    assert routes["heal-partition"] == ("DELETE", "/partitions/p1", {})
+    assert all(re.fullmatch(r"/[a-z0-9/{}_>-]+", path) for _, path, _ in routes.values())
+
+
+def test_a_timed_link_fault_is_healed_for_s_later_and_checked_against_the_duration(tmp_path):
+    fault = Fault(1.0, "set-link", link="lb->was-1", link_faults=LinkFaults(blackhole=True), for_s=0.5)
+    assert fault.healing() == Fault(1.5, "heal-link", link="lb->was-1")
+    path = tmp_path / "f.yaml"
+    path.write_text(
+        "duration_s: 2\ntopology: {app: {backend: local}}\nfaults:\n"
+        "  - {at_s: 1.0, action: set-link, link: lb->was-1, link_faults: {latency_ms: -1}, for_s: 5}\n"
+        "  - {at_s: 1.0, action: partition}\n"
+        "  - {at_s: 1.0, action: kill-server, server: was-1, for_s: 1}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_scenario(path)
+    message = str(caught.value)
+    for part in ("latency_ms: -1 must be", "partition: is required", "cut: is required",
+                 "for_s: only set-link and partition"):  # fmt: skip
+        assert part in message, message
 
 
 def test_the_same_seed_gives_the_same_population_and_order():

@@ -28,6 +28,7 @@ COMMANDS = ("run", "lb", "server")
 
 # A valid value per key path where the type alone does not give one.
 SAMPLES: dict[str, tuple[str, Any]] = {
+    "links": ("off", "off"),
     "balancer.strategy": ("least-conn", "least-conn"),
     "balancer.admin_host": ("127.0.0.2", "127.0.0.2"),  # off loopback it would need a token
     "balancer.sticky.secret": ("a-secret-of-twenty-chars", "a-secret-of-twenty-chars"),

@@ -23,6 +23,17 @@ which after a Sentinel failover is the dead primary (redis-py issues #3560,
 delay of a few seconds, not a logout; past the bound the app server answers
 503 "session store unavailable", never 401.
 
+With `wait_replicas`, each write is followed by `WAIT n timeout`: a write that
+fewer replicas acknowledged is retried, then is a 503, so a write the user was
+told about is on a replica too and survives the primary's loss (the zero-loss
+variant of F2, at the price of a round trip and a replica's ack per write).
+
+A refused write (NOREPLICAS: a primary with `min-replicas-to-write` that lost
+its replicas; READONLY: a demoted one) is retried the same way, then is
+StoreUnavailable with Redis' own reason, never a 500. A read renews the TTL,
+which is a write: when that renewal is refused, the read is made again without
+it (a plain HGETALL), so an isolated primary still serves the sessions it holds.
+
 Redis Cluster: redis-py's cluster retry is off too (it would repeat a hung node's
 timeout ten times within one attempt), and an attempt re-reads the slot map when
 redis-py has dropped it. A primary with no replica that dies leaves its slots
@@ -49,6 +60,7 @@ from redis.exceptions import (
     ClusterDownError,
     ReadOnlyError,
     RedisClusterException,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -89,6 +101,35 @@ TRANSIENT = (
 )
 
 
+def _refused_write(exc: ResponseError) -> bool:
+    """A write Redis refused for its replication state (from a script too: the code leads the message)."""
+    return any(code in str(exc) for code in ("NOREPLICAS", "READONLY"))
+
+
+class RefusedWrite(Exception):
+    """Internal: a ResponseError that is a refused write, retried as a transient failure."""
+
+
+class MappedSentinel(Sentinel):
+    """Sentinel, with the primary's address mapped to the one this server dials (RedisConfig.address_map)."""
+
+    def __init__(self, address_map: Mapping[tuple[str, int], tuple[str, int]], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.address_map = dict(address_map)
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        host, port = await super().discover_master(service_name)
+        return self.address_map.get((host, int(port)), (host, int(port)))
+
+
+def _address_map(pairs: tuple[str, ...]) -> dict[tuple[str, int], tuple[str, int]]:
+    def address(text: str) -> tuple[str, int]:
+        host, _, port = text.rpartition(":")
+        return host, int(port)
+
+    return {address(given): address(dialled) for given, _, dialled in (p.partition("=") for p in pairs)}
+
+
 class RedisStore(SessionStore):
     """Sessions as Redis hashes, through a URL, Sentinel or Redis Cluster."""
 
@@ -124,7 +165,8 @@ class RedisStore(SessionStore):
         if config.sentinels:
             nodes = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in config.sentinels)]
             sentinel_kwargs = {"socket_timeout": config.timeout_s}
-            self._sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs, **options)  # type: ignore[no-untyped-call]
+            mapping = _address_map(config.address_map)
+            self._sentinel = MappedSentinel(mapping, nodes, sentinel_kwargs=sentinel_kwargs, **options)
             self._client = self._sentinel.master_for(config.service_name, retry=Retry(NoBackoff(), 0))
         elif config.cluster:
             assert config.url is not None  # __init__ checked: no sentinels means a URL
@@ -144,10 +186,25 @@ class RedisStore(SessionStore):
     async def load(self, session_id: str, ttl_s: float | None = None) -> dict[str, Any] | None:
         keys = [self._prefix + session_id]
         args = [_milliseconds(ttl_s) if ttl_s is not None else ""]
-        flat = await self._call("load", lambda: self._load_script(keys=keys, args=args))
+
+        async def attempt() -> list[str]:
+            try:
+                flat: list[str] = await self._load_script(keys=keys, args=args)
+                return flat
+            except ResponseError as exc:
+                if "NOREPLICAS" not in str(exc):
+                    raise
+                log.warning("redis refused the TTL renewal of a read (%s); reading without it", exc)
+                return await self._hgetall_flat(keys[0])
+
+        flat = await self._call("load", attempt)
         if not flat:
             return None
         return decode_attributes(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    async def _hgetall_flat(self, key: str) -> list[str]:
+        fields = await self._client.hgetall(key)
+        return [item for pair in fields.items() for item in pair]
 
     async def save(self, session_id: str, changed: Mapping[str, Any], removed: Set[str], ttl_s: float) -> None:
         if not changed and not removed:
@@ -157,7 +214,17 @@ class RedisStore(SessionStore):
         args: list[Any] = [_milliseconds(ttl_s), len(removed), *removed]
         for field, value in encoded.items():
             args += (field, value)
-        await self._call("save", lambda: self._save_script(keys=keys, args=args))
+
+        async def attempt() -> None:
+            await self._save_script(keys=keys, args=args)
+            wanted = self.config.wait_replicas
+            if wanted:  # a second round trip: the price of a write that survives a failover
+                acked = int(await self._client.execute_command("WAIT", wanted, self.config.wait_timeout_ms))
+                if acked < wanted:
+                    raise RefusedWrite(f"WAIT: {acked} of {wanted} replicas acknowledged within "
+                                       f"{self.config.wait_timeout_ms} ms")  # fmt: skip
+
+        await self._call("save", attempt)
 
     async def delete(self, session_id: str) -> None:
         await self._call("delete", lambda: self._client.delete(self._prefix + session_id))
@@ -197,8 +264,13 @@ class RedisStore(SessionStore):
             try:
                 if self.config.cluster:
                     await self._client.initialize()  # see _call's docstring
-                return await attempt()
-            except (*TRANSIENT, RedisClusterException) as exc:
+                try:
+                    return await attempt()
+                except ResponseError as exc:
+                    if not _refused_write(exc) or isinstance(exc, ReadOnlyError):
+                        raise
+                    raise RefusedWrite(str(exc)) from exc
+            except (*TRANSIENT, RedisClusterException, RefusedWrite) as exc:
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
                         f"redis at {self.where} did not answer {what} for {self.config.retry_s:g} s: {exc}"

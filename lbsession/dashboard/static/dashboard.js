@@ -83,6 +83,7 @@ async function pollTopology() {
   try {
     state.topology = await api("GET", "/topology");
     for (const server of state.topology.servers) if (server.pid !== null) state.killed.delete(server.id);
+    state.links = state.topology.links ? new Map((await api("GET", "/links")).links.map((l) => [l.name, l])) : null;
   } catch (err) {
     if (err.status === 404) {
       state.topology = null; // a bare `lbsession lb`: no processes to control, nothing more to ask
@@ -135,13 +136,13 @@ function onRequest(event) {
 
 // ------------------------------------------------------------------ controls
 
-async function act(control, method, path, done, before, after) {
+async function act(control, method, path, done, before, after, body) {
   control.classList.add("busy");
   if (control.disabled !== undefined) control.disabled = true;
   try {
     if (before) before();
     refresh();
-    await api(method, path, method === "POST" || method === "PUT" ? {} : undefined);
+    await api(method, path, body !== undefined ? body : method === "POST" || method === "PUT" ? {} : undefined);
     if (after) after();
     toast(done);
   } catch (err) {
@@ -227,6 +228,11 @@ function onDiagramClick(event) {
     act(control, "POST", `/servers/${id}/restart`, `${target} restarted`, null, () => state.killed.delete(target));
   } else if (action === "restart-redis") {
     act(control, "POST", `/redis/${id}/restart`, `${target} restarted`);
+  } else if (action === "link") {
+    const next = control.dataset.next;
+    const faults = { slow: { latency_ms: 200 }, cut: { blackhole: true } }[next];
+    if (faults) act(control, "PUT", `/links/${id}`, `${target}: ${next === "slow" ? "+200 ms" : "cut, bytes held"}`, null, null, faults);
+    else act(control, "DELETE", `/links/${id}`, `${target} healed`, null, null, {});
   }
 }
 

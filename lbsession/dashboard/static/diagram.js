@@ -66,6 +66,28 @@ function serverCenterY(geo, id) {
   return y === undefined ? geo.middle : y + 52;
 }
 
+// A link (lbsession/lab/links.py) drawn on its edge: cut red and dashed, slowed amber with its latency.
+function linkClass(name) {
+  const link = state.links && state.links.get(name);
+  return link && link.state !== "ok" ? " " + link.state : "";
+}
+
+function linkLatency(link) {
+  const both = Object.values(link.faults).filter((f) => typeof f === "object" && !Array.isArray(f));
+  const ms = Math.max(0, ...both.map((f) => (f.latency_ms || 0) + (f.jitter_ms || 0)));
+  return ms ? `+${ms} ms` : "slowed";
+}
+
+function linkControl(layer, name, x, y) {
+  // One button per link, cycling: slow it (+200 ms), cut it (bytes held), heal it.
+  const link = state.links && state.links.get(name);
+  if (!link) return;
+  const next = { ok: "slow", slowed: "cut", cut: "heal" }[link.state] || "heal";
+  if (link.state === "slowed") text(layer, x, y - 8, linkLatency(link), "small link-label", "middle");
+  if (link.state === "cut") text(layer, x, y - 8, "cut", "small link-label cut", "middle");
+  button(layer, x - 20, y, 40, next, { "data-action": "link", "data-target": name, "data-next": next, class: "svg-button link-button" });
+}
+
 function renderEdges(geo, backend) {
   const layer = document.getElementById("layer-edges");
   layer.replaceChildren();
@@ -73,7 +95,9 @@ function renderEdges(geo, backend) {
   for (const server of state.status.servers) {
     const down = !server.healthy || state.killed.has(server.id);
     const y = serverCenterY(geo, server.id);
-    svg("path", { class: "edge" + (down ? " down" : ""), d: `M${COL.lb + COL.lbW},${lbMid} C${COL.lb + COL.lbW + 50},${lbMid} ${COL.server - 50},${y} ${COL.server},${y}` }, layer);
+    const name = `lb->${server.id}`;
+    svg("path", { class: "edge" + (down ? " down" : "") + linkClass(name), "data-link": name, d: `M${COL.lb + COL.lbW},${lbMid} C${COL.lb + COL.lbW + 50},${lbMid} ${COL.server - 50},${y} ${COL.server},${y}` }, layer);
+    linkControl(layer, name, (COL.lb + COL.lbW + COL.server) / 2, (lbMid + y) / 2 - 11);
   }
 }
 
@@ -134,7 +158,9 @@ function renderRedis(geo, layer) {
   const redis = state.topology && state.topology.redis;
   const nodes = redis ? redis.nodes : [{ name: "redis", port: null, pid: 0, external: true }];
   const alive = nodes.filter((n) => n.pid !== null);
-  if (!state.primary || !alive.some((n) => n.name === state.primary)) state.primary = (alive[0] || nodes[0]).name;
+  const master = nodes.find((n) => n.role === "master" && n.pid !== null); // asked of the nodes by /topology
+  if (master) state.primary = master.name;
+  else if (!state.primary || !alive.some((n) => n.name === state.primary)) state.primary = (alive[0] || nodes[0]).name;
   const step = 140;
   const first = geo.middle - ((nodes.length - 1) * step) / 2 - 40;
   const y = (i) => first + i * step;
@@ -146,7 +172,9 @@ function renderRedis(geo, layer) {
     const primary = node.name === state.primary;
     if (primary) {
       for (const server of state.status.servers) {
-        svg("path", { class: "edge store", d: `M${COL.server + COL.serverW},${serverCenterY(geo, server.id)} L${COL.store},${y(i) + 40}` }, layer);
+        const name = `${server.id}->${node.name}`, sy = serverCenterY(geo, server.id);
+        svg("path", { class: "edge store" + linkClass(name), "data-link": name, d: `M${COL.server + COL.serverW},${sy} L${COL.store},${y(i) + 40}` }, layer);
+        linkControl(layer, name, (COL.server + COL.serverW + COL.store) / 2, (sy + y(i) + 40) / 2 - 11);
       }
     }
     drawCan(layer, node, y(i), primary, redis);

@@ -17,7 +17,8 @@ export const state = {
   killed: new Set(), // killed from here, until the topology shows a pid again
   clients: new Map(), // key -> {key, user, ip, status, server, reason, and a count per outcome}
   names: new Map(), // user tag -> demo user name
-  primary: null, // the Redis node believed primary (the topology does not say after a failover)
+  primary: null, // the Redis node believed primary, when the topology gives no roles
+  links: null, // link name -> link (GET /links), or null: a lab without links
   tally: { requests: 0, ok: 0, relogin: 0, error: 0, other: 0, dropped: 0 },
   dots: 0,
   geometry: null,
