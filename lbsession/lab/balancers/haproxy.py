@@ -30,7 +30,7 @@ from typing import ClassVar
 
 from lbsession.errors import TopologyError
 from lbsession.lab.balancers.base import READY_TIMEOUT_S, BalancerFront
-from lbsession.lab.process import HOST
+from lbsession.lab.process import HOST, wait_until
 
 BACKEND = "be"
 EXTRA_SLOTS = 5  # disabled servers declared beyond the lab's own, for scale-out (was-4..was-8 for 3 servers)
@@ -181,13 +181,14 @@ class HaproxyFront(BalancerFront):
         raise TopologyError(f"haproxy has no server {BACKEND}/{server_id}")
 
     async def wait_up(self, server_id: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Return once HAProxy's own check counts `server_id` UP (rise)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                while await self.server_status(server_id) != "UP":  # noqa: ASYNC110 - each turn asks HAProxy
-                    await asyncio.sleep(self.config.balancer.health.interval_s / 4)
-        except TimeoutError:
-            raise TopologyError(f"haproxy did not count {server_id} UP in {timeout_s:g} s") from None
+        """Return once HAProxy's own check counts `server_id` UP (rise); TopologyError past `timeout_s`."""
+
+        async def up() -> bool:
+            return await self.server_status(server_id) == "UP"
+
+        if self.process is None:
+            raise TopologyError("haproxy is not running")
+        await wait_until(self.process, up, f"haproxy to count {server_id} UP", timeout_s)
 
     async def add(self, server_id: str, port: int) -> None:
         """Bring the slot named `server_id` up at `port` (the slots are named as the lab names its servers)."""
