@@ -137,6 +137,7 @@ def format_run(report: RunReport) -> str:
         f"  balance      imbalance {_number(m['imbalance'])}   cv {_number(m['cv'])}"
         f"   hottest {_percent(m['hottest_share'])}   in flight max/mean p95 {_number(m['inflight_imbalance_p95'])}"
         f" max {_number(m['inflight_imbalance_max'])}",
+        _bounds_line(m),
         f"  latency      p50 {_ms(m['p50_ms'])} ms   p99 {_ms(m['p99_ms'])} ms"
         f"   longest stall {_number(m['stall_s'])} s",
         "  routes       " + (", ".join(f"{k} {v}" for k, v in report.routes.items() if v) or "-"),
@@ -154,6 +155,15 @@ def format_run(report: RunReport) -> str:
         lines.append(f"{head}{check.describe():<48} {outcome}")
     lines += [f"  note         {note}" for note in report.notes]
     return "\n".join(line for line in lines if line)
+
+
+def _bounds_line(m: dict[str, Any]) -> str:
+    """Bounded loads as the balancer audited its decisions (empty when its strategy counts none)."""
+    if m["decision_imbalance_max"] is None:
+        return ""
+    violations = "no bound" if m["bound_violations"] is None else f"over their bound {m['bound_violations']}"
+    full = "" if m["bound_fallbacks"] is None else f"   every server full {m['bound_fallbacks']}"
+    return f"  decisions    in flight before / mean, the worst {m['decision_imbalance_max']:.3f}   {violations}{full}"
 
 
 # --------------------------------------------------------------------------- many runs, one table

@@ -136,6 +136,9 @@ async def test_b7_bounded_loads_trade_the_hot_server_for_moved_users(tmp_path):
     bounded = (await measure_file("b07-bounded-hash-nat-125", tmp_path / "125", duration_s=2.0)).metrics
     assert bounded["inflight_imbalance_p95"] < off["inflight_imbalance_p95"]
     assert bounded["spread_users"] > off["spread_users"] == 0
+    # Judged at each decision by the balancer itself: the bound held, and the off ring shows what it bounds.
+    assert bounded["bound_violations"] == bounded["bound_fallbacks"] == 0 and off["bound_violations"] is None
+    assert bounded["decision_imbalance_max"] < 1.25 < 2 <= off["decision_imbalance_max"]
 
 
 async def test_b8_logout_is_not_revocation_until_a_deny_list(tmp_path):
