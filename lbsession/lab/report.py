@@ -40,7 +40,10 @@ class Check:
         """`relogins > 0: 37`, as the tables show it."""
         if self.not_applicable:
             return f"{self.expectation}: not applicable ({self.not_applicable})"
-        return f"{self.expectation}: {_number(self.measured)}"
+        shown = _number(self.measured)
+        if isinstance(self.measured, float) and self.expectation.check(float(shown)) != self.passed:
+            shown = f"{self.measured:.3f}"  # 1.245 against "< 1.25" must not read as 1.25
+        return f"{self.expectation}: {shown}"
 
 
 @dataclass

@@ -207,6 +207,10 @@ def test_a_run_shows_the_decisions_audit_only_when_the_strategy_keeps_one():
     assert "the worst 1.245   over their bound 0   every server full 0" in format_run(report)
     report.metrics.update(bound_violations=None, bound_fallbacks=None, decision_imbalance_max=2.8)
     assert "the worst 2.800   no bound\n" in format_run(report)
+    report.metrics["decision_imbalance_max"] = 1.245
+    report.evaluate((*report.scenario.expect, Expectation("decision_imbalance_max", "<", 1.25)))
+    assert report.checks[-1].describe() == "decision_imbalance_max < 1.25: 1.245"  # not 1.25, which would fail it
+    assert report.checks[0].describe() == "relogins > 0: 1"
 
 
 def test_a_failed_fault_fails_the_run():
