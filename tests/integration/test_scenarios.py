@@ -163,7 +163,7 @@ async def test_b10_whole_session_writes_lose_a_concurrent_change_attribute_write
 async def test_b11_a_damaged_session_cookie_is_a_fresh_anonymous_session_and_counted(tmp_path):
     m = (await measure("B11", tmp_path)).metrics
     assert m["forged_anonymous"] == m["session_forgeries"] > 0
-    assert m["forged_sessions"] >= m["session_forgeries"]
+    assert m["forged_sessions"] == m["session_forgeries"]  # one per damaged cookie: its 401 expires it
 
 
 async def test_b12_balanced_affinity_gives_a_new_server_its_share_persistent_does_not(tmp_path):

@@ -165,6 +165,26 @@ async def test_login_rotates_the_id_and_logout_is_not_revocation(two_servers: tu
     assert opened_again.session_id != opened_first.session_id  # a new id at login: no fixation
 
 
+async def test_a_damaged_cookie_is_cleared_by_its_401_so_the_login_after_it_is_not_a_second_forgery(
+    two_servers: tuple[AppServer, AppServer],
+) -> None:
+    one, _ = two_servers
+    async with jar_session() as http:
+        async with http.post(one.url + "/login", json={"username": "alice"}):
+            pass
+        value = next(m.value for m in http.cookie_jar if m.key == "SESSION")
+        http.cookie_jar.update_cookies({"SESSION": value[:-12]}, URL(one.url))  # cut short
+        async with http.get(one.url + "/me") as response:
+            assert response.status == 401
+            assert response.cookies["SESSION"]["max-age"] == "0"  # the damaged value is expired at once
+        assert not [m for m in http.cookie_jar if m.key == "SESSION"]
+        async with http.post(one.url + "/login", json={"username": "alice"}) as response:
+            assert response.status == 200
+        async with http.get(one.url + "/me") as response:
+            assert response.status == 200 and "SESSION" not in response.cookies  # a good cookie stays as it is
+    assert one.store.counters["forged"] == 1  # type: ignore[attr-defined]  # one damaged cookie, counted once
+
+
 async def test_a_session_outgrowing_the_cookie_is_a_413_and_stays_as_it_was(
     two_servers: tuple[AppServer, AppServer],
 ) -> None:
