@@ -46,8 +46,9 @@ _ID_BYTES = 32
 # Any id we could have issued: the base64url alphabet, 128 bits (22 chars) or more, and a sane bound,
 # so junk never reaches the store (nor a log line, nor a Redis key).
 _VALID_ID = re.compile(r"[A-Za-z0-9_-]{22,128}")
-# A sealed value (Fernet: base64url with padding) of at most the browsers' 4 KB per cookie, and a bit.
-_VALID_SEALED = re.compile(r"[A-Za-z0-9_=-]{32,8192}")
+# A sealed value (a handle, a dot, a Fernet token: base64url with padding) of at most the browsers' 4 KB
+# per cookie, and a bit.
+_VALID_SEALED = re.compile(r"[A-Za-z0-9_=.-]{32,8192}")
 _MISSING = object()
 
 

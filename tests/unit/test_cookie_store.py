@@ -16,7 +16,7 @@ from yarl import URL
 
 from lbsession.appserver.app import AppServer
 from lbsession.appserver.stores import STORES, store_class
-from lbsession.appserver.stores.cookie import CookieStore
+from lbsession.appserver.stores.cookie import CookieStore, session_handle
 from lbsession.config import AppServerConfig, CookieStoreConfig, SessionConfig, load_config
 from lbsession.errors import ConfigError, SessionTooLarge
 
@@ -79,6 +79,21 @@ async def test_a_damaged_cookie_is_no_session_and_counted_forged(damage: str) ->
     }[damage]
     assert await store.open(damaged, ttl_s=60) is None
     assert store.counters["forged"] == 1
+
+
+async def test_every_cookie_of_a_session_leads_with_its_handle_which_opens_nothing() -> None:
+    store = CookieStore((KEY_A,))
+    first = await store.seal("sid-1", {"user": "alice"}, ttl_s=60)
+    second = await store.seal("sid-1", {"user": "alice", "cart": ["book"]}, ttl_s=60)
+    other = await store.seal("sid-2", {"user": "bob"}, ttl_s=60)
+    handle = first.partition(".")[0]
+    assert first != second and second.partition(".")[0] == handle == session_handle("sid-1")  # stable
+    assert other.partition(".")[0] != handle and "sid-1" not in handle and len(handle) == 12
+    # Another session's handle in front of a genuine token is a forgery, as a changed token is.
+    assert await store.open(other.partition(".")[0] + "." + first.partition(".")[2], ttl_s=60) is None
+    assert await store.open(first.partition(".")[2], ttl_s=60) is None  # no handle at all
+    assert store.counters["forged"] == 2
+    assert (await store.open(first, ttl_s=60)) is not None
 
 
 async def test_key_rotation_new_values_under_the_first_key_old_ones_still_open() -> None:
