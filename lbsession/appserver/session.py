@@ -46,8 +46,9 @@ _ID_BYTES = 32
 # Any id we could have issued: the base64url alphabet, 128 bits (22 chars) or more, and a sane bound,
 # so junk never reaches the store (nor a log line, nor a Redis key).
 _VALID_ID = re.compile(r"[A-Za-z0-9_-]{22,128}")
-# A sealed value (Fernet: base64url with padding) of at most the browsers' 4 KB per cookie, and a bit.
-_VALID_SEALED = re.compile(r"[A-Za-z0-9_=-]{32,8192}")
+# A sealed value (a handle, a dot, a Fernet token: base64url with padding) of at most the browsers' 4 KB
+# per cookie, and a bit.
+_VALID_SEALED = re.compile(r"[A-Za-z0-9_=.-]{32,8192}")
 _MISSING = object()
 
 
@@ -206,15 +207,20 @@ class _SealedSlot(_SessionSlot):
     def __init__(self, store: ClientSideStore, config: SessionConfig, cookie: str | None) -> None:
         self._store = store
         self._config = config
+        self._presented = cookie is not None
         self._cookie = cookie if cookie is not None and _VALID_SEALED.fullmatch(cookie) else None
         self._session: Session | None = None
         self._renew = False
+        self._clear = False  # the cookie presented opened to nothing: expire it in the answer
 
     async def get(self) -> Session:
         if self._session is None:
             opened = None if self._cookie is None else await self._store.open(self._cookie, self._config.ttl_s)
             if opened is None:
                 self._session = Session(None)
+                # Damaged, foreign, expired or revoked: cleared at once, so the client stops presenting it
+                # (to be decrypted and counted again, by the login that follows the 401, say).
+                self._clear = self._presented
             else:
                 self._session = Session(opened.session_id, opened.attributes)
                 self._renew = opened.age_s > self._config.ttl_s / 2  # slide, as the server stores' reads do
@@ -225,14 +231,14 @@ class _SealedSlot(_SessionSlot):
         if session is None:
             return
         changed, removed = session.changes()
-        if not (changed or removed or session.dead_ids or self._renew):
+        if not (changed or removed or session.dead_ids or self._renew or self._clear):
             return
         _check_not_sent(response)
         cookie = _cookie_attributes(self._config)
-        if session.id is None and not session:  # logged out, or a new session that holds nothing
+        if session.id is None and not session:  # logged out, a new session that holds nothing, a cookie refused
             for dead in session.dead_ids:
                 await self._store.revoke(dead, self._config.ttl_s)
-            if self._cookie is not None:
+            if self._presented:
                 response.del_cookie(self._config.cookie_name, **cookie)
             return
         session_id = session.id if session.id is not None else session.issue_id()

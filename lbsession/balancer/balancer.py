@@ -256,6 +256,7 @@ class LoadBalancer:
         return {
             "strategy": self.strategy.name,
             "strategy_settings": self.strategy.describe(),  # e.g. the sticky mode, the balance factor
+            "strategy_counters": self.strategy.counters(),  # e.g. bounded loads' audit of its decisions
             "strategies": list(STRATEGIES),  # what PUT /strategy accepts
             "url": self.url,
             "uptime_s": round(time.time() - self.started_at, 3),

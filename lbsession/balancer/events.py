@@ -16,7 +16,10 @@ Events are plain dicts, JSON-ready:
 
 `user` is a short stable hash of the session cookie, never its value: the
 stream shows that two requests belong to one user without handing a bearer
-token to everyone who can open the dashboard.
+token to everyone who can open the dashboard. A session cookie names its session
+up to its first dot: a server-side store's id has none, and the cookie store's
+value, whose sealed part changes with every response, leads with the session's
+public handle (`<handle>.<token>`), so one user stays one user as it writes.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ MAX_PATH_CHARS = 80
 
 @functools.lru_cache(maxsize=4096)  # a user sends the same cookie again and again
 def user_tag(session_id: str) -> str:
-    """A short, stable, one-way tag of a session id: names a user in the stream without revealing the id."""
-    return hashlib.blake2b(session_id.encode(), digest_size=4, person=b"lbs-user").hexdigest()
+    """A short, stable, one-way tag of a session cookie: names a user in the stream without revealing the id."""
+    name = session_id.partition(".")[0]  # the cookie store's handle, before the sealed part that changes
+    return hashlib.blake2b(name.encode(), digest_size=4, person=b"lbs-user").hexdigest()
 
 
 class Subscription:

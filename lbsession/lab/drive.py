@@ -55,10 +55,12 @@ async def drive(
     finally:
         await admin.close()
     routes = _routes_delta(status_before, status_after)
+    counters, counter_notes = strategy_counters_delta(status_before, status_after)
     outcomes = [_outcome(user) for user in users]
     data = RunData(
-        records, outcomes, applied, servers, routes, topology_before, topology_after, in_flight, store_counts
-    )
+        records, outcomes, applied, servers, routes, topology_before, topology_after, in_flight, store_counts,
+        counters,
+    )  # fmt: skip
     backend = (topology_before or {}).get("backend") or scenario.topology.app.backend
     report = RunReport(
         scenario=scenario,
@@ -78,7 +80,7 @@ async def drive(
         else [],
         balancer=str(status_before.get("balancer", "lbsession")),
     )
-    report.notes += [str(note) for note in status_before.get("notes", [])]
+    report.notes += [str(note) for note in status_before.get("notes", [])] + counter_notes
     report.evaluate(scenario.expect, unseen=status_before.get("unseen"))
     return report
 
@@ -175,6 +177,30 @@ def _routes_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, in
     """The balancer's routing decisions during the run, by reason (new, pinned, redispatched...)."""
     then = before["counters"]["routes"]
     return {reason: count - then.get(reason, 0) for reason, count in after["counters"]["routes"].items()}
+
+
+COUNTED = ("decisions", "bound_violations", "bound_fallbacks")  # counts of the strategy's audit, taken as deltas
+
+
+def strategy_counters_delta(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """What the strategy counted during the run (GET /status `strategy_counters`), and what to note of it.
+
+    Counts are deltas; a worst value cannot be, so it covers the decisions before the run too,
+    which a lab serving traffic before the run (`--target`, a live lab) says in a note.
+    """
+    then, now = before.get("strategy_counters") or {}, after.get("strategy_counters")
+    if not now:
+        return None, []
+    if before.get("strategy") != after.get("strategy") or then.get("decisions", 0) > now.get("decisions", 0):
+        then = {}  # the strategy was built again during the run (switched, reloaded): its counts began again
+    delta = {
+        key: value - (then.get(key) or 0) if key in COUNTED and isinstance(value, int) else value
+        for key, value in now.items()
+    }
+    earlier = then.get("decisions") or 0
+    if not earlier or now.get("decision_imbalance_max") is None:
+        return delta, []
+    return delta, [f"decision_imbalance_max includes the {earlier} routing decisions made before this run"]
 
 
 def _outcome(user: VirtualUser) -> UserOutcome:

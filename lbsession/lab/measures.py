@@ -30,6 +30,9 @@ METRICS: dict[str, str] = {
     "hottest_share": "the busiest server's share of all requests",
     "inflight_imbalance_max": "in flight, sampled through the run: the busiest server's over the mean, the worst",
     "inflight_imbalance_p95": "in flight, sampled through the run: the busiest server's over the mean, p95",
+    "bound_violations": "routing decisions that left their server above ceil(factor x mean in flight) (bounded loads)",
+    "bound_fallbacks": "routing decisions that found every server at its bound (HAProxy then takes one anyway)",
+    "decision_imbalance_max": "routing decisions: the chosen server's load before it over the mean with it, the worst",
     "rehashed_share": "requests the balancer sent past their key's server because it was full (bounded loads)",
     "spread_users": "users answered by more than one server during the run (moved off their server)",
     "p50_ms": "median latency",
@@ -135,6 +138,8 @@ class RunData:
     in_flight: list[dict[str, int]] = field(default_factory=list)
     # What the app servers' stores counted themselves (summed over the servers' /healthz), None: unknown.
     store_counts: dict[str, int] | None = None
+    # What the balancer's strategy counted of its decisions during the run (GET /status), None: nothing.
+    strategy_counters: dict[str, Any] | None = None
 
 
 def compute_metrics(data: RunData) -> dict[str, float | int | None]:
@@ -152,6 +157,7 @@ def compute_metrics(data: RunData) -> dict[str, float | int | None]:
         **latency(records),
         **balance(per_server(records, data.servers)),
         **in_flight_balance(data.in_flight),
+        **decision_bounds(data.strategy_counters),
         "rehashed_share": _share(data.routes.get("rehashed", 0), sum(data.routes.values())),
         "spread_users": spread_users(records),
         **fault_effects(records, data),
@@ -202,6 +208,22 @@ def in_flight_balance(samples: list[dict[str, int]]) -> dict[str, float | None]:
         return {"inflight_imbalance_max": None, "inflight_imbalance_p95": None}
     p95 = ratios[max(0, math.ceil(0.95 * len(ratios)) - 1)]
     return {"inflight_imbalance_max": round(ratios[-1], 3), "inflight_imbalance_p95": round(p95, 3)}
+
+
+def decision_bounds(counters: dict[str, Any] | None) -> dict[str, float | int | None]:
+    """Bounded loads judged where they act, at each routing decision, by the balancer's own audit.
+
+    `decision_imbalance_max` compares the chosen server's in-flight requests, before it takes
+    the request, with the mean including it: HAProxy's test (`served < slots`). It is rounded
+    down, not to the nearest: a ratio just under the factor must not read as the factor itself.
+    """
+    counters = counters or {}
+    worst = counters.get("decision_imbalance_max")
+    return {
+        "bound_violations": counters.get("bound_violations"),
+        "bound_fallbacks": counters.get("bound_fallbacks"),
+        "decision_imbalance_max": None if worst is None else math.floor(worst * 1000 + 1e-9) / 1000,
+    }
 
 
 def spread_users(records: list[Record]) -> int:

@@ -40,7 +40,10 @@ class Check:
         """`relogins > 0: 37`, as the tables show it."""
         if self.not_applicable:
             return f"{self.expectation}: not applicable ({self.not_applicable})"
-        return f"{self.expectation}: {_number(self.measured)}"
+        shown = _number(self.measured)
+        if isinstance(self.measured, float) and self.expectation.check(float(shown)) != self.passed:
+            shown = f"{self.measured:.3f}"  # 1.245 against "< 1.25" must not read as 1.25
+        return f"{self.expectation}: {shown}"
 
 
 @dataclass
@@ -137,6 +140,7 @@ def format_run(report: RunReport) -> str:
         f"  balance      imbalance {_number(m['imbalance'])}   cv {_number(m['cv'])}"
         f"   hottest {_percent(m['hottest_share'])}   in flight max/mean p95 {_number(m['inflight_imbalance_p95'])}"
         f" max {_number(m['inflight_imbalance_max'])}",
+        _bounds_line(m),
         f"  latency      p50 {_ms(m['p50_ms'])} ms   p99 {_ms(m['p99_ms'])} ms"
         f"   longest stall {_number(m['stall_s'])} s",
         "  routes       " + (", ".join(f"{k} {v}" for k, v in report.routes.items() if v) or "-"),
@@ -154,6 +158,15 @@ def format_run(report: RunReport) -> str:
         lines.append(f"{head}{check.describe():<48} {outcome}")
     lines += [f"  note         {note}" for note in report.notes]
     return "\n".join(line for line in lines if line)
+
+
+def _bounds_line(m: dict[str, Any]) -> str:
+    """Bounded loads as the balancer audited its decisions (empty when its strategy counts none)."""
+    if m["decision_imbalance_max"] is None:
+        return ""
+    violations = "no bound" if m["bound_violations"] is None else f"over their bound {m['bound_violations']}"
+    full = "" if m["bound_fallbacks"] is None else f"   every server full {m['bound_fallbacks']}"
+    return f"  decisions    in flight before / mean, the worst {m['decision_imbalance_max']:.3f}   {violations}{full}"
 
 
 # --------------------------------------------------------------------------- many runs, one table

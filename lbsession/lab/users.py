@@ -365,8 +365,10 @@ class VirtualUser:
             forged = value[:middle] + ("A" if value[middle] != "A" else "B") + value[middle + 1 :]
         elif kind == "truncated":
             forged = value[: max(1, len(value) - 12)]
-        else:  # the same shape as a genuine value, sealed under a key nobody in the lab holds
-            forged = base64.urlsafe_b64encode(secrets.token_bytes(len(value) * 3 // 4)).decode()[: len(value)]
+        else:  # the same shape as a genuine value (its handle kept), sealed under a key nobody in the lab holds
+            handle = value[: value.find(".") + 1]
+            sealed = base64.urlsafe_b64encode(secrets.token_bytes(len(value) * 3 // 4)).decode()
+            forged = handle + sealed[: len(value) - len(handle)]
         assert self._http is not None
         self._http.cookie_jar.update_cookies({self.session_cookie: forged}, URL(self.lb_url))
         self._forged = True

@@ -190,4 +190,10 @@ async def test_the_balancer_box_shows_the_sticky_mode_and_the_balance_factor(
     lab: Topology = await start_lab(strategy, balancer=balancer)
     await open_dashboard(page, lab)
     await expect(page.locator(".lb [data-strategy-settings]")).to_have_text(shown, timeout=WAIT_MS)
+    audit = page.locator(".lb [data-strategy-counters]")
+    if strategy == "consistent-hash":  # its audit of each decision against the bound
+        await log_in_and_ask(page, 7)
+        await expect(audit).to_have_text(re.compile(r"^over bound 0 · max \d\.\d\dx$"), timeout=WAIT_MS)
+    else:
+        await expect(audit).to_have_count(0)
     await screenshot(page, f"dashboard-{strategy}-settings")

@@ -76,6 +76,28 @@ async def test_every_request_and_server_change_is_on_the_event_stream(start_lab,
     assert (change["server"], change["state"], change["healthy"]) == ("was-3", "down", False)
 
 
+async def test_with_the_cookie_store_a_user_stays_one_user_in_the_events_as_its_cookie_changes(
+    start_lab, users
+) -> None:
+    """The dashboard groups clients by `user`; the cookie store's value changes with each write, its handle not."""
+    lab: Topology = await start_lab("round-robin", "cookie")
+    assert lab.lb is not None
+    async with aiohttp.ClientSession() as http, http.get(lab.admin_url + "/events") as stream:
+        await until_subscribed(lab)
+        alice = users(lab.lb.url)
+        await alice.login("alice")
+        cookies = []
+        for n in range(3):
+            cookies.append(alice.cookie("SESSION"))
+            assert (await alice.request("POST", "/cart", json={"item": f"book-{n}"})).status == 200
+        assert (await alice.me()).status == 200
+        events = sse_events(stream)
+        _, *after_login = [await anext(events) for _ in range(5)]
+    assert len({*cookies, alice.cookie("SESSION")}) == 4  # a new sealed value after every write
+    assert {e["user"] for e in after_login} == {user_tag(cookies[0])}  # and one user throughout
+    assert all(c is not None and c.partition(".")[2] not in json.dumps(after_login) for c in cookies)
+
+
 async def test_a_viewer_that_does_not_read_loses_events_not_requests(start_lab) -> None:
     lab: Topology = await start_lab("round-robin")
     assert lab.lb is not None

@@ -136,6 +136,9 @@ async def test_b7_bounded_loads_trade_the_hot_server_for_moved_users(tmp_path):
     bounded = (await measure_file("b07-bounded-hash-nat-125", tmp_path / "125", duration_s=2.0)).metrics
     assert bounded["inflight_imbalance_p95"] < off["inflight_imbalance_p95"]
     assert bounded["spread_users"] > off["spread_users"] == 0
+    # Judged at each decision by the balancer itself: the bound held, and the off ring shows what it bounds.
+    assert bounded["bound_violations"] == bounded["bound_fallbacks"] == 0 and off["bound_violations"] is None
+    assert bounded["decision_imbalance_max"] < 1.25 < 2 <= off["decision_imbalance_max"]
 
 
 async def test_b8_logout_is_not_revocation_until_a_deny_list(tmp_path):
@@ -160,7 +163,7 @@ async def test_b10_whole_session_writes_lose_a_concurrent_change_attribute_write
 async def test_b11_a_damaged_session_cookie_is_a_fresh_anonymous_session_and_counted(tmp_path):
     m = (await measure("B11", tmp_path)).metrics
     assert m["forged_anonymous"] == m["session_forgeries"] > 0
-    assert m["forged_sessions"] >= m["session_forgeries"]
+    assert m["forged_sessions"] == m["session_forgeries"]  # one per damaged cookie: its 401 expires it
 
 
 async def test_b12_balanced_affinity_gives_a_new_server_its_share_persistent_does_not(tmp_path):

@@ -16,7 +16,7 @@ from yarl import URL
 
 from lbsession.appserver.app import AppServer
 from lbsession.appserver.stores import STORES, store_class
-from lbsession.appserver.stores.cookie import CookieStore
+from lbsession.appserver.stores.cookie import CookieStore, session_handle
 from lbsession.config import AppServerConfig, CookieStoreConfig, SessionConfig, load_config
 from lbsession.errors import ConfigError, SessionTooLarge
 
@@ -79,6 +79,21 @@ async def test_a_damaged_cookie_is_no_session_and_counted_forged(damage: str) ->
     }[damage]
     assert await store.open(damaged, ttl_s=60) is None
     assert store.counters["forged"] == 1
+
+
+async def test_every_cookie_of_a_session_leads_with_its_handle_which_opens_nothing() -> None:
+    store = CookieStore((KEY_A,))
+    first = await store.seal("sid-1", {"user": "alice"}, ttl_s=60)
+    second = await store.seal("sid-1", {"user": "alice", "cart": ["book"]}, ttl_s=60)
+    other = await store.seal("sid-2", {"user": "bob"}, ttl_s=60)
+    handle = first.partition(".")[0]
+    assert first != second and second.partition(".")[0] == handle == session_handle("sid-1")  # stable
+    assert other.partition(".")[0] != handle and "sid-1" not in handle and len(handle) == 12
+    # Another session's handle in front of a genuine token is a forgery, as a changed token is.
+    assert await store.open(other.partition(".")[0] + "." + first.partition(".")[2], ttl_s=60) is None
+    assert await store.open(first.partition(".")[2], ttl_s=60) is None  # no handle at all
+    assert store.counters["forged"] == 2
+    assert (await store.open(first, ttl_s=60)) is not None
 
 
 async def test_key_rotation_new_values_under_the_first_key_old_ones_still_open() -> None:
@@ -163,6 +178,26 @@ async def test_login_rotates_the_id_and_logout_is_not_revocation(two_servers: tu
     opened_again = await one.store.open(fresh, ttl_s=60)  # type: ignore[attr-defined]
     assert opened_first is not None and opened_again is not None
     assert opened_again.session_id != opened_first.session_id  # a new id at login: no fixation
+
+
+async def test_a_damaged_cookie_is_cleared_by_its_401_so_the_login_after_it_is_not_a_second_forgery(
+    two_servers: tuple[AppServer, AppServer],
+) -> None:
+    one, _ = two_servers
+    async with jar_session() as http:
+        async with http.post(one.url + "/login", json={"username": "alice"}):
+            pass
+        value = next(m.value for m in http.cookie_jar if m.key == "SESSION")
+        http.cookie_jar.update_cookies({"SESSION": value[:-12]}, URL(one.url))  # cut short
+        async with http.get(one.url + "/me") as response:
+            assert response.status == 401
+            assert response.cookies["SESSION"]["max-age"] == "0"  # the damaged value is expired at once
+        assert not [m for m in http.cookie_jar if m.key == "SESSION"]
+        async with http.post(one.url + "/login", json={"username": "alice"}) as response:
+            assert response.status == 200
+        async with http.get(one.url + "/me") as response:
+            assert response.status == 200 and "SESSION" not in response.cookies  # a good cookie stays as it is
+    assert one.store.counters["forged"] == 1  # type: ignore[attr-defined]  # one damaged cookie, counted once
 
 
 async def test_a_session_outgrowing_the_cookie_is_a_413_and_stays_as_it_was(

@@ -135,6 +135,12 @@ def test_user_tag_is_short_stable_and_not_the_id() -> None:
     assert tag not in SESSION_ID and user_tag(SESSION_ID + "x") != tag
 
 
+def test_user_tag_names_a_cookie_store_session_by_its_handle_not_by_the_sealed_part() -> None:
+    # The cookie store's values of one session: one handle, a sealed part that changes with each response.
+    assert user_tag("HANDLEhandle.gAAAAAfirst") == user_tag("HANDLEhandle.gAAAAAsecond") == user_tag("HANDLEhandle")
+    assert user_tag("HANDLEhandle.gAAAAAfirst") != user_tag("OTHERhandle0.gAAAAAfirst")
+
+
 async def test_the_proxy_publishes_each_answered_request() -> None:
     lb = balancer()
     subscription = lb.events.subscribe()

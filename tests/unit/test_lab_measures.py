@@ -68,6 +68,35 @@ def test_in_flight_imbalance_is_the_busiest_over_the_mean_in_samples_with_a_requ
     assert compute_metrics(data(records))["inflight_imbalance_max"] is None  # nothing sampled
 
 
+def test_the_balancers_audit_of_its_decisions_is_read_as_deltas_and_its_worst_ratio_never_rounds_up():
+    from lbsession.lab.drive import strategy_counters_delta
+
+    def status(decisions: int, violations: int | None, worst: float | None, strategy="consistent-hash") -> dict:
+        counters = {"decisions": decisions, "bound_violations": violations, "bound_fallbacks": violations,
+                    "decision_imbalance_max": worst}  # fmt: skip
+        return {"strategy": strategy, "strategy_counters": counters}
+
+    counters, notes = strategy_counters_delta(status(0, 0, None), status(500, 0, 37 / 29.7))  # 1.24579...
+    assert (counters, notes) == ({**status(500, 0, 37 / 29.7)["strategy_counters"]}, [])
+    records = [rec(0, 0.0, 200, "was-1")]
+    m = compute_metrics(RunData(records, [UserOutcome(0)], [], ["was-1"], {}, None, None, strategy_counters=counters))
+    assert (m["bound_violations"], m["bound_fallbacks"], m["decision_imbalance_max"]) == (0, 0, 1.245)
+    m = compute_metrics(RunData(records, [UserOutcome(0)], [], ["was-1"], {}, None, None,
+                                strategy_counters={"decision_imbalance_max": 1.2499999}))  # fmt: skip
+    assert m["decision_imbalance_max"] == 1.249  # "< 1.25" must still hold once rounded
+    # A lab that served traffic before the run: counts are deltas, the worst ratio says it covers both.
+    counters, notes = strategy_counters_delta(status(40, 1, 1.2), status(140, 3, 1.2))
+    assert (counters["decisions"], counters["bound_violations"], counters["bound_fallbacks"]) == (100, 2, 2)
+    assert notes == ["decision_imbalance_max includes the 40 routing decisions made before this run"]
+    # The strategy built again during the run (a reload, a switch): its counts began again.
+    assert strategy_counters_delta(status(40, 1, 1.2), status(10, 0, 1.1))[0]["decisions"] == 10
+    assert strategy_counters_delta(status(40, 1, 1.2, "round-robin"), status(50, 0, 1.1))[0]["decisions"] == 50
+    # Without a factor there is no bound; a strategy that counts nothing gives nothing.
+    assert strategy_counters_delta(status(0, None, None), status(9, None, 2.4))[0]["bound_violations"] is None
+    assert strategy_counters_delta({"strategy": "round-robin"}, {"strategy_counters": {}}) == (None, [])
+    assert compute_metrics(data(records))["decision_imbalance_max"] is None
+
+
 def test_rehashed_share_and_users_spread_over_servers():
     records = [rec(0, 0.0, 200, "was-1"), rec(0, 0.1, 200, "was-2"), rec(1, 0.0, 200, "was-3")]
     records.append(rec(1, 0.2, 503, "was-1"))  # an error page from another server is not a move
@@ -169,6 +198,19 @@ def test_verdicts_tables_and_markdown():
         markdown.startswith("# lbsession matrix\n")
         and "| C1 | c01-test | a test | relogins > 0: 1 | PASS |" in markdown
     )
+
+
+def test_a_run_shows_the_decisions_audit_only_when_the_strategy_keeps_one():
+    report = make_report()
+    assert "decisions" not in format_run(report)
+    report.metrics.update(bound_violations=0, bound_fallbacks=0, decision_imbalance_max=1.245)
+    assert "the worst 1.245   over their bound 0   every server full 0" in format_run(report)
+    report.metrics.update(bound_violations=None, bound_fallbacks=None, decision_imbalance_max=2.8)
+    assert "the worst 2.800   no bound\n" in format_run(report)
+    report.metrics["decision_imbalance_max"] = 1.245
+    report.evaluate((*report.scenario.expect, Expectation("decision_imbalance_max", "<", 1.25)))
+    assert report.checks[-1].describe() == "decision_imbalance_max < 1.25: 1.245"  # not 1.25, which would fail it
+    assert report.checks[0].describe() == "relogins > 0: 1"
 
 
 def test_a_failed_fault_fails_the_run():

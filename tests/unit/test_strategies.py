@@ -7,13 +7,16 @@ strategy is enough to have it tested. Upstreams are `FakeUpstream` records: the
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -108,6 +111,11 @@ def test_new_clients_go_to_a_given_upstream_that_is_not_draining(strategy: Strat
 def test_every_upstream_gets_new_clients(strategy: Strategy) -> None:
     servers = upstreams("a", "b", "c")
     assert set(route_all(strategy, client_ips(300), servers).values()) == {"a", "b", "c"}
+
+
+def test_every_strategy_counters_are_a_json_object(strategy: Strategy) -> None:
+    strategy.choose(RequestFacts("10.0.0.1"), upstreams("a", "b"))
+    assert json.loads(json.dumps(strategy.counters())) == strategy.counters()
 
 
 def test_strategy_module_does_not_import_aiohttp(strategy_name: str) -> None:
@@ -571,6 +579,61 @@ def test_bounded_loads_hold_every_server_within_the_factor(factor: int) -> None:
         route.upstream.in_flight += 1  # type: ignore[misc]  # the view is read-only to strategies
         busiest = max(u.in_flight for u in servers)
         assert busiest <= math.ceil(sent * factor / 100 / len(servers)), (sent, [u.in_flight for u in servers])
+
+
+@pytest.mark.parametrize("factor", [100, 125, 150, 200])
+def test_every_bounded_decision_keeps_its_bound_and_the_strategy_counts_it(factor: int) -> None:
+    """Known loads that rise and fall (requests finish between decisions): each decision checked on its own."""
+    rng = random.Random(factor)
+    servers = loaded("a", "b", "c")
+    strategy = ConsistentHashStrategy(balance_factor=factor)
+    worst = Fraction(0)
+    for decision in range(1, 2001):
+        for upstream in servers:  # some requests finish before the next decision, as on a real balancer
+            upstream.in_flight -= sum(rng.random() < 0.15 for _ in range(upstream.in_flight))
+        total = sum(u.in_flight for u in servers)
+        ip = "203.0.113.9" if rng.random() < 0.8 else rng.choice(client_ips(60))  # a NAT and a few others
+        chosen = strategy.choose(RequestFacts(ip), servers).upstream
+        worst = max(worst, Fraction(chosen.in_flight * len(servers), total + 1))
+        chosen.in_flight += 1  # type: ignore[misc]  # the view is read-only to strategies
+        # After taking it, the chosen server holds at most ceil(factor x the mean with this request).
+        assert chosen.in_flight <= math.ceil(Fraction((total + 1) * factor, 100 * len(servers))), decision
+    counters = strategy.counters()
+    assert counters == {
+        "decisions": 2000,
+        "bound_violations": 0,
+        "bound_fallbacks": 0,
+        "decision_imbalance_max": float(worst),
+    }
+    assert worst < Fraction(factor, 100)  # before taking it, below factor x mean: HAProxy's served < slots
+    assert worst > Fraction(factor, 100) - Fraction(1, 4)  # and the NAT pressed the bound: the check is not idle
+
+
+def test_a_decision_that_finds_every_server_full_is_a_counted_fallback_and_violation() -> None:
+    # Only a factor under 100, which the config refuses, leaves fewer slots than requests in flight.
+    strategy = ConsistentHashStrategy(balance_factor=50)
+    servers = loaded("a", "b")
+    servers[0].in_flight = servers[1].in_flight = 2
+    owner = ConsistentHashStrategy().choose(RequestFacts("10.0.0.7"), servers).upstream
+    assert strategy.choose(RequestFacts("10.0.0.7"), servers) == Route(owner, "pinned")  # HAProxy takes one anyway
+    assert strategy.counters() == {
+        "decisions": 1,
+        "bound_violations": 1,  # 3 in flight after it, over ceil(0.5 x 5 / 2) = 2
+        "bound_fallbacks": 1,
+        "decision_imbalance_max": 2 * 2 / 5,
+    }
+
+
+def test_without_a_factor_there_is_no_bound_but_the_decision_ratio_shows_the_hot_server() -> None:
+    strategy = ConsistentHashStrategy()
+    servers = loaded("a", "b", "c")
+    idle = {"decisions": 0, "bound_violations": None, "bound_fallbacks": None, "decision_imbalance_max": None}
+    assert strategy.counters() == idle
+    for _ in range(30):  # one NAT address: every request on one server, none finishing
+        strategy.choose(RequestFacts("203.0.113.9"), servers).upstream.in_flight += 1  # type: ignore[misc]
+    counters = strategy.counters()
+    assert (counters["decisions"], counters["bound_violations"], counters["bound_fallbacks"]) == (30, None, None)
+    assert counters["decision_imbalance_max"] == 29 * 3 / 30  # 29 already there, over a mean of 30 / 3
 
 
 def test_bounded_loads_keep_the_owner_while_it_has_room_and_say_when_a_request_moved() -> None:

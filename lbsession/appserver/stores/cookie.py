@@ -9,6 +9,13 @@ key is stretched by HKDF into a Fernet key; new values are sealed under the
 first key and every key still opens them (rotation: put the new key first,
 drop the old one a max age later).
 
+The token changes with every seal (Fernet draws a fresh IV and stamps the time),
+so the cookie leads with the session's handle, `<handle>.<token>`: a one-way hash
+of the session id, the same in every cookie of one session, which opens nothing
+and tells nothing of the session. Whatever groups requests by session without the
+keys (the balancer's event stream, the dashboard) reads that part alone. A handle
+that does not match the id sealed behind it is a forgery like any other.
+
 It cures the re-login under any strategy and survives every app-server death
 with nothing to configure. Its drawbacks are the lab's to measure: logout is not
 revocation (a copy of the cookie stays valid until its max age), a session must
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +51,12 @@ from lbsession.errors import ConfigError, SessionTooLarge
 
 _HKDF_INFO = b"lbsession cookie store v1"
 REVOKED_PREFIX = "lbsession:revoked:"  # the deny-list's keys in Redis, apart from the redis store's sessions
+
+
+def session_handle(session_id: str) -> str:
+    """The public name of a session in its cookie: stable, one-way, 12 characters of base64url."""
+    digest = hashlib.blake2b(session_id.encode(), digest_size=9, person=b"lbs-handle").digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii")
 
 
 def fernet_key(secret: str) -> bytes:
@@ -114,10 +128,13 @@ class CookieStore(ClientSideStore):
 
     async def open(self, value: str, ttl_s: float) -> Opened | None:
         """The sealed session, or None for a value that is forged, foreign, truncated or past its max age."""
+        handle, _, token = value.partition(".")
         try:
-            payload = json.loads(self._fernet.decrypt(value.encode("ascii")))
+            payload = json.loads(self._fernet.decrypt(token.encode("ascii")))
             session_id, issued, max_age, data = payload["sid"], payload["iat"], payload["max_age"], payload["data"]
-        except (InvalidToken, UnicodeEncodeError, ValueError, KeyError, TypeError):
+            if session_handle(session_id) != handle:
+                raise ValueError("the handle names another session")
+        except (InvalidToken, UnicodeEncodeError, ValueError, KeyError, TypeError, AttributeError):
             # Tampered, truncated, sealed under a key we no longer hold: a fresh anonymous session, counted.
             self.counters["forged"] += 1
             return None
@@ -142,7 +159,7 @@ class CookieStore(ClientSideStore):
         encode_attributes(attributes)  # TypeError naming an attribute that is not JSON, as every store does
         payload = {"sid": session_id, "iat": round(self._clock(), 3), "max_age": ttl_s, "data": dict(attributes)}
         text = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        value = self._fernet.encrypt(text.encode()).decode("ascii")
+        value = f"{session_handle(session_id)}.{self._fernet.encrypt(text.encode()).decode('ascii')}"
         size = self._overhead + len(value)
         if size > self._max_bytes:
             self.counters["too_large"] += 1

@@ -121,6 +121,10 @@ class Strategy(ABC):
         """The settings that shape this strategy's routing, for GET /status and the dashboard (none by default)."""
         return {}
 
+    def counters(self) -> dict[str, Any]:
+        """What this strategy counted of its own decisions since it was built, for GET /status (none by default)."""
+        return {}
+
     @classmethod
     def from_config(cls, config: BalancerConfig) -> Strategy:
         """Build the strategy from the balancer's settings."""

@@ -216,7 +216,8 @@ function renderBalancer(geo) {
   const layer = document.getElementById("layer-lb");
   layer.replaceChildren();
   const group = svg("g", { class: "lb", transform: `translate(${COL.lb},${geo.lbY})` }, layer);
-  svg("rect", { class: "box", width: COL.lbW, height: 176, rx: 12 }, group);
+  const audit = decisionAudit(state.status.strategy_counters || {});
+  svg("rect", { class: "box", width: COL.lbW, height: audit ? 194 : 176, rx: 12 }, group);
   text(group, 14, 26, "balancer", "title");
   text(group, 14, 48, state.status.strategy, "big");
   const total = [...state.rates.values()].reduce((a, b) => a + b, 0);
@@ -230,6 +231,14 @@ function renderBalancer(geo) {
   open.dataset.field = "tunnels";
   const settings = text(group, 14, 166, strategySettings(state.status.strategy_settings || {}), "small");
   settings.setAttribute("data-strategy-settings", "");
+  if (audit) text(group, 14, 184, audit, "small").setAttribute("data-strategy-counters", "");
+}
+
+function decisionAudit(counters) {
+  // Bounded loads, judged where they act: routing decisions over their bound, and the worst load / mean (max).
+  if (counters.decisions === undefined) return "";
+  const worst = counters.decision_imbalance_max == null ? "" : ` · max ${counters.decision_imbalance_max.toFixed(2)}x`;
+  return (counters.bound_violations == null ? "no bound" : `over bound ${counters.bound_violations}`) + worst;
 }
 
 function strategySettings(settings) {

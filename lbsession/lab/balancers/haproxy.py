@@ -55,6 +55,9 @@ class HaproxyFront(BalancerFront):
 
     name: ClassVar[str] = "haproxy"
     unseen: ClassVar[dict[str, str]] = {
+        "bound_violations": "HAProxy shows no routing decision against its bound: the audit is lbsession's",
+        "bound_fallbacks": "HAProxy shows no routing decision against its bound",
+        "decision_imbalance_max": "HAProxy shows no routing decision's load",
         "forged_cookies": "HAProxy counts no forged cookie: its cookie is the server's name in clear, and any "
         "valid name is obeyed",
         "tamper_detected_share": "HAProxy counts no forged cookie",

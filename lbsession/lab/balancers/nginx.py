@@ -64,6 +64,9 @@ class NginxFront(BalancerFront):
 
     name: ClassVar[str] = "nginx"
     unseen: ClassVar[dict[str, str]] = {
+        "bound_violations": "nginx shows no routing decision against its bound: the audit is lbsession's",
+        "bound_fallbacks": "nginx shows no routing decision against its bound",
+        "decision_imbalance_max": "nginx shows no routing decision's load",
         "forged_cookies": "nginx sets no cookie of its own, so there is none to forge",
         "tamper_detected_share": "nginx sets no cookie of its own",
         "cookie_names_server": "nginx sets no cookie naming a server",
