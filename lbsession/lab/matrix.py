@@ -31,9 +31,10 @@ from lbsession import __version__
 from lbsession.appserver.stores import STORES, store_class
 from lbsession.balancer.strategies import STRATEGIES, strategy_class
 from lbsession.errors import ConfigError, LBSessionError
+from lbsession.lab.balancers import front_class
 from lbsession.lab.measures import METRICS
-from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport
-from lbsession.lab.runner import run_scenario
+from lbsession.lab.report import FAIL, NO_CLAIM, PASS, ProgressBar, RunReport
+from lbsession.lab.runner import lab_config, run_scenario
 from lbsession.lab.scenario import (
     CLAIM_FAMILIES,
     FAULT_ACTIONS,
@@ -171,11 +172,15 @@ async def run_matrix(
     runs = [(scenario, balancer) for scenario in plan for balancer in balancers]
     for index, (scenario, balancer) in enumerate(runs, 1):
         run_started = time.monotonic()
-        try:
-            report = await run_scenario(scenario, on_progress=progress, balancer=balancer)
-        except LBSessionError as exc:  # one lab that cannot start must not cost the other runs
-            report = failed_run(scenario, str(exc), balancer)
-        if balancer != "lbsession":
+        refused = [] if balancer == "lbsession" else front_class(balancer).refusals(lab_config(scenario))
+        if refused:  # a setting this balancer lacks: nothing to judge, and not its failure
+            report = failed_run(scenario, f"{balancer} cannot run it: " + "; ".join(refused), balancer, NO_CLAIM)
+        else:
+            try:
+                report = await run_scenario(scenario, on_progress=progress, balancer=balancer)
+            except LBSessionError as exc:  # one lab that cannot start must not cost the other runs
+                report = failed_run(scenario, str(exc), balancer)
+        if balancer != "lbsession" and not refused:
             own = next((r for r in reports if r.scenario.name == scenario.name and r.balancer == "lbsession"), None)
             report.agrees = agreement(report, own)
         reports.append(report)
@@ -202,8 +207,8 @@ def agreement(report: RunReport, own: RunReport | None) -> str | None:
     return f"no ({figures}; {report.verdict} vs {own.verdict})"
 
 
-def failed_run(scenario: Scenario, error: str, balancer: str = "lbsession") -> RunReport:
-    """The report of a run whose lab could not be started or reached."""
+def failed_run(scenario: Scenario, error: str, balancer: str = "lbsession", verdict: str = ERROR) -> RunReport:
+    """The report of a run whose lab could not be started or reached (or, verdict `-`, was not tried)."""
     report = RunReport(
         scenario=scenario,
         strategy=scenario.topology.balancer.strategy,
@@ -219,7 +224,7 @@ def failed_run(scenario: Scenario, error: str, balancer: str = "lbsession") -> R
         notes=[f"the run did not happen: {error}"],
         balancer=balancer,
     )
-    report.verdict = ERROR
+    report.verdict = verdict
     return report
 
 
@@ -228,7 +233,7 @@ def matrix_document(reports: Sequence[RunReport], wall_s: float, overrides: dict
     claims: dict[str, str] = {}
     for report in reports:
         claim = report.scenario.claim
-        if claim is not None:
+        if claim is not None and report.verdict != NO_CLAIM:  # a run not tried judges no claim
             claims[claim] = FAIL if claims.get(claim, PASS) != PASS else report.verdict
     judged = [r.verdict for r in reports if r.verdict != "-"]
     return {

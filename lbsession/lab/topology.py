@@ -129,7 +129,9 @@ class Topology:
         """Start every app server, then the balancer in front of them; return once all are healthy."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self.balancer != "lbsession":  # before any process: a missing binary is the user's to fix
-            self.front = front_class(self.balancer)(self.config, self.log_dir)
+            front = front_class(self.balancer)
+            front.refuse(self.config)
+            self.front = front(self.config, self.log_dir)
         try:
             if self.config.links == "on":
                 self.links = LinkService(self.log_dir / "links.log", self._lab_token)

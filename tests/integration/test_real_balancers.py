@@ -19,7 +19,7 @@ import pytest
 from lbsession.balancer.strategies import STRATEGY_NAMES
 from lbsession.cli import main
 from lbsession.lab.balancers import APT_PACKAGES, REAL_BALANCERS, find_binary, front_class, printed_config
-from lbsession.lab.matrix import run_matrix
+from lbsession.lab.matrix import matrix_document, run_matrix
 from lbsession.lab.report import NO_CLAIM, PASS, RunReport
 from lbsession.lab.runner import run_scenario
 from lbsession.lab.scenario import find_scenario, load_scenario
@@ -67,6 +67,78 @@ async def test_generated_config_passes_the_binarys_own_check(balancer: str, stra
         ("nginx", "consistent-hash"): "hash $remote_addr consistent;",
     }
     assert expected[(balancer, strategy)] in text
+
+
+HASH_LINES = {
+    ("haproxy", "ip-hash", "header:X-User"): ["balance hdr(X-User)", "hash-type map-based"],
+    ("haproxy", "consistent-hash", "cookie:SESSION"): ["balance hash req.cook(SESSION)", "hash-type consistent"],
+    ("nginx", "ip-hash", "header:X-User"): ["hash $http_x_user;"],
+    ("nginx", "consistent-hash", "cookie:SESSION"): ["hash $cookie_SESSION consistent;"],
+}
+
+
+@pytest.mark.parametrize(("balancer", "strategy", "key"), [pytest.param(*k, marks=needs(k[0])) for k in HASH_LINES])
+async def test_a_hash_key_other_than_the_address_is_the_balancers_own(
+    balancer: str, strategy: str, key: str, short_dir: Path
+) -> None:
+    front = front_class(balancer)(lab_config(strategy, balancer={"hash": {"key": key}}), short_dir)
+    front.servers = {"was-1": 8001, "was-2": 8002}
+    front.states = dict.fromkeys(front.servers, "ready")
+    front.write_config()
+    await front.check_config()
+    lines = [line.strip() for line in front.config_path.read_text().splitlines()]
+    assert all(line in lines for line in HASH_LINES[(balancer, strategy, key)]), lines
+    assert "balance source" not in lines and "hash $remote_addr consistent;" not in lines
+
+
+@needs("haproxy")
+async def test_haproxy_bounds_loads_with_the_labs_balance_factor(short_dir: Path) -> None:
+    front = front_class("haproxy")(lab_config("consistent-hash", balancer={"hash": {"balance_factor": 125}}), short_dir)
+    front.servers = {"was-1": 8001}
+    front.states = {"was-1": "ready"}
+    front.write_config()
+    await front.check_config()
+    assert "    hash-balance-factor 125" in front.config_path.read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("argv", "refused"),
+    [
+        (
+            ["--balancer", "nginx", "--strategy", "consistent-hash", "--hash-balance-factor", "125"],
+            "--hash-balance-factor",
+        ),
+        (
+            ["--balancer", "haproxy", "--strategy", "sticky-cookie", "--sticky-mode", "balanced"],
+            "--sticky-mode balanced",
+        ),
+        (["--balancer", "nginx", "--strategy", "sticky-cookie", "--sticky-mode", "balanced"], "--sticky-mode balanced"),
+    ],
+)
+def test_a_setting_the_balancer_lacks_is_refused_not_ignored(
+    argv: list[str], refused: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", *argv, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert refused in err and "cannot run this lab" in err and "--balancer lbsession" in err
+
+
+async def test_the_matrix_does_not_run_what_a_balancer_lacks_and_judges_no_claim_by_it() -> None:
+    scenario = load_scenario(find_scenario("b07-bounded-hash-nat-125"))
+    reports, _ = await run_matrix([scenario], balancers=["nginx"])  # refused before any process starts
+    (report,) = reports
+    assert report.verdict == NO_CLAIM
+    assert "nginx cannot run it: --hash-balance-factor" in report.notes[0]
+    assert "B7" not in matrix_document(reports, 0.0, {})["claims"]
+
+
+@needs("haproxy")
+async def test_b7_through_haproxy_bounds_the_nat_by_its_own_hash_balance_factor(short_dir: Path) -> None:
+    bounded = await through("haproxy", "b07-bounded-hash-nat-125", short_dir / "125")
+    unbounded = await through("haproxy", "b07-bounded-hash-nat-off", short_dir / "off")
+    # In flight per server from HAProxy's own `show stat` (scur): the factor spreads the NAT's users.
+    assert bounded.metrics["spread_users"] > 0 and unbounded.metrics["spread_users"] == 0
+    assert bounded.metrics["inflight_imbalance_p95"] < unbounded.metrics["inflight_imbalance_p95"]
 
 
 @needs("haproxy")

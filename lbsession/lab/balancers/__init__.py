@@ -73,7 +73,9 @@ def printed_config(name: str, config: Config) -> str:
     The app servers' ports are the lab's to choose when it runs (port 0); printed, they are
     8001, 8002, ... in order, as a user copying the file would run them.
     """
-    front = front_class(name)(config, PRINTED_LOG_DIR)
+    cls = front_class(name)
+    cls.refuse(config)
+    front = cls(config, PRINTED_LOG_DIR)
     front.servers = {f"was-{n}": 8000 + n for n in range(1, config.servers + 1)}
     front.states = dict.fromkeys(front.servers, "ready")
     return front.render()

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from lbsession.balancer.admin import json_error, read_json
 from lbsession.config import Config
-from lbsession.errors import TopologyError
+from lbsession.errors import ConfigError, TopologyError
 from lbsession.lab.balancers import require_binary
 from lbsession.lab.process import HOST, Child, free_port, http_status, spawn, wait_http
 
@@ -49,6 +49,8 @@ class BalancerFront:
         self.servers: dict[str, int] = {}  # server id -> port, as the balancer knows them
         self.states: dict[str, str] = {}  # server id -> ready | drain | removed, as the lab set them
         self.counts: dict[str, int] = {}  # requests per server, when the balancer shows them
+        self.in_flight: dict[str, int] = {}  # requests in flight per server, when the balancer shows them
+        self.up: dict[str, bool] = {}  # does the balancer's own check count the server up, when it shows it
         self.process: Child | None = None
         self._refresher: asyncio.Task[None] | None = None
 
@@ -74,6 +76,26 @@ class BalancerFront:
     def notes(self) -> list[str]:
         """What differs from what the lab asked for (a strategy the balancer does not have)."""
         return []
+
+    @classmethod
+    def refusals(cls, config: Config) -> list[str]:
+        """The settings of `config` this balancer has no way to honour, each with what to do instead.
+
+        A lab refuses to start with any (ConfigError) rather than run without them unnoticed.
+        """
+        if config.balancer.strategy == "sticky-cookie" and config.balancer.sticky.mode == "balanced":
+            return [
+                f"--sticky-mode balanced: {cls.name} has no balanced sticky mode (ingress-nginx's, a Lua balancer); "
+                "run it with --balancer lbsession, or drop --sticky-mode"
+            ]
+        return []
+
+    @classmethod
+    def refuse(cls, config: Config) -> None:
+        """ConfigError (exit 2) naming every setting of `config` this balancer cannot honour."""
+        problems = cls.refusals(config)
+        if problems:
+            raise ConfigError(f"--balancer {cls.name} cannot run this lab: " + "; ".join(problems))
 
     async def apply(self, server_id: str) -> None:
         """Make the running balancer follow the new state of `server_id`."""
@@ -184,7 +206,8 @@ class BalancerFront:
         """`GET /status` in the shape of lbsession's own, plus what this balancer cannot show."""
         servers = [
             {"id": s, "url": f"http://{HOST}:{self.servers[s]}", "state": self.states[s],
-             "requests": self.counts.get(s)}
+             "requests": self.counts.get(s),
+             **({"in_flight": self.in_flight[s], "healthy": self.up.get(s, False)} if s in self.in_flight else {})}
             for s in self.active()
         ]  # fmt: skip
         return {

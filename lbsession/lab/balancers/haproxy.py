@@ -3,8 +3,12 @@
     round-robin      balance roundrobin
     least-conn       balance leastconn
     sticky-cookie    balance roundrobin + cookie LBSERVER insert indirect nocache httponly + option redispatch
-    ip-hash          balance source + hash-type map-based
-    consistent-hash  balance source + hash-type consistent
+    ip-hash          balance source + hash-type map-based (a header key: balance hdr(<name>); a
+                     cookie key: balance hash req.cook(<name>))
+    consistent-hash  the same balance + hash-type consistent (+ hash-balance-factor P, bounded loads)
+
+A balanced sticky mode (--sticky-mode balanced) is lbsession's own: a lab asking
+HAProxy or nginx for it is refused, as is nginx asked for bounded loads.
 
 Health is HAProxy's active check with the lab's settings (`option httpchk GET
 /healthz`, `http-check send ... hdr Host` when a Host is set, `http-check expect
@@ -40,9 +44,21 @@ BALANCE: dict[str, list[str]] = {
     "round-robin": ["balance roundrobin"],
     "least-conn": ["balance leastconn"],
     "sticky-cookie": ["balance roundrobin"],
-    "ip-hash": ["balance source", "hash-type map-based"],
-    "consistent-hash": ["balance source", "hash-type consistent"],
+    "ip-hash": ["hash-type map-based"],
+    "consistent-hash": ["hash-type consistent"],
 }
+
+
+def hash_balance(key: str) -> str:
+    """HAProxy's `balance` line for the hashing strategies' key (client-ip, header:<name>, cookie:<name>)."""
+    kind, _, name = key.partition(":")
+    if kind == "header":
+        return f"balance hdr({name})"
+    if kind == "cookie":
+        return f"balance hash req.cook({name})"
+    return "balance source"
+
+
 RUNTIME_STATE = {"ready": "ready", "drain": "drain", "removed": "maint"}
 
 
@@ -61,6 +77,8 @@ class HaproxyFront(BalancerFront):
         "forged_cookies": "HAProxy counts no forged cookie: its cookie is the server's name in clear, and any "
         "valid name is obeyed",
         "tamper_detected_share": "HAProxy counts no forged cookie",
+        "rehashed_share": "HAProxy does not say which requests hash-balance-factor sent past their key's server "
+        "(spread_users and the in-flight balance show its effect)",
     }
 
     @property
@@ -84,6 +102,10 @@ class HaproxyFront(BalancerFront):
         balancer = self.config.balancer
         limits, health, sticky = balancer.limits, balancer.health, balancer.sticky
         backend = list(BALANCE[balancer.strategy])
+        if balancer.strategy in ("ip-hash", "consistent-hash"):
+            backend.insert(0, hash_balance(balancer.hash.key))
+        if balancer.strategy == "consistent-hash" and balancer.hash.balance_factor:
+            backend.append(f"hash-balance-factor {balancer.hash.balance_factor}")
         if balancer.strategy == "sticky-cookie":
             flags = " secure" if sticky.secure else ""
             flags += f" maxlife {sticky.max_age_s}s" if sticky.max_age_s else ""
@@ -173,8 +195,12 @@ class HaproxyFront(BalancerFront):
         return [r for r in rows if r.get("pxname") == BACKEND and r.get("svname") not in ("BACKEND", "FRONTEND")]
 
     async def refresh(self) -> None:
-        """Requests per server: `show stat`'s `stot` (each HTTP request is a stream of its own)."""
-        self.counts = {r["svname"]: int(r.get("stot") or 0) for r in await self.show_stat()}
+        """Per server, from `show stat`: requests (`stot`: each HTTP request is a stream of its own), in flight
+        (`scur`: the streams on it now, the load `hash-balance-factor` bounds) and whether its check counts it UP."""
+        rows = await self.show_stat()
+        self.counts = {r["svname"]: int(r.get("stot") or 0) for r in rows}
+        self.in_flight = {r["svname"]: int(r.get("scur") or 0) for r in rows}
+        self.up = {r["svname"]: r.get("status", "").startswith("UP") for r in rows}
 
     async def server_status(self, server_id: str) -> str:
         """HAProxy's own word for a server: UP, DOWN, MAINT, DRAIN, `UP 1/2`..."""

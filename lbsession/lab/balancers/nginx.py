@@ -5,8 +5,10 @@
     sticky-cookie    not in nginx 1.22 open source (`sticky` arrived in open source with 1.29.6); what
                      nginx users do instead, and what the lab generates, labelled as such:
                      hash $cookie_SESSION consistent (the app's own session cookie)
-    ip-hash          ip_hash (hashes the first three octets of an IPv4 address: one /24 is one server)
-    consistent-hash  hash $remote_addr consistent
+    ip-hash          ip_hash (hashes the first three octets of an IPv4 address: one /24 is one server);
+                     keyed by a header or a cookie: hash $http_<name> / hash $cookie_<name>
+    consistent-hash  hash $remote_addr consistent (or $http_<name>, $cookie_<name>, as the key says);
+                     no bounded loads: a lab with --hash-balance-factor is refused
 
 Open-source nginx has passive health checks only: a server is skipped for
 `fail_timeout` after `max_fails` failed attempts (the lab's `fall`, and its
@@ -28,6 +30,7 @@ import signal
 from pathlib import Path
 from typing import ClassVar
 
+from lbsession.config import Config
 from lbsession.errors import TopologyError
 from lbsession.lab.balancers.base import READY_TIMEOUT_S, BalancerFront
 from lbsession.lab.process import HOST, POLL_S
@@ -37,9 +40,21 @@ BALANCE: dict[str, str | None] = {
     "round-robin": None,
     "least-conn": "least_conn;",
     "sticky-cookie": "hash $cookie_{app_cookie} consistent;",
-    "ip-hash": "ip_hash;",
-    "consistent-hash": "hash $remote_addr consistent;",
+    "ip-hash": "ip_hash;",  # a header or cookie key: `hash <its variable>;` (see hash_line)
+    "consistent-hash": "hash {key} consistent;",
 }
+
+
+def hash_variable(key: str) -> str | None:
+    """nginx's variable for the hashing strategies' key: $remote_addr, $http_<name>, $cookie_<name>."""
+    kind, _, name = key.partition(":")
+    if kind == "header":
+        return "$http_" + name.lower().replace("-", "_")
+    if kind == "cookie":
+        return "$cookie_" + name
+    return None
+
+
 NO_STICKY = (
     "sticky-cookie: nginx 1.22 open source has no sticky cookie (open-source `sticky` arrived in 1.29.6); "
     "generated instead is what nginx users do: hash the app's session cookie ({app_cookie}), which moves a "
@@ -78,13 +93,28 @@ class NginxFront(BalancerFront):
             return []
         return [NO_STICKY.format(app_cookie=self.config.app.session.cookie_name)]
 
+    @classmethod
+    def refusals(cls, config: Config) -> list[str]:
+        """Those of every real balancer, and bounded loads, which nginx open source lacks."""
+        out = super().refusals(config)
+        if config.balancer.strategy == "consistent-hash" and config.balancer.hash.balance_factor:
+            out.append(
+                "--hash-balance-factor: nginx's `hash ... consistent` has no bounded loads (ingress-nginx adds "
+                "them in Lua); run it with --balancer lbsession or haproxy (hash-balance-factor), or drop the factor"
+            )
+        return out
+
     def render(self) -> str:
         """The whole nginx.conf for the lab's topology (`daemon off` is given on the command line)."""
         balancer = self.config.balancer
         limits, health = balancer.limits, balancer.health
         fail_timeout_s = max(1, math.ceil(health.interval_s * (health.fall + health.rise)))  # whole seconds only
         method = BALANCE[balancer.strategy]
-        upstream = [method.format(app_cookie=self.config.app.session.cookie_name)] if method else []
+        variable = hash_variable(balancer.hash.key)
+        if balancer.strategy == "ip-hash" and variable is not None:
+            method = f"hash {variable};"
+        key = variable or "$remote_addr"
+        upstream = [method.format(app_cookie=self.config.app.session.cookie_name, key=key)] if method else []
         for server_id in self.active():
             down = " down" if self.states[server_id] == "drain" else ""
             upstream.append(
