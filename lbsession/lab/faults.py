@@ -130,7 +130,7 @@ async def run_timeline(
     """
     heals = [heal for fault in faults if (heal := fault.healing()) is not None]
     for fault in sorted((*faults, *heals), key=lambda f: f.at_s):
-        entry = AppliedFault(fault.at_s, fault.action, fault.server, fault.describe())
+        entry = AppliedFault(fault.at_s, fault.action, fault.server, fault.describe(), link=fault.link)
         applied.append(entry)
         await asyncio.sleep(max(0.0, fault.at_s - clock()))  # a timeline: waiting for the planned time is the point
         entry.applied_s = clock()
