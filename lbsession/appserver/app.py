@@ -5,7 +5,7 @@
     GET  /me                                200 {"user", "server"}; 401, or 302 to /login for browsers
                    ?work_ms=N               first wait N ms (at most 1000), as a page waiting on its database does
     POST /logout                            destroy the session; 200
-    POST /cart     {"item"}                 append to the session's cart (needs login)
+    POST /cart     {"item"}                 append to the session's cart (needs login); ?work_ms=N as for /me
     GET  /cart                              read it (needs login)
     POST /prefs    {"name", "value"}        set one preference, another attribute than the cart (needs login)
     GET  /prefs                             read them (needs login)
@@ -113,13 +113,18 @@ async def login_form(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
-async def me(request: web.Request) -> web.Response:
-    """Who is logged in; the request the lab repeats to catch a re-login."""
+async def _work(request: web.Request) -> None:
+    """Wait `?work_ms=N` first, as a page waiting on its database does; a 400 for a time it cannot wait."""
     work = request.query.get("work_ms")
     if work is not None:
         if not work.isdecimal() or int(work) > MAX_WORK_MS:
             raise _json_error(request, web.HTTPBadRequest, f"work_ms must be a whole number from 0 to {MAX_WORK_MS}")
         await asyncio.sleep(int(work) / 1000)  # waiting, not computing: many such requests are in flight at once
+
+
+async def me(request: web.Request) -> web.Response:
+    """Who is logged in; the request the lab repeats to catch a re-login."""
+    await _work(request)
     session = await get_session(request)
     if "user" not in session:
         if _prefers_html(request):
@@ -137,6 +142,7 @@ async def logout(request: web.Request) -> web.Response:
 
 async def add_to_cart(request: web.Request) -> web.Response:
     """Append an item to the session's cart: a read-modify-write, so concurrent appends can race."""
+    await _work(request)  # before anything is written: a write in flight when its server dies was never made
     session = await _logged_in_session(request)
     item = _text_field(request, await _read_body(request, example='{"item": "apple"}'), "item")
     if len(session.get("cart", [])) >= MAX_CART_ITEMS:

@@ -3,7 +3,7 @@
     GET  /topology                      the lab's processes: servers with their pids, Redis nodes, logs
     POST /topology/servers              start one more app server and put it behind the balancer
     POST /servers/{id}/kill, /restart   SIGKILL an app server; start it again on its port
-    POST /servers/{id}/deploy           drain it, wait for its requests in flight, restart, undrain (a rolling deploy)
+    POST /servers/{id}/deploy           a rolling deploy: drain, out of the rotation, wait in flight, restart, undrain
     POST /servers/{id}/cluster/cut      stop replication from a cluster server (to {"peer"}, or all); /heal
     POST /redis/primary/kill            SIGKILL the current Redis primary
     POST /redis/{name}/restart          start a Redis node again (HA: a synced replica; {"empty": true}: empty master)

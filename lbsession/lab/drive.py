@@ -19,7 +19,7 @@ import aiohttp
 from lbsession.balancer.strategies import create_strategy
 from lbsession.lab.balancers import client_cookie
 from lbsession.lab.faults import AdminClient, run_timeline
-from lbsession.lab.measures import AppliedFault, RunData, UserOutcome, compute_metrics, per_server
+from lbsession.lab.measures import AppliedFault, RunData, UserOutcome, compute_metrics, named_users, per_server
 from lbsession.lab.report import Progress, RunReport
 from lbsession.lab.scenario import Scenario
 from lbsession.lab.users import Record, VirtualUser, plan_population
@@ -79,6 +79,7 @@ async def drive(
         if target
         else [],
         balancer=str(status_before.get("balancer", "lbsession")),
+        named_users=named_users(outcomes),
     )
     report.notes += [str(note) for note in status_before.get("notes", [])] + counter_notes
     report.evaluate(scenario.expect, unseen=status_before.get("unseen"))
@@ -206,6 +207,7 @@ def strategy_counters_delta(before: dict[str, Any], after: dict[str, Any]) -> tu
 def _outcome(user: VirtualUser) -> UserOutcome:
     return UserOutcome(
         index=user.plan.index,
+        name=user.plan.name,
         relogins=user.relogins,
         tampered=user.tampered,
         cookie_checks=user.cookie_checks,
@@ -220,6 +222,7 @@ def _outcome(user: VirtualUser) -> UserOutcome:
         replay_window_s=user.replays.window_s,
         forged_answers=dict(user.forged_answers),
         ws_reconnects=user.ws_reconnects,
+        pinned_server=user.pinned_server(),
     )
 
 

@@ -9,7 +9,7 @@ code), so every scenario also runs against a lab started in another terminal.
     add-server           POST   /topology/servers             one more app server behind the balancer
     drain-server         POST   /servers/{id}/drain           no new clients (HAProxy's drain)
     undrain-server       POST   /servers/{id}/drain           new clients again ({"draining": false})
-    deploy-server        POST   /servers/{id}/deploy          drain, wait for in-flight requests, restart, undrain
+    deploy-server        POST   /servers/{id}/deploy          drain, out of rotation, wait in flight, restart, undrain
     remove-server        DELETE /servers/{id}                 out of the balancer
     kill-redis-primary   POST   /redis/primary/kill           SIGKILL the current Redis primary
     restart-redis        POST   /redis/{node}/restart         restart a Redis node (HA: a synced replica; empty: true)
@@ -130,7 +130,7 @@ async def run_timeline(
     """
     heals = [heal for fault in faults if (heal := fault.healing()) is not None]
     for fault in sorted((*faults, *heals), key=lambda f: f.at_s):
-        entry = AppliedFault(fault.at_s, fault.action, fault.server, fault.describe())
+        entry = AppliedFault(fault.at_s, fault.action, fault.server, fault.describe(), link=fault.link)
         applied.append(entry)
         await asyncio.sleep(max(0.0, fault.at_s - clock()))  # a timeline: waiting for the planned time is the point
         entry.applied_s = clock()

@@ -37,6 +37,7 @@ from lbsession.lab.report import FAIL, NO_CLAIM, PASS, ProgressBar, RunReport
 from lbsession.lab.runner import lab_config, run_scenario
 from lbsession.lab.scenario import (
     CLAIM_FAMILIES,
+    CLAIM_PATTERN,
     FAULT_ACTIONS,
     Expectation,
     Scenario,
@@ -71,13 +72,17 @@ def matrix_schema() -> dict[str, Any]:
     """The JSON schema of the matrix document, its strategy and store names taken from the registries.
 
     matrix.schema.json is the template; the enums of names are filled in here, at run time,
-    so a new plug-in is valid in the document without anyone editing the schema.
+    so a new plug-in is valid in the document without anyone editing the schema; so are the
+    claim ids, from the pattern the scenario files are checked with.
     """
     schema: dict[str, Any] = json.loads(_schema_template())
     topology = schema["$defs"]["run"]["properties"]["topology"]["properties"]
     topology["strategy"] = {"enum": list(STRATEGIES)}
     topology["backend"] = {"enum": list(STORES)}
     schema["$defs"]["fault"]["properties"]["action"] = {"enum": list(FAULT_ACTIONS)}
+    claim = {"type": "string", "pattern": CLAIM_PATTERN.pattern}  # every family of CLAIM_FAMILIES
+    schema["properties"]["claims"]["propertyNames"] = claim
+    schema["$defs"]["run"]["properties"]["claim"] = {"anyOf": [claim, {"type": "null"}]}
     return schema
 
 

@@ -72,6 +72,14 @@ METRICS: dict[str, str] = {
     "forged_accepted": "of them, answered 200 as someone: must never happen",
     "forged_errors": "of them, answered with a 5xx or not at all",
     "forged_sessions": "damaged session cookies the app servers' store counted as forged (its own counter)",
+    "slowed_share": "share of the answers that came from servers whose balancer link a fault changed (set-link lb->X)",
+    "slowed_users": "users whose sticky cookie named such a slowed server at the end: pinned to it",
+    "slowed_users_p50_ms": "median latency of the requests of slowed_users",
+    "other_users_p50_ms": "median latency of the requests of the users pinned elsewhere",
+}
+NAMED_USERS = {
+    "lost_updates": "users missing acknowledged cart writes at the end, with how many",
+    "relogins": "users asked to log in again, with how many times",
 }
 
 
@@ -80,6 +88,7 @@ class UserOutcome:
     """What one user counted for itself during a run."""
 
     index: int
+    name: str = ""  # as the user logs in: user-003
     relogins: int = 0
     tampered: int = 0
     cookie_checks: int = 0
@@ -94,6 +103,7 @@ class UserOutcome:
     replay_window_s: float = 0.0
     forged_answers: dict[int, int] = field(default_factory=dict)
     ws_reconnects: int = 0
+    pinned_server: str | None = None  # the server its sticky cookie named at the end (None: no such cookie)
 
 
 @dataclass
@@ -108,6 +118,7 @@ class AppliedFault:
     took_s: float = 0.0
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    link: str | None = None  # set-link/heal-link: the link's name
 
     def as_dict(self) -> dict[str, Any]:
         """The fault for the JSON report."""
@@ -120,6 +131,7 @@ class AppliedFault:
             "took_s": round(self.took_s, 3),
             "result": self.result,
             "error": self.error,
+            "link": self.link,
         }
 
 
@@ -164,6 +176,7 @@ def compute_metrics(data: RunData) -> dict[str, float | int | None]:
         **cookie_effects(data),
         **cart_effects(data.users),
         **session_cookie_effects(records, data),
+        **slow_server_effects(records, data),
         "ws_messages": sum(1 for r in records if r.action == "ws" and r.status == 200),
         "ws_reconnects": sum(u.ws_reconnects for u in data.users),
     }
@@ -373,6 +386,47 @@ def session_cookie_effects(records: list[Record], data: RunData) -> dict[str, fl
         "forged_errors": answers(lambda status: status >= 500 or status == 0) if forged else None,
         "forged_sessions": None if data.store_counts is None else data.store_counts.get("forged"),
     }
+
+
+def slowed_servers(faults: Iterable[AppliedFault]) -> set[str]:
+    """The servers whose balancer link (lb->X) a set-link fault changed during the run (F7's slow server)."""
+    return {
+        f.link.removeprefix("lb->")
+        for f in faults
+        if f.action == "set-link" and f.link and f.link.startswith("lb->") and f.applied_s is not None and not f.error
+    }
+
+
+def slow_server_effects(records: list[Record], data: RunData) -> dict[str, float | int | None]:
+    """The slowed servers' share of the answers, and the latency of the users pinned to them against the others'."""
+    slowed = slowed_servers(data.faults)
+    answered = [r for r in records if r.server is not None]
+    out: dict[str, float | int | None] = {
+        "slowed_share": _share(sum(1 for r in answered if r.server in slowed), len(answered)) if slowed else None,
+        "slowed_users": None,
+        "slowed_users_p50_ms": None,
+        "other_users_p50_ms": None,
+    }
+    pinned = {u.index: u.pinned_server for u in data.users if u.pinned_server is not None}
+    if not slowed or not pinned:  # no slow server, or no cookie that pins a user to one
+        return out
+    victims = {index for index, server in pinned.items() if server in slowed}
+    out["slowed_users"] = len(victims)
+    out["slowed_users_p50_ms"] = latency([r for r in records if r.user in victims])["p50_ms"]
+    out["other_users_p50_ms"] = latency([r for r in records if r.user in pinned and r.user not in victims])["p50_ms"]
+    return out
+
+
+def named_users(users: Iterable[UserOutcome]) -> dict[str, list[dict[str, Any]]]:
+    """Who lost cart writes and who logged in again (NAMED_USERS), each with the count, the most first."""
+    lost = {u.name or str(u.index): u.cart_acked - u.cart_seen for u in users
+            if u.cart_seen is not None and u.cart_acked > u.cart_seen}  # fmt: skip
+    relogged = {u.name or str(u.index): u.relogins for u in users if u.relogins}
+
+    def listed(counts: dict[str, int]) -> list[dict[str, Any]]:
+        return [{"user": user, "count": n} for user, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+    return {"lost_updates": listed(lost), "relogins": listed(relogged)}
 
 
 def reconfigured(before: dict[str, Any] | None, after: dict[str, Any] | None) -> int | None:

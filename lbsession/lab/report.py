@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from lbsession.lab.measures import AppliedFault
+from lbsession.lab.measures import NAMED_USERS, AppliedFault
 from lbsession.lab.scenario import Expectation, Scenario
 
 PASS, FAIL, NO_CLAIM = "PASS", "FAIL", "-"
@@ -67,6 +67,8 @@ class RunReport:
     verdict: str = NO_CLAIM
     balancer: str = "lbsession"  # the balancer in front (lbsession.lab.balancers)
     agrees: str | None = None  # in the matrix, a real balancer's run compared with lbsession's own
+    # Who lost cart writes, who logged in again (lbsession.lab.measures.NAMED_USERS), each with a count.
+    named_users: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def evaluate(self, expectations: Sequence[Expectation], unseen: Mapping[str, str] | None = None) -> None:
         """Measure each expectation; PASS only when all hold and every fault was applied.
@@ -119,6 +121,7 @@ class RunReport:
             "verdict": self.verdict,
             "agrees": self.agrees,
             "notes": self.notes,
+            "named_users": {kind: self.named_users.get(kind, []) for kind in NAMED_USERS},
         }  # fmt: skip
 
 
@@ -145,6 +148,13 @@ def format_run(report: RunReport) -> str:
         f"   longest stall {_number(m['stall_s'])} s",
         "  routes       " + (", ".join(f"{k} {v}" for k, v in report.routes.items() if v) or "-"),
     ]
+    if m["slowed_share"] is not None:
+        pinned = "" if m["slowed_users"] is None else (
+            f"   its {m['slowed_users']} pinned users p50 {_ms(m['slowed_users_p50_ms'])} ms,"
+            f" the others {_ms(m['other_users_p50_ms'])} ms"
+        )  # fmt: skip
+        lines.append(f"  slowed       {_percent(m['slowed_share'])} of the answers{pinned}")
+    lines += [f"  {heading:<12} {users}" for heading, users in named_lines(report.named_users)]
     for fault in report.faults:
         applied = "not applied" if fault.applied_s is None else f"applied at {fault.applied_s:.2f} s"
         outcome = f"FAILED: {fault.error}" if fault.error else f"took {fault.took_s:.2f} s"
@@ -167,6 +177,22 @@ def _bounds_line(m: dict[str, Any]) -> str:
     violations = "no bound" if m["bound_violations"] is None else f"over their bound {m['bound_violations']}"
     full = "" if m["bound_fallbacks"] is None else f"   every server full {m['bound_fallbacks']}"
     return f"  decisions    in flight before / mean, the worst {m['decision_imbalance_max']:.3f}   {violations}{full}"
+
+
+NAMED_SHOWN = 10  # users named per list in the text reports; the rest are counted
+NAMED_HEADINGS = {"lost_updates": "lost writes", "relogins": "re-logged in"}
+
+
+def named_lines(named: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, str]]:
+    """(heading, `user-003 (2), user-007 (1) +4 more`) for each non-empty list of named users."""
+    out = []
+    for kind, heading in NAMED_HEADINGS.items():
+        users = named.get(kind) or []
+        if users:
+            shown = ", ".join(f"{u['user']} ({u['count']})" for u in users[:NAMED_SHOWN])
+            rest = len(users) - NAMED_SHOWN
+            out.append((heading, shown + (f" +{rest} more" if rest > 0 else "")))
+    return out
 
 
 # --------------------------------------------------------------------------- many runs, one table
@@ -233,6 +259,12 @@ def to_markdown(reports: Sequence[RunReport], title: str) -> str:
             checks = "<br>".join(c.describe() for c in r.checks)
             cells = [r.scenario.label, r.scenario.name, *([r.balancer] if real else []), r.scenario.title, checks]
             lines.append("| " + " | ".join([*cells, r.verdict]) + " |")
+    named = [
+        f"- {r.scenario.name}{f' ({r.balancer})' if real else ''}: {heading}: {users}"
+        for r in reports
+        for heading, users in named_lines(r.named_users)
+    ]
+    lines += ["", "## Users who lost writes or logged in again", "", *named] if named else []
     notes = [f"- {r.scenario.name}{f' ({r.balancer})' if real else ''}: {note}" for r in reports for note in r.notes]
     return "\n".join(lines + (["", "## Notes", "", *notes] if notes else [])) + "\n"
 

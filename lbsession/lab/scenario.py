@@ -126,7 +126,7 @@ class Steps:
     prefs_writes: int = 0  # POST /prefs per visit: another attribute of the session than the cart
     item_chars: int = 0  # pad each cart item to this many characters (at most 64), to grow the session
     think_ms: float = 50.0  # pause after each request (seeded jitter of +-20%)
-    work_ms: int = 0  # each read waits this long on the server (GET /me?work_ms=), so requests pile up in flight
+    work_ms: int = 0  # each read and cart write waits this long on the server (?work_ms=): requests pile up in flight
     logout: bool = False  # POST /logout when the run ends
     # Reads are messages on a WebSocket (GET /ws) held open across visits, not GET /me; a lost
     # socket is opened again at the next read, as a web app reconnects (B6).

@@ -296,17 +296,20 @@ class Topology:
     async def deploy_server(self, server_id: str, drain_timeout_s: float = 5.0) -> dict[str, Any]:
         """One step of a rolling deploy: drain, wait for its requests in flight (bounded), restart, undrain.
 
-        HAProxy's drain: no new clients, pinned ones still arrive; the process is replaced once
-        nothing is in flight or `drain_timeout_s` has passed, and put back once healthy.
+        HAProxy's drain: no new clients, pinned ones still arrive, until nothing is in flight or
+        `drain_timeout_s` has passed. Then, as HAProxy's deploy scripts do (drain, then `set
+        server state maint`), it leaves the rotation, pinned clients too, and the process is
+        replaced once the requests still in flight have finished: with sticky clients a drained
+        server is idle only between their requests, and one arriving as the process dies would be
+        a 502. It is put back once healthy.
         """
         self._server(server_id)
         pool = self._balancer().pool
         upstream = pool.drain(server_id, True, None)
         started = asyncio.get_running_loop().time()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(drain_timeout_s):
-                while upstream.in_flight:  # noqa: ASYNC110 - the balancer's own count is the fact waited for
-                    await asyncio.sleep(0.01)
+        await _until_idle(upstream, drain_timeout_s)
+        pool.drain(server_id, True, 0.0)  # a drain timeout of 0: out of the rotation now
+        await _until_idle(upstream, drain_timeout_s, drained=True)
         drained_s = asyncio.get_running_loop().time() - started
         left = upstream.in_flight
         try:
@@ -478,3 +481,12 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, path)
     with contextlib.suppress(OSError):
         os.chmod(path, 0o644)
+
+
+async def _until_idle(upstream: Upstream, timeout_s: float, *, drained: bool = False) -> None:
+    """Until nothing is in flight on `upstream` (and, with `drained`, it has left the rotation), at most `timeout_s`."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            # The balancer's own counts are the facts waited for.
+            while upstream.in_flight or (drained and not upstream.drained):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)

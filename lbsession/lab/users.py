@@ -256,7 +256,8 @@ class VirtualUser:
             self.prefs_acked += record.status == 200
         else:
             item = f"{self.plan.name}-{self.cart_acked}".ljust(self.steps.item_chars, ".")
-            record, _ = await self._send("cart", "POST", "/cart", json={"item": item})
+            path = f"/cart?work_ms={self.steps.work_ms}" if self.steps.work_ms else "/cart"
+            record, _ = await self._send("cart", "POST", path, json={"item": item})
             self.cart_acked += record.status == 200
         if self._forged:  # a damaged cookie must be a fresh anonymous session: a 401 here is no re-login
             self.forged_answers[record.status] = self.forged_answers.get(record.status, 0) + 1
@@ -401,6 +402,14 @@ class VirtualUser:
         self.cookie_checks += 1
         self.cookie_matches += self.cookie_format.cookie_names(value, server)
 
+    def pinned_server(self) -> str | None:
+        """The server the balancer's cookie names now, read as a client can (None: no such cookie)."""
+        value = self._cookie() if self._http is not None and self.sticky_cookie is not None else None
+        if value is None:
+            return None
+        named = [s for s in self.server_ids if self.cookie_format.cookie_names(value, s)]
+        return max(named, key=len, default=None)  # ids may hold dots: "a" and "a.b" both prefix "a.b.<tag>"
+
     def _maybe_tamper(self) -> None:
         """Once, claim another server with our own tag: a forgery the signature must expose."""
         due = self.plan.tamper_at_s
@@ -409,8 +418,7 @@ class VirtualUser:
             return
         if self.sticky_cookie is None:  # a balancer without a server cookie: nothing to forge
             return
-        named = [s for s in self.server_ids if self.cookie_format.cookie_names(value, s)]
-        pinned = max(named, key=len, default=None)  # ids may hold dots: "a" and "a.b" both prefix "a.b.<tag>"
+        pinned = self.pinned_server()
         others = sorted(set(self.server_ids) - {pinned})
         forged = (
             self.cookie_format.cookie_renamed(value, pinned, self._rng.choice(others)) if pinned and others else None

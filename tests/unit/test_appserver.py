@@ -144,6 +144,18 @@ async def test_me_refuses_a_work_time_it_cannot_wait(client: aiohttp.ClientSessi
         assert (resp.status, (await resp.json())["user"]) == (200, "alice")
 
 
+@pytest.mark.parametrize("work", ["-1", "abc", "1001"])
+async def test_a_cart_write_refuses_a_work_time_it_cannot_wait_and_writes_nothing(
+    client: aiohttp.ClientSession, work: str
+) -> None:
+    await login(client)
+    async with client.post("/cart", params={"work_ms": work}, json={"item": "apple"}) as resp:
+        assert resp.status == 400
+        assert "work_ms must be a whole number from 0 to 1000" in (await resp.json())["error"]
+    async with client.post("/cart", params={"work_ms": "5"}, json={"item": "pear"}) as resp:
+        assert (resp.status, (await resp.json())["cart"]) == (200, ["pear"])
+
+
 async def test_prefs_are_an_attribute_of_their_own_beside_the_cart(client: aiohttp.ClientSession) -> None:
     async with client.post("/prefs", json={"name": "theme", "value": "dark"}) as resp:
         assert resp.status == 401

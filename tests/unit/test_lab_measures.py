@@ -6,7 +6,15 @@ import jsonschema
 import pytest
 
 from lbsession.lab.matrix import failed_run, matrix_document, matrix_schema
-from lbsession.lab.measures import METRICS, AppliedFault, RunData, UserOutcome, compute_metrics, longest_stall
+from lbsession.lab.measures import (
+    METRICS,
+    AppliedFault,
+    RunData,
+    UserOutcome,
+    compute_metrics,
+    longest_stall,
+    named_users,
+)
 from lbsession.lab.report import FAIL, PASS, ProgressBar, RunReport, format_matrix, format_run, to_markdown
 from lbsession.lab.scenario import Expectation, Scenario
 from lbsession.lab.users import Record
@@ -175,6 +183,43 @@ def test_the_last_seconds_share_of_added_and_returned_servers_and_relogins_after
     assert (m["relogins_after_fault"], m["relogins_after_last_fault"]) == (2, 1)
 
 
+def test_a_slowed_servers_share_and_the_latency_of_the_users_pinned_to_it_against_the_others():
+    slow = AppliedFault(0.0, "set-link", None, "set-link lb->was-2", applied_s=0.0, link="lb->was-2")
+    records = [rec(0, 0.1 * i, 200, "was-2", latency=0.21) for i in range(3)]
+    records += [rec(1, 0.1 * i, 200, "was-1", latency=0.004) for i in range(5)]
+    records += [rec(2, 0.1, 200, "was-3", latency=0.002), rec(2, 0.2, 0, None, latency=5.0)]  # no answer: no latency
+    run = data(records, users=3, faults=[slow])
+    for user, server in zip(run.users, ["was-2", "was-1", "was-3"], strict=True):
+        user.pinned_server = server
+    m = compute_metrics(run)
+    assert m["slowed_share"] == round(3 / 9, 3)  # of the answers: the request without one is not counted
+    assert (m["slowed_users"], m["slowed_users_p50_ms"], m["other_users_p50_ms"]) == (1, 210.0, 4.0)
+    for user in run.users:  # no sticky cookie: nobody is pinned, so no per-user figures
+        user.pinned_server = None
+    m = compute_metrics(run)
+    assert m["slowed_share"] == round(3 / 9, 3) and m["slowed_users"] is m["slowed_users_p50_ms"] is None
+    m = compute_metrics(data(records, users=3))  # no slowed link
+    assert m["slowed_share"] is m["slowed_users"] is m["other_users_p50_ms"] is None
+
+
+def test_the_users_who_lost_writes_or_logged_in_again_are_named_the_most_first_in_every_report():
+    users = [UserOutcome(i, name=f"user-{i:03d}") for i in range(14)]
+    for user in users[:12]:  # twelve lose writes: more than the text reports show
+        user.cart_acked, user.cart_seen = 4, 3
+    users[5].cart_seen, users[13].relogins, users[13].cart_seen = 1, 2, 0
+    named = named_users(users)
+    assert named["lost_updates"][0] == {"user": "user-005", "count": 3} and len(named["lost_updates"]) == 12
+    assert named["relogins"] == [{"user": "user-013", "count": 2}]
+    report = make_report()
+    report.named_users = named
+    text = format_run(report)
+    assert "lost writes  user-005 (3), user-000 (1), user-001 (1)," in text and "user-009 (1) +2 more" in text
+    assert "re-logged in user-013 (2)" in text
+    assert "- c01-test: lost writes: user-005 (3)" in to_markdown([report], "runs")
+    assert report.as_dict()["named_users"] == named
+    jsonschema.validate(matrix_document([report], 1.0, {"seed": None, "users": None, "duration_s": None}), SCHEMA)
+
+
 def make_report(verdict_metric: int = 3, *, claim: str = "C1") -> RunReport:
     scenario = Scenario(name="c01-test", claim=claim, title="a test", expect=(Expectation("relogins", ">", 0),))
     records = [rec(0, 0.1, 401, "was-2", relogin=verdict_metric > 0), rec(1, 0.1, 200, "was-1")]
@@ -225,10 +270,16 @@ def test_the_matrix_document_follows_its_schema():
     documented = SCHEMA["$defs"]["run"]["properties"]["metrics"]["properties"]
     assert {name: d["description"] for name, d in documented.items()} == METRICS  # one vocabulary, one meaning
     error = failed_run(Scenario(name="broken", claim="C3"), "valkey-server not found")
-    document = matrix_document([make_report(), make_report(0, claim="C2"), error], 12.5, {"seed": 3})
+    reports = [make_report(), make_report(0, claim="C2"), error, make_report(claim="F7"), make_report(claim="B13")]
+    document = matrix_document(reports, 12.5, {"seed": 3})
     document["overrides"] = {"seed": 3, "users": None, "duration_s": None}
     jsonschema.validate(document, SCHEMA)
-    assert (document["verdict"], document["claims"]) == (FAIL, {"C1": PASS, "C2": FAIL, "C3": "ERROR"})
+    claims = {"C1": PASS, "C2": FAIL, "C3": "ERROR", "F7": PASS, "B13": PASS}
+    assert (document["verdict"], document["claims"]) == (FAIL, claims)
+    for wrong in ("F0", "X1", "C13"):  # the claim ids of the scenario files, no other
+        document["claims"] = {wrong: PASS}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(document, SCHEMA)
 
 
 class FakeTerminal:
