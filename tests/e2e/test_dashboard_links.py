@@ -37,3 +37,20 @@ async def test_a_link_slowed_from_curl_turns_amber_and_its_button_cuts_and_heals
         assert link["faults"] == {}
     finally:
         await admin.close()
+
+
+async def test_a_partition_of_two_cluster_peers_turns_their_arc_red(start_lab, page: Page) -> None:
+    lab: Topology = await start_lab("round-robin", backend="cluster", servers=3)
+    admin = AdminClient(lab.admin_url)
+    try:
+        await open_dashboard(page, lab)
+        arc = page.locator('path[data-link="was-1->was-2 was-2->was-1"]')
+        await expect(arc).to_have_class("edge peer-up", timeout=WAIT_MS)
+        await admin.call("POST", "/partitions", {"name": "p", "cut": ["was-1->was-2", "was-2->was-1"]})
+        await expect(arc).to_have_class("edge cut", timeout=WAIT_MS)
+        await expect(page.locator('path[data-link="was-1->was-3 was-3->was-1"]')).to_have_class("edge peer-up")
+        await screenshot(page, "dashboard-peers-cut")
+        await admin.call("DELETE", "/partitions/p", {})
+        await expect(arc).to_have_class("edge peer-up", timeout=WAIT_MS)
+    finally:
+        await admin.close()
