@@ -374,13 +374,15 @@ class Topology:
     # ------------------------------------------------------------------ processes
 
     def _new_server(self) -> ManagedServer:
-        server_id = f"was-{self._next_index}"
+        index = self._next_index
+        server_id = f"was-{index}"
         self._next_index += 1
         server = ManagedServer(server_id, log_path=self.log_dir / f"{server_id}.log")
         if self.config.app.backend == "cluster":
             server.cluster_port = free_port()
             if self.links is not None:
-                index = self._next_index - 1
+                if index > 254:  # its addresses, 127.0.4.N and 127.0.5.N, have one byte for N
+                    raise TopologyError(f"{server_id}: a lab with links has room for 254 cluster servers")
                 server.cluster_host, server.source_host = f"127.0.4.{index}", f"127.0.5.{index}"
         self.servers[server_id] = server
         return server
