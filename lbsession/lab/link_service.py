@@ -89,7 +89,7 @@ class LinkRegistry:
 
     def _listener(self, link: Link) -> Link | None:
         """The link that listens already where `link` would (it then shares that listener); LinkError if it may not."""
-        owner = next((o for o in self.links.values() if o.listen_port and not o.shared_with_owner
+        owner = next((o for o in self.links.values() if o.listen_port and not o.borrows_listener
                       and (o.listen_host, o.listen_port) == (link.listen_host, link.listen_port)), None)  # fmt: skip
         if owner is None:
             return None

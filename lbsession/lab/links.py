@@ -163,7 +163,7 @@ class Link:
         return self._siblings.get(host, self)
 
     @property
-    def shared_with_owner(self) -> bool:
+    def borrows_listener(self) -> bool:
         """Whether this link uses another link's listener."""
         return self._owner is not None
 
