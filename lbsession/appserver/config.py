@@ -98,6 +98,9 @@ class ClusterConfig:
         0, "--cluster-port", "replication listener port; 0 = any free port", commands=("server",)
     )
     advertise_host: str = "127.0.0.1"  # how peers reach this node (the address they must list)
+    # The address this node's own replication connections leave from (None: the kernel's choice). The
+    # lab's links tell one sender from another by it (`bind-source-addr` in Redis' terms).
+    source_host: str | None = None
     peers: tuple[str, ...] = setting(
         (), "--cluster-peers", "the other nodes' replication addresses", commands=("server",),
         metavar="HOST:PORT,HOST:PORT", split=True,

@@ -7,7 +7,9 @@ loop, and prints one JSON line with its control port once listening. The lab
 forwards the user's fault requests here.
 
     GET    /links                       every link: from, to, faults, bytes and connections each way
-    POST   /links                       {"name", "from", "to", "target": "host:port"[, "listen": "host:port"]}
+    POST   /links                       {"name", "from", "to", "target": "host:port"[, "listen": "host:port"]
+                                         [, "sources": [client hosts]]}: a second link on a listen
+                                         address shares its listener, told apart by the sources
     PUT    /links/{name}                set faults: {"latency_ms": 200, "jitter_ms": 20, "direction": "both"}
     DELETE /links/{name}                heal every fault of the link
     POST   /links/{name}/probe          ask the target now; refuse as it does (the lab just killed it)
@@ -74,10 +76,32 @@ class LinkRegistry:
             raise LinkError(f"a link named {name!r} exists already")
         target_host, target_port = _address(body.get("target"), "target")
         listen_host, listen_port = _address(body.get("listen", f"{HOST}:0"), "listen")
-        link = Link(name, source, dest, target_host, target_port, listen_host, listen_port)
+        sources = body.get("sources", [])
+        if not isinstance(sources, list) or not all(isinstance(h, str) and h for h in sources):
+            raise LinkError(f'sources must be a list of client hosts, e.g. ["127.0.3.2"], not {sources!r}')
+        link = Link(name, source, dest, target_host, target_port, listen_host, listen_port, tuple(sources))
+        owner = self._listener(link)
+        if owner is not None:
+            owner.share(link)  # before start: the sibling must not bind the address itself
         await link.start()
         self.links[name] = link
         return link
+
+    def _listener(self, link: Link) -> Link | None:
+        """The link that listens already where `link` would (it then shares that listener); LinkError if it may not."""
+        owner = next((o for o in self.links.values() if o.listen_port and not o.borrows_listener
+                      and (o.listen_host, o.listen_port) == (link.listen_host, link.listen_port)), None)  # fmt: skip
+        if owner is None:
+            return None
+        where = f"{link.listen_host}:{link.listen_port}"
+        if not link.sources:
+            raise LinkError(f"{where} is {owner.name}'s listener: a link sharing it must name its sources")
+        if (owner.target_host, owner.target_port) != (link.target_host, link.target_port):
+            raise LinkError(f"{where} forwards to {owner.target_host}:{owner.target_port}: a link sharing it must too")
+        taken = [h for h in link.sources if h in owner.sources or owner.source_link(h) is not owner]
+        if taken:
+            raise LinkError(f"sources {', '.join(taken)} on {where} are another link's already")
+        return owner
 
     def link(self, name: str) -> Link:
         """The link named `name`; LinkError listing the known ones otherwise."""
@@ -240,11 +264,18 @@ class LinkService:
         return {"pid": self.process.pid if self.process is not None else None, "control_port": self.port}
 
     async def add(
-        self, name: str, source: str, dest: str, target_port: int, listen_port: int = 0, listen_host: str = HOST
+        self,
+        name: str,
+        source: str,
+        dest: str,
+        target_port: int,
+        listen_port: int = 0,
+        listen_host: str = HOST,
+        sources: tuple[str, ...] = (),
     ) -> int:
-        """Put a link named `name` in front of `target_port`; the port it listens on."""
+        """Put a link named `name` in front of `target_port` (for clients from `sources`); the port it listens on."""
         body = {"name": name, "from": source, "to": dest, "target": f"{HOST}:{target_port}",
-                "listen": f"{listen_host}:{listen_port}"}  # fmt: skip
+                "listen": f"{listen_host}:{listen_port}", "sources": list(sources)}  # fmt: skip
         status, answer = await self.call("POST", "/links", body)
         if status != 201:
             raise TopologyError(f"the links process refused link {name}: {answer.get('error', status)}")

@@ -12,6 +12,15 @@ for one fault, each set per direction: `upstream` is from -> to (the requests),
     down                    the listener closed: new connections refused, open ones reset
                             (Toxiproxy's disabled proxy)
 
+Links can share a listener when they are told apart by the client's source
+address: after a failover a replica and the Sentinels dial one announced
+address, and only the replica binds its own source (`bind-source-addr`). The
+first link on an address owns the listener; a link created later on the same
+address names its `sources` (client hosts) and is given the connections from
+them; the owner takes the rest (or, if it names sources too, resets them). A
+shared link that is `down` resets new connections at once rather than closing
+the listener its siblings still need.
+
 A link also mirrors its target: when the target refuses a connection (the app
 server was killed) the client gets a reset and the link stops listening until
 the target accepts again, so the side in front sees a refused connection as it
@@ -116,6 +125,7 @@ class Link:
     target_port: int
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
+    sources: tuple[str, ...] = ()  # the client hosts this link carries; () = any (see the module docstring)
     faults: dict[Direction, StreamFaults] = field(default_factory=lambda: {d: StreamFaults() for d in DIRECTIONS})
     down: bool = False
     reset: bool = False
@@ -124,6 +134,9 @@ class Link:
     connections: int = 0
     refused: int = 0  # connections reset because the target refused them
     target_refusing: bool = False
+    unrouted: int = 0  # connections reset because their source is no link's of this listener
+    _owner: Link | None = field(default=None, repr=False)  # the link whose listener this one shares
+    _siblings: dict[str, Link] = field(default_factory=dict, repr=False)  # by source host, on the owner
     _server: asyncio.Server | None = field(default=None, repr=False)
     _open: set[_Connection] = field(default_factory=set, repr=False)
     _handlers: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
@@ -139,6 +152,26 @@ class Link:
         self._update_flow()
         await self._listen()
 
+    def share(self, sibling: Link) -> None:
+        """Give `sibling` this link's listener for the connections from its sources (checked by the caller)."""
+        sibling._owner = self
+        for host in sibling.sources:
+            self._siblings[host] = sibling
+
+    def source_link(self, host: str) -> Link:
+        """The link of this listener that carries connections from `host`."""
+        return self._siblings.get(host, self)
+
+    @property
+    def borrows_listener(self) -> bool:
+        """Whether this link uses another link's listener."""
+        return self._owner is not None
+
+    @property
+    def shared(self) -> bool:
+        """Whether this link's listener carries other links too."""
+        return self._owner is not None or bool(self._siblings)
+
     async def stop(self) -> None:
         """Close the listener and reset every open connection."""
         if self._probe is not None:
@@ -152,6 +185,8 @@ class Link:
         await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def _listen(self) -> None:
+        if self._owner is not None:
+            return  # the owner listens
         if self._server is None:
             self._server = await asyncio.start_server(
                 self._accept, self.listen_host, self.listen_port, reuse_address=True, limit=CHUNK_BYTES
@@ -194,7 +229,7 @@ class Link:
         if self.down or self.reset:
             for conn in list(self._open):
                 conn.reset()
-        if self.down:
+        if self.down and not self.shared:
             await self._unlisten()
         elif not self.target_refusing:
             await self._listen()
@@ -218,12 +253,14 @@ class Link:
             "to": self.dest,
             "listen": f"{self.listen_host}:{self.listen_port}",
             "target": f"{self.target_host}:{self.target_port}",
+            **({"sources": list(self.sources)} if self.sources else {}),
             "faults": faults,
             "state": "cut" if self.down or self.reset or self.partitions or self._blackholed() else
                      "slowed" if self._slowed() else "ok",
             "bytes": {d: self.counters[d].bytes for d in DIRECTIONS},
             "held": {d: self.counters[d].held for d in DIRECTIONS},
-            "connections": {"total": self.connections, "open": len(self._open), "target_refused": self.refused},
+            "connections": {"total": self.connections, "open": len(self._open), "target_refused": self.refused,
+                            **({"unrouted": self.unrouted} if self.unrouted else {})},
             "target_refusing": self.target_refusing,
         }  # fmt: skip
 
@@ -239,8 +276,14 @@ class Link:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        host = (writer.get_extra_info("peername") or ("",))[0]
+        link = self.source_link(host)
         try:
-            await self._relay(reader, writer)
+            if link is self and self.sources and host not in self.sources:
+                self.unrouted += 1
+                _reset(writer)
+                return
+            await link._relay(reader, writer)
         except asyncio.CancelledError:
             _reset(writer)  # stopped: asyncio's streams log a handler that ends cancelled as an error
         finally:
@@ -281,6 +324,9 @@ class Link:
 
     async def _mirror_refusal(self) -> None:
         """The target refused: refuse too until it accepts again (see the module docstring)."""
+        if self._owner is not None:
+            await self._owner._mirror_refusal()  # one target, one listener: the owner refuses for all
+            return
         if self.target_refusing:
             return
         self.target_refusing = True

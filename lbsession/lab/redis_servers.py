@@ -80,6 +80,10 @@ class RedisProcess:
     # The address replicas and Sentinels reach it at: 127.0.0.1, or with the lab's links its own
     # 127.0.2.x, where a relay listens on its port (lbsession.lab.links), so that path can be cut.
     announce_host: str = "127.0.0.1"
+    # With links, a node replicates from its own source address (127.0.3.x, `bind-source-addr`), so
+    # the relay at a primary's announced address tells its replicas from the Sentinels, which dial
+    # that same address from 127.0.0.1.
+    source_host: str | None = None
     process: Child | None = None
 
     @property
@@ -135,7 +139,8 @@ class RedisTopology:
     def __init__(self, workdir: Path, *, ha: bool = False, persist: bool = False, binary: str | None = None,
                  down_after_ms: int = 1000, announce: bool = False, replicas: int = 1,
                  min_replicas: tuple[int, int] = (0, 10)) -> None:  # fmt: skip
-        """`announce`: replicas and Sentinels reach node k at 127.0.2.k (whoever starts it puts a relay there).
+        """`announce`: replicas and Sentinels reach node k at 127.0.2.k (whoever starts it puts a relay there),
+        and node k replicates from source 127.0.3.k, so that relay can tell its replicas from the Sentinels.
 
         `min_replicas`: (min-replicas-to-write, min-replicas-max-lag in s), on every node, since any may be promoted.
         """
@@ -159,6 +164,9 @@ class RedisTopology:
             for k, node in enumerate(self.nodes, 1):
                 node.announce_host = f"127.0.2.{k}" if announce else "127.0.0.1"
                 node.extra += ["--replica-announce-ip", node.announce_host]
+                if announce:
+                    node.source_host = f"127.0.3.{k}"
+                    node.extra += ["--bind-source-addr", node.source_host]
             for node in self.nodes[1:]:
                 node.extra += ["--replicaof", primary.announce_host, str(primary.port)]
             for n in range(1, 4):

@@ -60,6 +60,10 @@ class ManagedServer:
     restarts: int = 0
     extra_args: list[str] = field(default_factory=list)  # command-line flags that are not settings (--access-log)
     cluster_port: int = 0  # backend cluster: the replication listener, fixed so peers can list it
+    # With links, peers reach it at 127.0.4.k (a relay on its port) and it dials them from 127.0.5.k,
+    # so the relay in front of each node tells its peers apart by source (lbsession.lab.links).
+    cluster_host: str = "127.0.0.1"
+    source_host: str | None = None
     # Backend cluster: whom it replicates to, fixed at creation and kept on restart.
     cluster_peers: tuple[str, ...] = ()
     cluster_join: str | None = None
@@ -76,11 +80,16 @@ class ManagedServer:
         """The OS process id, or None when not running."""
         return self.process.pid if self.process is not None else None
 
+    @property
+    def cluster_address(self) -> str:
+        """Where its peers reach its replication listener: the address they list."""
+        return f"{self.cluster_host}:{self.cluster_port}"
+
     def as_dict(self) -> dict[str, Any]:
         """The server as the ready file and the admin API describe it."""
         info: dict[str, Any] = {"id": self.server_id, "url": self.url, "pid": self.pid, "restarts": self.restarts}
         if self.cluster_port:
-            info["cluster_address"] = f"127.0.0.1:{self.cluster_port}"
+            info["cluster_address"] = self.cluster_address
         if self.links:
             info["links"] = sorted(self.links)
         return info
@@ -140,6 +149,7 @@ class Topology:
             servers = [self._new_server() for _ in range(self.config.servers)]
             for server in servers:  # every first server lists all the others
                 server.cluster_peers = self._cluster_addresses([s for s in servers if s is not server])
+                await self._link_peers(server)
             await asyncio.gather(*(self._spawn(s) for s in servers))
             if self.front is not None:
                 await self._start_front(self.front, servers)
@@ -201,9 +211,13 @@ class Topology:
             min_replicas=(settings.min_replicas_to_write, settings.min_replicas_max_lag_s),
         )
         if self.links is not None and self.redis.ha:
-            for node in self.redis.nodes:  # the path of replication and Sentinel to each node
+            for node in self.redis.nodes:  # the Sentinels' path to each node, and each other node's replication
                 name = f"sentinels->{node.name}"
                 await self.links.add(name, "sentinels", node.name, node.port, node.port, node.announce_host)
+                for replica in self.redis.nodes:
+                    if replica is not node and replica.source_host is not None:
+                        await self.links.add(f"{replica.name}->{node.name}", replica.name, node.name, node.port,
+                                             node.port, node.announce_host, (replica.source_host,))  # fmt: skip
         await self.redis.start()
 
     async def __aenter__(self) -> Topology:
@@ -328,9 +342,10 @@ class Topology:
         others = [s for s in self.servers.values() if s.pid is not None]
         server = self._new_server()
         if self.config.app.cluster.membership == "join" and others:
-            server.cluster_join = f"127.0.0.1:{others[0].cluster_port}"
+            server.cluster_join = others[0].cluster_address
         else:
             server.cluster_peers = self._cluster_addresses(others)
+        await self._link_peers(server)
         await self._spawn(server)
         if self.front is not None:
             await self.front.add(server.server_id, await self._front_port(server))
@@ -346,7 +361,7 @@ class Topology:
             raise TopologyError(f"the backend is {self.config.app.backend}, not cluster: nothing replicates")
         if server.pid is None:
             raise TopologyError(f"{server_id} is not running")
-        peer = None if peer_id is None else f"127.0.0.1:{self._server(peer_id).cluster_port}"
+        peer = None if peer_id is None else self._server(peer_id).cluster_address
         url, headers = server.url + REPLICATION_PATH, {LAB_TOKEN_HEADER: self._lab_token}
         try:
             async with (
@@ -364,11 +379,16 @@ class Topology:
     # ------------------------------------------------------------------ processes
 
     def _new_server(self) -> ManagedServer:
-        server_id = f"was-{self._next_index}"
+        index = self._next_index
+        server_id = f"was-{index}"
         self._next_index += 1
         server = ManagedServer(server_id, log_path=self.log_dir / f"{server_id}.log")
         if self.config.app.backend == "cluster":
             server.cluster_port = free_port()
+            if self.links is not None:
+                if index > 254:  # its addresses, 127.0.4.N and 127.0.5.N, have one byte for N
+                    raise TopologyError(f"{server_id}: a lab with links has room for 254 cluster servers")
+                server.cluster_host, server.source_host = f"127.0.4.{index}", f"127.0.5.{index}"
         self.servers[server_id] = server
         return server
 
@@ -385,6 +405,8 @@ class Topology:
             port=server.cluster_port,
             peers=server.cluster_peers,
             join=server.cluster_join,
+            advertise_host=server.cluster_host,
+            source_host=server.source_host,
             secret=self._cluster_secret,
         )
         cookie = dataclasses.replace(app.cookie, keys=self._cookie_keys)
@@ -398,7 +420,7 @@ class Topology:
         return child_environ({LAB_TOKEN_ENV: self._lab_token, **to_environ(self.server_config(server), "app")})
 
     def _cluster_addresses(self, peers: list[ManagedServer]) -> tuple[str, ...]:
-        return tuple(f"127.0.0.1:{p.cluster_port}" for p in peers) if self.config.app.backend == "cluster" else ()
+        return tuple(p.cluster_address for p in peers) if self.config.app.backend == "cluster" else ()
 
     def _redis_config(self, server: ManagedServer) -> RedisConfig:
         """How an app server reaches Redis: the lab's own (through its link, if it has one), or the one configured."""
@@ -441,6 +463,23 @@ class Topology:
             name = f"{server.server_id}->{part.name}"
             if name not in server.links:
                 server.links[name] = await self.links.add(name, server.server_id, part.name, part.port)
+
+    async def _link_peers(self, server: ManagedServer) -> None:
+        """With links and the cluster store: a link each way between `server` and every other server, made once.
+
+        Made whether or not either lists the other: under static membership an added server's
+        peers do not dial it (C8), and their links to it show no connection, which is the lesson.
+        """
+        if self.links is None or server.source_host is None:
+            return
+        for other in self.servers.values():
+            if other is server or other.source_host is None:
+                continue
+            for a, b, source in ((server, other, server.source_host), (other, server, other.source_host)):
+                name = f"{a.server_id}->{b.server_id}"
+                if name not in a.links:
+                    a.links[name] = await self.links.add(name, a.server_id, b.server_id, b.cluster_port,
+                                                         b.cluster_port, b.cluster_host, (source,))  # fmt: skip
 
     async def _spawn(self, server: ManagedServer) -> None:
         assert server.log_path is not None

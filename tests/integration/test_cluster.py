@@ -87,7 +87,7 @@ async def test_join_membership_scale_out_needs_no_edit_and_no_login(start_lab, u
     assert new.server_id in {r.server for r in replies}
     for old in ("was-1", "was-2", "was-3"):
         states = {p["address"]: p["state"] for p in (await health(lab.servers[old].url))["peers"]}
-        assert states[f"127.0.0.1:{new.cluster_port}"] == "up"  # announced to everyone
+        assert states[new.cluster_address] == "up"  # announced to everyone, and linked to through its relay
 
 
 @pytest.mark.parametrize("replication", ["sync", "async"])
@@ -116,7 +116,7 @@ async def test_a_forged_or_unlisted_replication_message_is_refused_and_changes_n
     reader, writer = await asyncio.open_connection("127.0.0.1", target.cluster_port)
     channel = Channel(reader, writer, 1 << 20)
     await channel.connect(b"not-the-real-secret-at-all")
-    channel.send({"type": "hello", "node": "mallory", "addr": f"127.0.0.1:{lab.servers['was-2'].cluster_port}"})
+    channel.send({"type": "hello", "node": "mallory", "addr": lab.servers["was-2"].cluster_address})
     forged = {"sid": "x" * 43, "ttl_ms": 60000, "set": {"user": ['"mallory"', [10**9, "mallory"]]}}
     channel.send({"type": "change", "id": 1, "change": forged})
     assert await closed_by_peer(reader)

@@ -60,7 +60,7 @@ async def test_every_fault_action_applies_through_the_admin_api(start_lab):
 async def test_the_cut_route_is_locked_by_the_lab_token_and_invisible_through_the_balancer(start_lab):
     lab: Topology = await start_lab("round-robin", backend="cluster", servers=2)
     was1 = lab.servers["was-1"]
-    peer = f"127.0.0.1:{lab.servers['was-2'].cluster_port}"
+    peer = lab.servers["was-2"].cluster_address
 
     through_lb = await post(lab.lb.url + REPLICATION_PATH, {"peer": None, "cut": True}, token="guess")
     wrong = await post(was1.url + REPLICATION_PATH, {"peer": None, "cut": True}, token="not-the-token")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import pytest
 
 from lbsession.lab.faults import AdminClient
 from lbsession.lab.topology import Topology
+from tests.integration.test_cluster import health
 
 pytestmark = pytest.mark.integration
 
@@ -92,5 +95,56 @@ async def test_links_off_puts_the_servers_directly_behind_the_balancer(start_lab
         assert lab.lb is not None and lab.lb.pool.upstreams["was-1"].url == lab.servers["was-1"].url
         status, answer = await admin.call("GET", "/links")
         assert status == 409 and "--links off" in answer["error"]
+    finally:
+        await admin.close()
+
+
+def _session_at(lab: Topology, users: Any, server_id: str, cookie: str) -> Any:
+    """A user asking `server_id` directly with the session cookie `cookie`."""
+    user = users(lab.servers[server_id].url)
+    user.http.cookie_jar.update_cookies({"SESSION": cookie})
+    return user
+
+
+async def test_cluster_replication_runs_on_a_link_per_peer_pair_that_a_partition_cuts(start_lab, users) -> None:
+    lab: Topology = await start_lab("round-robin", backend="cluster", servers=3)
+    admin = AdminClient(lab.admin_url)
+    try:
+        _, answer = await admin.call("GET", "/links")
+        peers = {link["name"]: link for link in answer["links"] if link["from"].startswith("was-")
+                 and link["to"].startswith("was-")}  # fmt: skip
+        assert sorted(peers) == [f"was-{a}->was-{b}" for a in (1, 2, 3) for b in (1, 2, 3) if a != b]
+        assert peers["was-1->was-2"]["listen"] == lab.servers["was-2"].cluster_address
+        assert peers["was-1->was-2"]["sources"] == ["127.0.5.1"]
+        assert all(link["connections"]["total"] >= 1 for link in peers.values())  # every node dialled every peer
+
+        status, _ = await admin.call("POST", "/partitions", {"name": "p", "cut": ["was-1->was-2", "was-2->was-1"]})
+        assert status == 201
+        alice = users(lab.servers["was-1"].url)
+        await alice.login("alice")
+        cookie = alice.cookie("SESSION")
+        assert cookie is not None
+        assert (await _session_at(lab, users, "was-3", cookie).me()).status == 200  # was-1 -> was-3 is intact
+        at_was2 = _session_at(lab, users, "was-2", cookie)
+        assert (await at_was2.me()).status == 401  # the partition held the change
+        assert (await admin.call("DELETE", "/partitions/p", {}))[0] == 200
+        while (await at_was2.me()).status != 200:  # the reconnect's snapshot brings it over
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+
+
+async def test_a_server_added_to_a_static_cluster_gets_links_its_peers_never_dial(start_lab, users) -> None:
+    lab: Topology = await start_lab("round-robin", backend="cluster", servers=2)
+    admin = AdminClient(lab.admin_url)
+    try:
+        new = await lab.add_server()
+        while {p["state"] for p in (await health(new.url))["peers"]} != {"refused"}:  # not in their lists (C8)
+            await asyncio.sleep(0.05)
+        _, answer = await admin.call("GET", "/links")
+        links = {link["name"]: link for link in answer["links"]}
+        for old in ("was-1", "was-2"):
+            assert links[f"{new.server_id}->{old}"]["connections"]["total"] >= 1  # it dials them: refused
+            assert links[f"{old}->{new.server_id}"]["connections"]["total"] == 0  # they never dial it
     finally:
         await admin.close()

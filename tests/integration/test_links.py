@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lbsession.lab.link_service import LinkService
+from lbsession.lab.link_service import LinkRegistry, LinkService
 from lbsession.lab.links import CHUNK_BYTES, QUEUE_CHUNKS, Link, LinkError, parse_faults
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -270,3 +270,62 @@ async def test_the_links_process_api(tmp_path: Path) -> None:
     finally:
         await service.stop()
         target.close()
+
+
+async def _echoes_from(host: str, port: int, message: bytes, listen_host: str = "127.0.2.9") -> bool:
+    """True when a connection from source `host` to the shared listener echoes `message` back."""
+    reader, writer = await asyncio.open_connection(listen_host, port, local_addr=(host, 0))
+    writer.write(message)
+    echoed = await reader.readexactly(len(message))
+    writer.close()
+    return echoed == message
+
+
+@pytest.fixture
+async def local_links() -> AsyncIterator[tuple[LinkRegistry, str]]:
+    """A link registry in this process and an echo server's address to point its links at; both stopped."""
+    target = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    links = LinkRegistry()
+    yield links, f"127.0.0.1:{target.sockets[0].getsockname()[1]}"
+    await links.stop()
+    target.close()
+
+
+async def test_links_sharing_a_listener_are_told_apart_by_source_and_faulted_apart(local_links: Any) -> None:
+    registry, target_at = local_links
+    owner = await registry.create({"name": "sentinels->n", "from": "sentinels", "to": "n", "target": target_at,
+                                   "listen": "127.0.2.9:0"})  # fmt: skip
+    listen = f"127.0.2.9:{owner.listen_port}"
+    replica = await registry.create({"name": "r->n", "from": "r", "to": "n", "target": target_at,
+                                     "listen": listen, "sources": ["127.0.3.2"]})  # fmt: skip
+    assert await _echoes_from("127.0.0.1", owner.listen_port, b"sentinel")
+    assert await _echoes_from("127.0.3.2", owner.listen_port, b"replica")
+    assert (owner.connections, replica.connections) == (1, 1)
+    assert replica.describe()["listen"] == listen and replica.describe()["sources"] == ["127.0.3.2"]
+
+    await replica.apply(*parse_faults({"down": True}))  # the replica's path refuses; the Sentinels' stays
+    assert await _echoes_from("127.0.0.1", owner.listen_port, b"still")
+    reader, _ = await asyncio.open_connection("127.0.2.9", owner.listen_port, local_addr=("127.0.3.2", 0))
+    with contextlib.suppress(ConnectionResetError):
+        assert await reader.read() == b""
+    await replica.heal()
+    await registry.cut({"name": "p", "cut": ["sentinels->n"]})  # the reverse: Sentinels cut, replica through
+    assert await _echoes_from("127.0.3.2", owner.listen_port, b"replica again")
+    await registry.heal_partition("p")
+
+    with pytest.raises(LinkError, match="must name its sources"):
+        await registry.create({"name": "x", "from": "x", "to": "n", "target": target_at, "listen": listen})
+    with pytest.raises(LinkError, match="another link's already"):
+        await registry.create({"name": "y", "from": "y", "to": "n", "target": target_at, "listen": listen,
+                               "sources": ["127.0.3.2"]})  # fmt: skip
+
+
+async def test_a_listener_whose_links_all_name_sources_resets_a_stranger(local_links: Any) -> None:
+    registry, target_at = local_links
+    link = await registry.create({"name": "a->b", "from": "a", "to": "b", "target": target_at,
+                                  "listen": "127.0.2.9:0", "sources": ["127.0.5.1"]})  # fmt: skip
+    assert await _echoes_from("127.0.5.1", link.listen_port, b"peer")
+    reader, _ = await asyncio.open_connection("127.0.2.9", link.listen_port)
+    with contextlib.suppress(ConnectionResetError):
+        assert await reader.read() == b""
+    assert link.unrouted == 1 and link.connections == 1

@@ -173,7 +173,8 @@ class ClusterNode:
         """Connect to a peer and introduce ourselves; PeerRefused if it refuses us."""
         host, _, port = address.rpartition(":")
         async with asyncio.timeout(self.handshake_timeout_s):
-            reader, writer = await asyncio.open_connection(host, int(port))
+            source = (self.config.source_host, 0) if self.config.source_host else None
+            reader, writer = await asyncio.open_connection(host, int(port), local_addr=source)
             channel = Channel(reader, writer, self.config.max_message_bytes)
             try:
                 await channel.connect(self._secret)

@@ -120,8 +120,15 @@ function renderPeers(geo, layer) {
     const [a, b] = key.split("|");
     const ya = serverCenterY(geo, a), yb = serverCenterY(geo, b);
     const bulge = x + 14 + Math.min(Math.abs(ya - yb) * 0.12, 44);
-    const cls = rank === 0 ? "peer-up" : rank >= 2 ? "peer-bad" : "peer-wait";
-    svg("path", { class: "edge " + cls, d: `M${x},${ya} C${bulge},${ya} ${bulge},${yb} ${x},${yb}` }, layer);
+    // With links, the pair's two replication links (was-1->was-2, was-2->was-1): a fault on either shows.
+    const names = [`${a}->${b}`, `${b}->${a}`];
+    const faulted = names.map((n) => state.links && state.links.get(n)).filter((l) => l && l.state !== "ok");
+    const worst = faulted.find((l) => l.state === "cut") || faulted[0];
+    const cls = worst ? worst.state : rank === 0 ? "peer-up" : rank >= 2 ? "peer-bad" : "peer-wait";
+    const attrs = { class: "edge " + cls, d: `M${x},${ya} C${bulge},${ya} ${bulge},${yb} ${x},${yb}` };
+    if (state.links && state.links.has(names[0])) attrs["data-link"] = names.join(" ");
+    svg("path", attrs, layer);
+    if (worst) text(layer, bulge + 4, (ya + yb) / 2 + 4, worst.state === "cut" ? "cut" : linkLatency(worst), "small link-label" + (worst.state === "cut" ? " cut" : ""));
   }
 }
 
@@ -165,8 +172,10 @@ function renderRedis(geo, layer) {
   const first = geo.middle - ((nodes.length - 1) * step) / 2 - 40;
   const y = (i) => first + i * step;
   if (nodes.length > 1 && alive.length > 1) {
-    const mid = COL.store + COL.storeW / 2; // the replica follows the primary
-    svg("path", { class: "edge peer-up", d: `M${mid},${y(0) + 86} L${mid},${y(1)}` }, layer);
+    const mid = COL.store + COL.storeW / 2; // the replica follows the primary, on its own link (redis-2->redis-1)
+    const [replica, primary] = nodes[1].name === state.primary ? [nodes[0], nodes[1]] : [nodes[1], nodes[0]];
+    const name = `${replica.name}->${primary.name}`;
+    svg("path", { class: "edge " + (linkClass(name).trim() || "peer-up"), "data-link": name, d: `M${mid},${y(0) + 86} L${mid},${y(1)}` }, layer);
   }
   nodes.forEach((node, i) => {
     const primary = node.name === state.primary;
