@@ -6,6 +6,8 @@ without them skips, naming the package to install (.ci/run installs both).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -15,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from lbsession.balancer.strategies import STRATEGY_NAMES
 from lbsession.cli import main
@@ -166,6 +169,42 @@ async def test_haproxy_checks_with_the_labs_method_path_host_and_statuses(short_
     assert "option httpchk" in lines
     assert "http-check send meth HEAD uri /ready ver HTTP/1.1 hdr Host app.example" in lines
     assert "http-check expect status 200-299,404" in lines
+
+
+async def dies_under_each_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An app server that passes its health check and closes on any other request without a byte of answer."""
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while b" /healthz " in (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0] + b" ":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    writer.close()
+
+
+@needs("haproxy")
+async def test_haproxy_resends_a_get_whose_server_died_under_it_elsewhere_and_never_a_post(short_dir: Path) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="answered")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    dying = await asyncio.start_server(dies_under_each_request, "127.0.0.1", 0)
+    front = front_class("haproxy")(lab_config("round-robin"), short_dir)
+    try:
+        await front.start({"was-1": dying.sockets[0].getsockname()[1], "was-2": runner.addresses[0][1]})
+        for server_id in front.servers:
+            await front.wait_up(server_id)
+        # A connection per request, so round-robin alternates and each first request reaches the dying server.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            gets = [(r.status, await r.text()) for r in [await http.get(front.url + "/cart") for _ in range(4)]]
+            posts = [(await http.post(front.url + "/cart", data=b"item")).status for _ in range(4)]
+    finally:
+        await front.stop()
+        dying.close()
+        await runner.cleanup()
+    assert gets == [(200, "answered")] * 4  # retried on was-2 (retry-on empty-response + option redispatch)
+    assert posts.count(502) == 2 and posts.count(200) == 2  # not resent: it may have been acted on
 
 
 @needs("nginx")

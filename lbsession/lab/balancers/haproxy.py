@@ -111,6 +111,12 @@ class HaproxyFront(BalancerFront):
             flags += f" maxlife {sticky.max_age_s}s" if sticky.max_age_s else ""
             backend += [f"cookie {sticky.cookie_name} insert indirect nocache httponly{flags}"]
             backend += ["option redispatch" if sticky.redispatch else "no option redispatch"]
+        else:  # a failed connect is retried on another server, as lbsession does
+            backend += ["option redispatch"]
+        # lbsession resends an idempotent request whose (reused) connection closed without a byte of answer
+        # (RFC 9110 9.2.2), so a server killed under a GET costs no 5xx; HAProxy's L7 retries do that when
+        # told, here for GET and HEAD only (the other methods are not resent, as lbsession's are not).
+        backend += ["retry-on conn-failure empty-response", "http-request disable-l7-retry unless METH_GET"]
         if health.host is None:
             backend += [f"option httpchk {health.method} {health.path}"]
         else:  # a Host header needs HTTP/1.1, which `http-check send` writes
