@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from lbsession.balancer.compiled import build
 from lbsession.balancer.config import BalancerConfig
 from lbsession.balancer.events import EventBus
 from lbsession.balancer.proxy import ClientConnection, UpstreamConnection
@@ -79,12 +80,15 @@ class LoadBalancer:
         self._server = await loop.create_server(
             lambda: ClientConnection(self), self.config.host, self.config.port, backlog=1024
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        # Read untyped: uvloop's Server gives a list where asyncio's type says tuple, and the compiled
+        # build (lbsession.balancer.compiled) checks every value against its declared type.
+        server: Any = self._server
+        self.port = server.sockets[0].getsockname()[1]
         await self.pool.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="lb-sweeper")
         if admin:
             await self._start_admin()
-        log.info("balancing on %s, strategy %s", self.url, self.strategy.name)
+        log.info("balancing on %s, strategy %s, %s", self.url, self.strategy.name, build().description)
 
     async def _start_admin(self) -> None:
         from aiohttp import web
@@ -255,6 +259,7 @@ class LoadBalancer:
         """The balancer's state and counters, as the admin API's `GET /status` returns them."""
         return {
             "strategy": self.strategy.name,
+            "build": build().description,  # "compiled (mypyc 1.x)" or "pure Python (why)"
             "strategy_settings": self.strategy.describe(),  # e.g. the sticky mode, the balance factor
             "strategy_counters": self.strategy.counters(),  # e.g. bounded loads' audit of its decisions
             "strategies": list(STRATEGIES),  # what PUT /strategy accepts

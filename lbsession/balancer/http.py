@@ -399,7 +399,12 @@ class ChunkedScanner:
 
     __slots__ = ("_line", "_remaining", "_state", "decoded", "limit", "total")
 
-    _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+    # The scanner's states; one name a line, as a compiled class body takes them (no tuple unpacking).
+    _SIZE = 0
+    _DATA = 1
+    _DATA_END = 2
+    _TRAILER = 3
+    _DONE = 4
     _MAX_LINE = 4096
 
     def __init__(self, limit: int, decode: bool = False) -> None:

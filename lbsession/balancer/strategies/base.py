@@ -13,10 +13,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, get_args
 
+from mypy_extensions import mypyc_attr  # mypyc's class options, for the compiled build
+
 from lbsession.errors import NoHealthyUpstream
 
 if TYPE_CHECKING:
     from lbsession.balancer.config import BalancerConfig
+
 
 RouteReason = Literal["new", "pinned", "rehashed", "redispatched", "forged-cookie", "expired-cookie", "retried"]
 ROUTE_REASONS: tuple[RouteReason, ...] = get_args(RouteReason)
@@ -92,6 +95,8 @@ class Route(NamedTuple):
     set_cookie: str | None = None
 
 
+# A plug-in strategy is an interpreted subclass, which a compiled class refuses unless told.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Strategy(ABC):
     """Choose an upstream for a request. Synchronous, no I/O, never imports aiohttp.
 
