@@ -474,6 +474,7 @@ def _bench_lines(report: BenchReport, json_path: Path | None) -> list[str]:
     lines = [
         f"lbsession bench: {report.servers} {report.upstream} upstreams, {report.tool}, "
         f"balancer loop {report.loop}, strategy {report.strategy}",
+        f"lbsession build: {report.build}",
         _BENCH_ROW.format("target", "req/s", "p50 ms", "p99 ms", "CPU us/req", "upstream us/req", "errors"),
     ]
     for row in report.figures:

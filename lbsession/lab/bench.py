@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import resource
@@ -121,6 +122,7 @@ class Target:
     name: str
     url: str
     pids: tuple[int, ...]
+    build: str = ""  # lbsession: "compiled (mypyc 1.x)" or "pure Python (why)"
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class Figures:
     load: LoadResult
     cpu_us_per_request: float
     upstream_cpu_us_per_request: float
+    build: str = ""  # lbsession's rows: the build of its hot modules that ran, as its /status said
 
     def as_dict(self) -> dict[str, Any]:
         """The row as the JSON report holds it."""
@@ -139,6 +142,7 @@ class Figures:
             **asdict(self.load),
             "cpu_us_per_request": round(self.cpu_us_per_request, 2),
             "upstream_cpu_us_per_request": round(self.upstream_cpu_us_per_request, 2),
+            **({"build": self.build} if self.build else {}),
         }
 
 
@@ -507,7 +511,20 @@ async def start_lbsession(
     )
     argv = [sys.executable, "-m", "lbsession", "--loop", loop, "--log-level", "warning", "lb"]
     settings = to_environ(balancer, "balancer")
-    return await start_target(children, f"lbsession-{case.strategy}", argv, port, upstreams.path, settings)
+    target = await start_target(children, f"lbsession-{case.strategy}", argv, port, upstreams.path, settings)
+    return dataclasses.replace(target, build=await balancer_build(admin_port))
+
+
+async def balancer_build(admin_port: int) -> str:
+    """Which build of its hot modules a started balancer runs, as its GET /status says."""
+    reader, writer = await asyncio.open_connection(HOST, admin_port)
+    try:
+        writer.write(f"GET /status HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    return str(json.loads(answer.partition(b"\r\n\r\n")[2])["build"])
 
 
 async def start_haproxy(
@@ -638,6 +655,11 @@ class BenchReport:
     cases: tuple[CaseReport, ...]
 
     @property
+    def build(self) -> str:
+        """The build of lbsession's hot modules that was measured (every lbsession row runs the same files)."""
+        return next((case.lbsession.build for case in self.cases if case.lbsession.build), "not measured")
+
+    @property
     def figures(self) -> tuple[Figures, ...]:
         """Every row measured, in order: the direct upstream, then each case's lbsession and HAProxy."""
         rows = [self.direct]
@@ -652,6 +674,7 @@ class BenchReport:
             "servers": self.servers,
             "tool": self.tool,
             "loop": self.loop,
+            "build": self.build,
             "strategy": self.strategy,
             "targets": [f.as_dict() for f in self.figures],
             "cases": [c.as_dict() for c in self.cases],
@@ -671,7 +694,7 @@ async def measure_balancer(
         rows = []
         for case in cases:
             figures = await measure(plan, target, upstreams.pids, pinned=case.pinned)
-            rows.append(dataclasses.replace(figures, target=f"{balancer} {case.name}"))  # "haproxy ip-hash"
+            rows.append(dataclasses.replace(figures, target=f"{balancer} {case.name}", build=target.build))
         return rows
     finally:
         mine, children.processes[started:] = children.processes[started:], []
