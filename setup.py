@@ -101,7 +101,9 @@ class OptionalMypycBuild(build_ext):
         for ext in made:
             name = ext.name if ext.name == EXTENSION_NAMES[0] else compiled.compiled_name(ext.name)
             # mypyc's sources and compiler flags, into the extension setuptools planned under that name.
-            vars(planned[name]).update({k: v for k, v in vars(ext).items() if not k.startswith("_") and k != "name"})
+            # (Its name and optional=True stay: a compiler that fails must leave a pure install, not an error.)
+            kept = ("name", "optional")
+            vars(planned[name]).update({k: v for k, v in vars(ext).items() if not k.startswith("_") and k not in kept})
         return list(planned.values())
 
 
