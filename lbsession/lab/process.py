@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lbsession.balancer.compiled import PURE_ENV
 from lbsession.config import ENV_PREFIX
 from lbsession.errors import TopologyError
 
@@ -98,12 +99,13 @@ class Child:
 
 
 def child_environ(settings: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment with `settings` as the only `LBSESSION_*` variables: a child's whole config.
+    """This process's environment with `settings` as the only `LBSESSION_*` settings: a child's whole config.
 
     The parent's own variables are already in its config; passed on as well, they would be read
     again by the child, where a shortcut (LBSESSION_BACKEND) would win over the parent's choice.
+    LBSESSION_PURE is no setting but which build of the balancer's code runs: every child keeps it.
     """
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k == PURE_ENV}
     return {**inherited, "PYTHONUNBUFFERED": "1", **settings}
 
 

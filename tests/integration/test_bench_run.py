@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from lbsession.balancer.compiled import build
 from lbsession.lab.bench import BenchParams, run_bench
 from lbsession.lab.process import HOST
 
@@ -40,3 +41,10 @@ async def test_a_body_size_is_served_by_nginx_through_the_balancer():
     assert report.upstream == "nginx" and [c.case for c in report.cases] == ["round-robin"]
     assert (report.cases[0].lbsession.load.requests, report.cases[0].lbsession.load.errors) == (200, 0)
     assert report.cases[0].haproxy is None and report.cases[0].haproxy_config == "HAProxy not run"
+
+
+async def test_the_bench_says_which_build_of_lbsession_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = BenchParams(requests=100, connections=2, strategy="round-robin", tool="builtin", haproxy="no")
+    assert (await run_bench(params)).build == build().description  # the child's /status, as this process chose
+    monkeypatch.setenv("LBSESSION_PURE", "1")
+    assert (await run_bench(params)).build == "pure Python (LBSESSION_PURE=1)"

@@ -106,3 +106,8 @@ def test_a_childs_only_lbsession_variables_are_the_ones_given(monkeypatch: pytes
     environ = child_environ({"LBSESSION_APP__BACKEND": '"local"'})
     assert {k: v for k, v in environ.items() if k.startswith("LBSESSION_")} == {"LBSESSION_APP__BACKEND": '"local"'}
     assert environ["UNRELATED"] == "kept"
+
+
+def test_a_child_runs_the_same_build_as_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LBSESSION_PURE", "1")  # not a setting: which build of the balancer's code runs
+    assert child_environ({})["LBSESSION_PURE"] == "1"
