@@ -488,12 +488,26 @@ async def start_upstreams(children: Children, params: BenchParams) -> Upstreams:
 
 
 async def start_target(
-    children: Children, name: str, argv: list[str], port: int, path: str, settings: dict[str, str] | None = None
+    children: Children,
+    name: str,
+    argv: list[str],
+    port: int,
+    path: str,
+    settings: dict[str, str] | None = None,
+    admin_port: int | None = None,
 ) -> Target:
-    """Start a balancer (`argv` listens on `port`, logs to <name>.log); return once it proxies a 200."""
+    """Start a balancer (`argv` listens on `port`, logs to <name>.log); return once it proxies a 200.
+
+    With `admin_port` (lbsession's), also wait for its admin API, which binds after the public
+    listener, and read from its /status which build of the hot modules it runs.
+    """
     child = children.start(name, argv, settings=settings)
     await wait_http(child, port, path, READY_TIMEOUT_S)
-    return Target(name, f"http://{HOST}:{port}{path}", (child.popen.pid,))
+    build = ""
+    if admin_port is not None:
+        await wait_http(child, admin_port, "/status", READY_TIMEOUT_S)
+        build = await balancer_build(admin_port)
+    return Target(name, f"http://{HOST}:{port}{path}", (child.popen.pid,), build)
 
 
 async def start_lbsession(
@@ -511,8 +525,7 @@ async def start_lbsession(
     )
     argv = [sys.executable, "-m", "lbsession", "--loop", loop, "--log-level", "warning", "lb"]
     settings = to_environ(balancer, "balancer")
-    target = await start_target(children, f"lbsession-{case.strategy}", argv, port, upstreams.path, settings)
-    return dataclasses.replace(target, build=await balancer_build(admin_port))
+    return await start_target(children, f"lbsession-{case.strategy}", argv, port, upstreams.path, settings, admin_port)
 
 
 async def balancer_build(admin_port: int) -> str:
