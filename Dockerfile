@@ -9,6 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+# No setup.py: the optional compiled build of the hot modules needs a C compiler, which the slim image
+# lacks, so the image runs them as pure Python (GET /status says which build runs).
 COPY pyproject.toml README.md ./
 COPY lbsession ./lbsession
 COPY configs ./configs
