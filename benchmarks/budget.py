@@ -23,6 +23,7 @@ from collections.abc import Callable
 from datapath import REQUEST, RESPONSE, MemoryTransport, measure
 
 from lbsession.balancer.balancer import LoadBalancer
+from lbsession.balancer.compiled import build
 from lbsession.balancer.http import parse_request_head, parse_response_head, response_has_body
 from lbsession.balancer.proxy import ClientConnection
 from lbsession.balancer.strategies.base import RequestFacts
@@ -79,6 +80,7 @@ def budget(strategy: str) -> list[tuple[str, float]]:
 
 def main() -> None:
     names = sys.argv[1:] or ["round-robin"]
+    print(f"build: {build().description}")  # LBSESSION_PURE=1 for the pure one beside it
     for name in names:
         if name not in STRATEGY_NAMES:
             raise SystemExit(f"error: unknown strategy {name!r}; choose from {', '.join(STRATEGY_NAMES)}")

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from lbsession.balancer.balancer import LoadBalancer
+from lbsession.balancer.compiled import build
 from lbsession.balancer.proxy import ClientConnection, UpstreamConnection
 from lbsession.config import STRATEGY_NAMES, BalancerConfig, StickyConfig, UpstreamConfig
 
@@ -76,6 +77,7 @@ async def measure(strategy: str, requests: int = 100_000) -> float:
 
 def main() -> None:
     names = sys.argv[1:] or ["round-robin"]
+    print(f"build: {build().description}")  # LBSESSION_PURE=1 for the pure one beside it
     for name in names:
         if name not in STRATEGY_NAMES:
             raise SystemExit(f"error: unknown strategy {name!r}; choose from {', '.join(STRATEGY_NAMES)}")

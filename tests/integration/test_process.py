@@ -103,6 +103,7 @@ def test_port_in_use_sees_a_listener() -> None:
 def test_a_childs_only_lbsession_variables_are_the_ones_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LBSESSION_BACKEND", "redis")  # read by the parent already; the child must not read it again
     monkeypatch.setenv("UNRELATED", "kept")
+    monkeypatch.delenv("LBSESSION_PURE", raising=False)  # no setting, and kept (the next test)
     environ = child_environ({"LBSESSION_APP__BACKEND": '"local"'})
     assert {k: v for k, v in environ.items() if k.startswith("LBSESSION_")} == {"LBSESSION_APP__BACKEND": '"local"'}
     assert environ["UNRELATED"] == "kept"

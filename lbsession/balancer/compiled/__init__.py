@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
@@ -54,8 +55,9 @@ class Build:
     """Which build of the hot modules this process runs, and why."""
 
     compiled: bool
-    description: str  # "compiled (mypyc 1.19.0)", "pure Python (LBSESSION_PURE=1)"
+    description: str  # "compiled (mypyc 2.4.1)", "pure Python (LBSESSION_PURE=1)"
     modules: tuple[str, ...] = ()  # the compiled modules' names, when compiled
+    suffix: str = ""  # their files' extension-module suffix, when compiled
 
 
 def source_hash(path: Path) -> str:
@@ -102,7 +104,7 @@ def choose(folder: Path = HERE, balancer: Path = BALANCER) -> Build:
             return Build(False, f"pure Python (compiled build is stale: {source.name} changed since; reinstall)")
         if not compiled_path(module, suffix, folder).exists():
             return Build(False, f"pure Python (compiled build incomplete: {module} missing; reinstall)")
-    return Build(True, f"compiled ({record['compiler']})", tuple(record["sources"]))
+    return Build(True, f"compiled ({record['compiler']})", tuple(record["sources"]), suffix)
 
 
 class CompiledFinder(importlib.abc.MetaPathFinder):
@@ -118,8 +120,9 @@ class CompiledFinder(importlib.abc.MetaPathFinder):
         found = self.paths.get(fullname)
         if found is None:
             return None
-        loader = importlib.machinery.ExtensionFileLoader(fullname, found)
-        return importlib.machinery.ModuleSpec(fullname, loader, origin=found)
+        return importlib.util.spec_from_file_location(
+            fullname, found, loader=importlib.machinery.ExtensionFileLoader(fullname, found)
+        )
 
 
 _build: Build | None = None
@@ -131,8 +134,7 @@ def install() -> Build:
     if _build is None:
         _build = choose()
         if _build.compiled:
-            suffix = json.loads((HERE / RECORD).read_text())["suffix"]
-            sys.meta_path.insert(0, CompiledFinder(_build.modules, suffix))
+            sys.meta_path.insert(0, CompiledFinder(_build.modules, _build.suffix))
     return _build
 
 
