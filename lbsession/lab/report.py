@@ -10,6 +10,7 @@ lbsession/lab/matrix.schema.json describes).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,11 @@ from lbsession.lab.measures import NAMED_USERS, AppliedFault
 from lbsession.lab.scenario import Expectation, Scenario
 
 PASS, FAIL, NO_CLAIM = "PASS", "FAIL", "-"
+_LINK_LIST = re.compile(r"\[([^\]]*)\]")  # a partition's cut, as its description lists it
+
+
+def _count_links(match: re.Match[str]) -> str:
+    return f"({len(match.group(1).split(','))} links)"
 
 
 @dataclass(frozen=True)
@@ -92,8 +98,8 @@ class RunReport:
 
     @property
     def fault_text(self) -> str:
-        """The faults in a few words (`-` when none)."""
-        return ", ".join(f"{f.description}@{f.at_s:g}s" for f in self.faults) or "-"
+        """The faults in a few words (`-` when none); a partition's links counted, not listed (see format_run)."""
+        return ", ".join(f"{_LINK_LIST.sub(_count_links, f.description)}@{f.at_s:g}s" for f in self.faults) or "-"
 
     def as_dict(self) -> dict[str, Any]:
         """The run as JSON (see matrix.schema.json, `run`)."""
@@ -198,13 +204,20 @@ def named_lines(named: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[
 # --------------------------------------------------------------------------- many runs, one table
 
 Column = tuple[str, Callable[[RunReport], str]]
+FAULT_WIDTH = 48  # the table's fault column; each run's report lists its faults in full
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 COLUMNS: list[Column] = [
     ("claim", lambda r: r.scenario.label),
     ("scenario", lambda r: r.scenario.name),
     ("strategy", lambda r: r.strategy),
     ("balancer", lambda r: r.balancer),
     ("store", lambda r: r.backend + (" ha" if r.scenario.topology.redis_server.ha else "")),
-    ("fault", lambda r: r.fault_text),
+    ("fault", lambda r: _clip(r.fault_text, FAULT_WIDTH)),
     ("users", lambda r: _number(r.metrics["users"])),
     ("req", lambda r: _number(r.metrics["requests"])),
     ("re-login (users)", lambda r: f"{_number(r.metrics['relogins'])} ({_number(r.metrics['relogin_users'])})"),

@@ -318,3 +318,20 @@ def test_a_target_whose_strategy_settings_differ_is_noted() -> None:
         "the target's sticky_mode is persistent; the scenario was written for balanced"
     ]
     assert mismatch_notes(scenario, "sticky-cookie", "redis") == []  # settings unknown: not compared
+
+
+def test_a_partition_is_counted_in_the_table_and_listed_in_the_run():
+    report = make_report()
+    cut = "['sentinels->redis-1', 'was-2->redis-1', 'was-3->redis-1']"
+    report.faults = [AppliedFault(1.0, "partition", None, f"partition split-brain {cut} for 6 s", applied_s=1.0)]
+    assert report.fault_text == "partition split-brain (3 links) for 6 s@1s"
+    assert "(3 links)" in format_matrix([report])
+    assert f"partition split-brain {cut} for 6 s at 1 s" in format_run(report)
+
+
+def test_a_long_timeline_is_clipped_in_the_table_only():
+    report = make_report()
+    report.faults = [kill(at / 10) for at in range(12)]
+    fault_cell = format_matrix([report]).splitlines()[2].split("  ")
+    assert any(cell.endswith("…") and len(cell) == 48 for cell in fault_cell)
+    assert report.fault_text.count("kill-server") == 12
