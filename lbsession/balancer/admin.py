@@ -149,7 +149,11 @@ async def _add_server(request: web.Request) -> web.Response:
     body = await read_json(request)
     server_id, url = body.get("id"), body.get("url")
     if not isinstance(server_id, str) or not isinstance(url, str):
-        return json_error(400, 'give {"id": "was-4", "url": "http://127.0.0.1:8004"}')
+        return json_error(
+            400,
+            'give {"id": "was-4", "url": "http://127.0.0.1:8004"}, an app server already running; in '
+            "`lbsession run`, POST /topology/servers starts one and adds it",
+        )
     try:
         upstream = request.app[LB_KEY].pool.add(server_id, url)
     except ServerIdInUse as exc:

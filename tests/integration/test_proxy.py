@@ -663,6 +663,9 @@ async def test_admin_add_server(lab: ProxyLab) -> None:
     async with session.post(lb.admin_url + "/servers", json={"id": "c", "url": "ftp://127.0.0.1:1"}) as response:
         assert response.status == 400
         assert "must start with http://" in (await response.json())["error"]
+    async with session.post(lb.admin_url + "/servers", json={}) as response:
+        assert response.status == 400
+        assert "POST /topology/servers starts one" in (await response.json())["error"]  # the lab's own add
     async with session.post(
         lb.admin_url + "/servers", data=b"{not json", headers={"Content-Type": "application/json"}
     ) as response:
