@@ -60,7 +60,7 @@ from lbsession.config import (
     to_environ,
 )
 from lbsession.errors import ConfigError, TopologyError
-from lbsession.lab.process import Child, child_environ, free_ports, read_ready_line, spawn, wait_http
+from lbsession.lab.process import Child, child_environ, free_ports, http_get, read_ready_line, spawn, wait_http
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPU_RATIO_TARGET = 1.3  # the requirement: lbsession's CPU per request <= 1.3x HAProxy's
@@ -530,14 +530,9 @@ async def start_lbsession(
 
 async def balancer_build(admin_port: int) -> str:
     """Which build of its hot modules a started balancer runs, as its GET /status says."""
-    reader, writer = await asyncio.open_connection(HOST, admin_port)
-    try:
-        writer.write(f"GET /status HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            answer = await reader.read()
-    finally:
-        writer.close()
-    return str(json.loads(answer.partition(b"\r\n\r\n")[2])["build"])
+    async with asyncio.timeout(READY_TIMEOUT_S):
+        _, body = await http_get(admin_port, "/status")
+    return str(json.loads(body)["build"])
 
 
 async def start_haproxy(

@@ -178,14 +178,20 @@ async def http_status(port: int, path: str) -> int:
     """The status of one GET on loopback, or 0 when nothing answers."""
     try:
         async with asyncio.timeout(1.0):
-            reader, writer = await asyncio.open_connection(HOST, port)
-            try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-                return int((await reader.readline())[9:12] or 0)
-            finally:
-                writer.close()
+            return (await http_get(port, path, body=False))[0]
     except (OSError, TimeoutError, ValueError):
         return 0
+
+
+async def http_get(port: int, path: str, body: bool = True) -> tuple[int, bytes]:
+    """One GET on loopback (`Connection: close`): its status and, with `body`, the body read to the close."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        status = int((await reader.readline())[9:12] or 0)
+        return status, (await reader.read()).partition(b"\r\n\r\n")[2] if body else b""
+    finally:
+        writer.close()
 
 
 # --------------------------------------------------------------------------- ports
