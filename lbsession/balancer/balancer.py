@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from lbsession.balancer.compiled import build
 from lbsession.balancer.config import BalancerConfig
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from lbsession.balancer.http import RequestHead
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
 
 class LoadBalancer:
@@ -198,7 +198,9 @@ class LoadBalancer:
         """The request head as the upstream gets it: hop-by-hop gone, LB cookie gone, X-Forwarded-* set."""
         out = req.out
         cookie = req.cookie
-        if cookie is not None and self._private_cookies and any(n + b"=" in cookie for n in self._private_cookies):
+        # find(), not `in`: `bytes in bytes` builds and drops a TypeError on every call (see http.py).
+        private = self._private_cookies
+        if cookie is not None and private and any(cookie.find(n + b"=") >= 0 for n in private):
             out = req.without_cookie_lines()
             stripped = client.stripped_cookie(cookie, self._private_cookies)
             if stripped:

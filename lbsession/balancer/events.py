@@ -29,7 +29,7 @@ import functools
 import hashlib
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from lbsession.balancer.proxy import ClientConnection
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 Event = dict[str, Any]
 
-DEFAULT_QUEUE_SIZE = 2048
-MAX_PATH_CHARS = 80
+DEFAULT_QUEUE_SIZE: Final = 2048
+MAX_PATH_CHARS: Final = 80
 
 
 @functools.lru_cache(maxsize=4096)  # a user sends the same cookie again and again

@@ -23,19 +23,20 @@ from __future__ import annotations
 import re
 from collections.abc import Set
 from http import HTTPStatus
+from typing import Final
 
 # RFC 9110 §5.6.2 token characters.
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
+_REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
+_STATUS_LINE: Final = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
 # The header block of a head at once, each line led by its CRLF: a token, a colon, then visible
 # characters, spaces and tabs. So no CR, LF or NUL inside a value, no space before the colon
 # (RFC 9112 §5.1) and no obsolete line folding. One pass in C, whatever the number of headers.
-_FIELDS = re.compile(rb"(?:\r\n" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*)*")
+_FIELDS: Final = re.compile(rb"(?:\r\n" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*)*")
 # A chunk-size line without its CRLF (RFC 9112 §7.1.1): hex digits, then extensions, each
 # `BWS ; BWS name [BWS = BWS (token / quoted-string)]`. Nothing else: no trailing space, no bare CR.
 _QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
-_CHUNK_LINE = re.compile(
+_CHUNK_LINE: Final = re.compile(
     rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*"
 )
 # uri-host [ ":" port ] (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP literal or a reg-name. No userinfo,
@@ -45,34 +46,34 @@ _URI_HOST = (
     rb"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~:" + _SUB_DELIMS + rb"]+)\]"
     rb"|(?:[A-Za-z0-9\-._~" + _SUB_DELIMS + rb"]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
 )
-_HOST = re.compile(_URI_HOST)
+_HOST: Final = re.compile(_URI_HOST)
 # An absolute-form target (RFC 9112 §3.2.2): scheme, authority, then path and query.
-_ABSOLUTE_TARGET = re.compile(rb"https?://([^/?#]*)([/?][\x21-\x7e]*)?", re.I)
+_ABSOLUTE_TARGET: Final = re.compile(rb"https?://([^/?#]*)([/?][\x21-\x7e]*)?", re.I)
 # An Upgrade field value (RFC 9110 §7.8): a list of protocol-name ["/" protocol-version].
 _PROTOCOL = _TOKEN + rb"(?:/" + _TOKEN + rb")?"
-_UPGRADE = re.compile(_PROTOCOL + rb"(?:[ \t]*,[ \t]*" + _PROTOCOL + rb")*")
+_UPGRADE: Final = re.compile(_PROTOCOL + rb"(?:[ \t]*,[ \t]*" + _PROTOCOL + rb")*")
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 # de facto Proxy-Connection. Transfer-Encoding is kept: chunked bodies pass through as they are.
 # Trailer is not among them: it announces the trailer fields, which are end-to-end (RFC 9110 §6.6.2).
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
+HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
 # Forwarding headers the proxy writes itself; a client's own are dropped unless it is a trusted proxy.
-FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+FORWARDED: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
 
 _HOP = rb"connection|keep-alive|proxy-connection|te|upgrade"
 _FWD = rb"x-forwarded-for|x-forwarded-proto|x-forwarded-host|forwarded"
 # The request headers the proxy acts on, found in one pass; and the ones it never forwards as they came.
-_REQUEST_SPECIAL = re.compile(
+_REQUEST_SPECIAL: Final = re.compile(
     rb"\r\n(content-length|transfer-encoding|host|cookie|" + _HOP + rb"|" + _FWD + rb"):([^\r\n]*)", re.I
 )
-_REQUEST_DROP = re.compile(rb"\r\n(?:" + _HOP + rb"|" + _FWD + rb"):[^\r\n]*", re.I)
-_CONTENT_LENGTH_LINES = re.compile(rb"\r\ncontent-length:[^\r\n]*", re.I)
-_COOKIE_LINES = re.compile(rb"\r\ncookie:[^\r\n]*", re.I)
-_RESPONSE_SPECIAL = re.compile(rb"\r\n(content-length|transfer-encoding|" + _HOP + rb"):([^\r\n]*)", re.I)
-_RESPONSE_DROP = re.compile(rb"\r\n(?:" + _HOP + rb"):[^\r\n]*", re.I)
-_HOST_LINES = re.compile(rb"\r\nhost:[^\r\n]*", re.I)
+_REQUEST_DROP: Final = re.compile(rb"\r\n(?:" + _HOP + rb"|" + _FWD + rb"):[^\r\n]*", re.I)
+_CONTENT_LENGTH_LINES: Final = re.compile(rb"\r\ncontent-length:[^\r\n]*", re.I)
+_COOKIE_LINES: Final = re.compile(rb"\r\ncookie:[^\r\n]*", re.I)
+_RESPONSE_SPECIAL: Final = re.compile(rb"\r\n(content-length|transfer-encoding|" + _HOP + rb"):([^\r\n]*)", re.I)
+_RESPONSE_DROP: Final = re.compile(rb"\r\n(?:" + _HOP + rb"):[^\r\n]*", re.I)
+_HOST_LINES: Final = re.compile(rb"\r\nhost:[^\r\n]*", re.I)
 # What an HTTP/1.0 client must not get once the proxy has decoded the chunked body for it.
-_CHUNKED_FRAMING = re.compile(rb"\r\n(?:transfer-encoding|trailer):[^\r\n]*", re.I)
+_CHUNKED_FRAMING: Final = re.compile(rb"\r\n(?:transfer-encoding|trailer):[^\r\n]*", re.I)
 
 
 class HTTPError(Exception):
@@ -201,8 +202,8 @@ def _valid_host(value: bytes) -> bool:
     return True
 
 
-_VALID_HOSTS: set[bytes] = set()
-_REBUILT = frozenset({b"content-length", b"host"})  # dropped, then written again by the parser
+_VALID_HOSTS: Final[set[bytes]] = set()
+_REBUILT: Final = frozenset({b"content-length", b"host"})  # dropped, then written again by the parser
 
 
 def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
@@ -274,7 +275,7 @@ def _read_upgrade(req: RequestHead, value: bytes) -> None:
     req.upgrade = value
 
 
-_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host"})
+_FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
 class ResponseHead:
@@ -300,15 +301,11 @@ class ResponseHead:
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream's response head (without its final blank line); HTTPError(502) if malformed."""
     end = head.find(b"\r\n")
-    match = _STATUS_LINE.fullmatch(head if end < 0 else head[:end])
-    if match is None:
-        raise HTTPError(502, "the upstream sent a malformed status line")
+    resp = ResponseHead()
+    resp.http10, resp.status = _status_line(head if end < 0 else head[:end])
     block = b"" if end < 0 else head[end:]
     if block and _FIELDS.fullmatch(block) is None:
         raise HTTPError(502, "the upstream sent a malformed header line")
-    resp = ResponseHead()
-    resp.http10 = match.group(1) == b"0"
-    resp.status = int(match.group(2))
     connection = b""
     codings = b""
     lengths = 0
@@ -316,9 +313,12 @@ def parse_response_head(head: bytes) -> ResponseHead:
     for raw_name, raw_value in _RESPONSE_SPECIAL.findall(block):
         name, value = raw_name.lower(), raw_value.strip(b" \t")
         if name == b"content-length":
-            if not value.isdigit() or len(value) > 15 or resp.content_length not in (None, int(value)):
+            if not value.isdigit() or len(value) > 15:
                 raise HTTPError(502, "the upstream sent an invalid Content-Length")
-            resp.content_length = int(value)
+            length = int(value)
+            if resp.content_length is not None and resp.content_length != length:
+                raise HTTPError(502, "the upstream sent an invalid Content-Length")
+            resp.content_length = length
             lengths += 1
         elif name == b"transfer-encoding":
             codings += b"," + value.lower()  # repeated lines are one list (RFC 9110 §5.3)
@@ -330,7 +330,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
                 resp.upgrade = value
     if codings:
         _read_codings(resp, codings)
-    if b"close" in connection or (resp.http10 and b"keep-alive" not in connection):
+    # find(), not `in`: `bytes in bytes` first tries its operand as an integer, and builds and drops
+    # a TypeError on every call, a cost this per-response check does not need.
+    if connection.find(b"close") >= 0 or (resp.http10 and connection.find(b"keep-alive") < 0):
         resp.keep_alive = False
     if drop:
         block = _RESPONSE_DROP.sub(b"", block)
@@ -348,9 +350,25 @@ def parse_response_head(head: bytes) -> ResponseHead:
     return resp
 
 
+def _status_line(line: bytes) -> tuple[bool, int]:
+    """(HTTP/1.0?, status) of a valid status line; an upstream sends few distinct ones, so they are remembered."""
+    known = _STATUS_LINES.get(line)
+    if known is not None:
+        return known
+    match = _STATUS_LINE.fullmatch(line)
+    if match is None:
+        raise HTTPError(502, "the upstream sent a malformed status line")
+    known = (match.group(1) == b"0", int(match.group(2)))
+    if len(_STATUS_LINES) >= 256:  # a bound, so an upstream inventing reason phrases cannot grow it
+        _STATUS_LINES.clear()
+    _STATUS_LINES[line] = known
+    return known
+
+
+_STATUS_LINES: Final[dict[bytes, tuple[bool, int]]] = {}
 # Connection values that name no field: the usual ones are checked without splitting a list.
-_USUAL_CONNECTION = frozenset({b"", b",keep-alive", b",close", b",upgrade"})
-_CONNECTION_OPTIONS = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
+_USUAL_CONNECTION: Final = frozenset({b"", b",keep-alive", b",close", b",upgrade"})
+_CONNECTION_OPTIONS: Final = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 
 
 def _without_connection_options(block: bytes, connection: bytes) -> bytes:

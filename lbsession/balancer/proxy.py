@@ -27,7 +27,7 @@ second, as HAProxy's `now_ms`), so no timer is armed per request.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, cast
 
 from lbsession.balancer.http import (
     ChunkedScanner,
@@ -49,22 +49,22 @@ if TYPE_CHECKING:
     from lbsession.balancer.upstream import Upstream
 
 # Client connection states.
-_HEAD = 0  # reading the next request head
-_CONNECT = 1  # routed, opening a connection to the upstream; client bytes wait in the buffer
-_BODY = 2  # streaming the request body to the upstream
-_WAIT = 3  # request sent, response still coming; further client bytes are pipelined requests
-_CLOSED = 4
+_HEAD: Final = 0  # reading the next request head
+_CONNECT: Final = 1  # routed, opening a connection to the upstream; client bytes wait in the buffer
+_BODY: Final = 2  # streaming the request body to the upstream
+_WAIT: Final = 3  # request sent, response still coming; further client bytes are pipelined requests
+_CLOSED: Final = 4
 
 # Upstream connection states.
-_IDLE = 0  # pooled, no exchange
-_RESP_HEAD = 1  # waiting for the response head
-_RESP_BODY = 2  # streaming the response body to the client
-_TUNNELLED = 3  # switched protocols: its transport belongs to a Tunnel now
+_IDLE: Final = 0  # pooled, no exchange
+_RESP_HEAD: Final = 1  # waiting for the response head
+_RESP_BODY: Final = 2  # streaming the response body to the client
+_TUNNELLED: Final = 3  # switched protocols: its transport belongs to a Tunnel now
 
-_PIPELINE_HIGH_WATER = 256 * 1024  # stop reading a client that sends this far ahead
+_PIPELINE_HIGH_WATER: Final = 256 * 1024  # stop reading a client that sends this far ahead
 # The methods a proxy may send again after a failure (RFC 9110 §9.2.2); never POST, PATCH or an unknown one.
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-OVERLOADED = error_response(
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+OVERLOADED: Final = error_response(
     503, "the balancer is at its connection limit; retry shortly", close=True, extra=b"Retry-After: 1\r\n"
 )
 
@@ -249,19 +249,20 @@ class ClientConnection(asyncio.Protocol):
         self._start_exchange(route)
 
     def _start_exchange(self, route: Route) -> None:
-        upstream = route.upstream
+        # A strategy returns one of the pool's candidates: an Upstream, whose counters are native fields.
+        upstream = cast("Upstream", route.upstream)
         self.route = route
-        upstream.in_flight += 1  # type: ignore[misc]
-        upstream.requests += 1  # type: ignore[attr-defined]
+        upstream.in_flight += 1
+        upstream.requests += 1
         self.lb.routes[route.reason] += 1
         # An upgrade goes on a connection of its own: whatever the answer, that connection is closed
         # after it (a 101 makes it a tunnel), never pooled for someone else.
-        conn = self._take_conn(upstream) if self.req.upgrade is None else None  # type: ignore[union-attr, arg-type]
+        conn = self._take_conn(upstream) if self.req.upgrade is None else None  # type: ignore[union-attr]
         if conn is not None:
             self._send(conn, reused=True)
         else:
             self.state = _CONNECT
-            self.lb.spawn(self._connect(upstream))  # type: ignore[arg-type]
+            self.lb.spawn(self._connect(upstream))
 
     def _take_conn(self, upstream: Upstream) -> UpstreamConnection | None:
         """An open idle connection to `upstream` this request may use, or None to connect.
@@ -426,7 +427,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _release_route(self) -> None:
         if self.route is not None:
-            self.route.upstream.in_flight -= 1  # type: ignore[misc]
+            cast("Upstream", self.route.upstream).in_flight -= 1
             self.route = None
 
     def _reply(self, status: int, reason: str, close: bool = False, server_id: str | None = None) -> None:

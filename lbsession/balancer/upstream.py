@@ -24,7 +24,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
@@ -35,7 +35,7 @@ from lbsession.settings import parse_http_url
 if TYPE_CHECKING:
     from lbsession.balancer.proxy import UpstreamConnection
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
 
 class Upstream:

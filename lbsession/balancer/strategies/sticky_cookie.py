@@ -25,6 +25,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from lbsession.balancer.config import BalancerConfig
 from lbsession.balancer.strategies.base import RequestFacts, Route, Strategy, UpstreamView, accepting_new, stable_hash
@@ -32,7 +33,7 @@ from lbsession.balancer.strategies.consistent_hash import HashRing
 from lbsession.balancer.strategies.round_robin import RoundRobinStrategy
 from lbsession.errors import NoHealthyUpstream
 
-BALANCED_PREFIX = "@"  # a balanced-mode pin is a key, not a server id: `@<key>.<tag>`
+BALANCED_PREFIX: Final = "@"  # a balanced-mode pin is a key, not a server id: `@<key>.<tag>`
 
 
 class StickyCookieStrategy(Strategy):
