@@ -20,7 +20,6 @@ with local sessions, every user moved logs in again.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import secrets
 import time
@@ -65,6 +64,7 @@ class StickyCookieStrategy(Strategy):
         self.mode = mode
         self._rings: dict[tuple[str, ...], HashRing] = {}  # balanced mode: one ring per set of servers
         self._verified: dict[str, tuple[str, int | None]] = {}  # value -> (server id, issued), genuine ones only
+        self._issued: dict[str, tuple[int | None, str]] = {}  # server id -> (issue time, its Set-Cookie value)
 
     @classmethod
     def from_config(cls, config: BalancerConfig) -> StickyCookieStrategy:
@@ -90,7 +90,7 @@ class StickyCookieStrategy(Strategy):
             issued = int(self._clock()) if issued is None else issued
             signed = f"lbserver:{server_id}:{issued:x}"
             prefix = f"{server_id}.{issued:x}"
-        tag = hmac.new(self._secret, signed.encode(), hashlib.sha256).digest()[:16]
+        tag = hmac.digest(self._secret, signed.encode(), "sha256")[:16]  # OpenSSL's one-shot HMAC
         return f"{prefix}.{base64.urlsafe_b64encode(tag).rstrip(b'=').decode()}"
 
     @classmethod
@@ -186,4 +186,19 @@ class StickyCookieStrategy(Strategy):
         return upstreams[ring.owner(stable_hash(key))]
 
     def _set_cookie(self, server_id: str) -> str:
-        return f"{self.cookie_name}={self.cookie_value(server_id)}{self._attributes}"
+        """The Set-Cookie value pinning to `server_id` (or a balanced key), issued now.
+
+        A server's pin is the same for every client pinned to it in the same second (its issue
+        time has a second's resolution), so it is signed once per server and second, not once per
+        new client: what HAProxy's unsigned `cookie insert` costs, a dictionary lookup.
+        """
+        issued = None if self._max_age_s is None else int(self._clock())
+        cached = self._issued.get(server_id)
+        if cached is not None and cached[0] == issued:
+            return cached[1]
+        header = f"{self.cookie_name}={self.cookie_value(server_id, issued)}{self._attributes}"
+        if not server_id.startswith(BALANCED_PREFIX):  # a balanced key is random: never asked for twice
+            if len(self._issued) >= 4096:  # server ids come and go with scale-out: keep it bounded
+                self._issued.clear()
+            self._issued[server_id] = (issued, header)
+        return header
