@@ -80,9 +80,12 @@ async def test_f1_writes_to_an_isolated_old_primary_vanish_when_it_is_demoted_an
     assert f"lost writes  {lost[0]['user']} ({lost[0]['count']})" in format_run(report)
 
 
-async def test_f2_min_replicas_to_write_turns_most_lost_writes_into_503s(tmp_path):
+async def test_f2_min_replicas_to_write_turns_lost_writes_into_503s_but_for_the_window_before_the_refusals(tmp_path):
     m = (await measure("F2", tmp_path)).metrics
     assert m["lost_updates"] > 0 and m["errors_5xx"] > 0 and m["relogins"] == 0
+    # Only the writes the old primary acknowledged before it began refusing (2 or 3 in eight runs). A refused
+    # write retried until the heal reached the new primary with a stale cart and erased 14 to 40 others' writes.
+    assert m["lost_updates"] <= 10
 
 
 async def test_waiting_for_every_replica_loses_no_acknowledged_write_in_the_split_brain(tmp_path):

@@ -19,18 +19,25 @@ requests of one user at once from overwriting each other's attributes.
 Failover: redis-py's own retry would reconnect to the address it already had,
 which after a Sentinel failover is the dead primary (redis-py issues #3560,
 #3874). So its retry is off, and `_call` retries with backoff for up to
-`retry_s`, each attempt asking Sentinel afresh for the primary. A user sees a
-delay of a few seconds, not a logout; past the bound the app server answers
-503 "session store unavailable", never 401.
+`retry_s`; an attempt that has to connect asks Sentinel for the primary (redis-py
+asks only when it opens a connection, so one that still works keeps its node). A
+user sees a delay of a few seconds, not a logout; past the bound the app server
+answers 503 "session store unavailable", never 401.
 
 With `wait_replicas`, each write is followed by `WAIT n timeout`: a write that
 fewer replicas acknowledged is retried, then is a 503, so a write the user was
 told about is on a replica too and survives the primary's loss (the zero-loss
 variant of F2, at the price of a round trip and a replica's ack per write).
 
-A refused write (NOREPLICAS: a primary with `min-replicas-to-write` that lost
-its replicas; READONLY: a demoted one) is retried the same way, then is
-StoreUnavailable with Redis' own reason, never a 500. A read renews the TTL,
+A write refused with READONLY (a demoted primary) is retried the same way:
+redis-py drops the connection, so the next attempt asks Sentinel. A write refused
+with NOREPLICAS (a primary with `min-replicas-to-write` cut from its replicas) is
+not retried: its value was computed from what that primary holds (a cart is read,
+appended to and written whole), and that primary is likely being replaced. A retry
+that reached the new primary once the partition healed would write the stale value
+over every change the other app servers made there since the failover (scenario F2
+measured it: most of its lost writes were theirs, erased by such retries). Either
+way a refused write is StoreUnavailable with Redis' own reason, never a 500. A read renews the TTL,
 which is a write: when that renewal is refused, the read is made again without
 it (a plain HGETALL), so an isolated primary still serves the sessions it holds.
 
@@ -104,6 +111,11 @@ TRANSIENT = (
 def _refused_write(exc: ResponseError) -> bool:
     """A write Redis refused for its replication state (from a script too: the code leads the message)."""
     return any(code in str(exc) for code in ("NOREPLICAS", "READONLY"))
+
+
+def _isolated_primary(exc: ResponseError) -> bool:
+    """NOREPLICAS: the primary lacks the replicas `min-replicas-to-write` asks for (cut from them, most likely)."""
+    return "NOREPLICAS" in str(exc)
 
 
 class RefusedWrite(Exception):
@@ -192,7 +204,7 @@ class RedisStore(SessionStore):
                 flat: list[str] = await self._load_script(keys=keys, args=args)
                 return flat
             except ResponseError as exc:
-                if "NOREPLICAS" not in str(exc):
+                if not _isolated_primary(exc):
                     raise
                 log.warning("redis refused the TTL renewal of a read (%s); reading without it", exc)
                 return await self._hgetall_flat(keys[0])
@@ -269,6 +281,8 @@ class RedisStore(SessionStore):
                 except ResponseError as exc:
                     if not _refused_write(exc) or isinstance(exc, ReadOnlyError):
                         raise
+                    if _isolated_primary(exc):  # not retried: see the module docstring
+                        raise StoreUnavailable(f"redis at {self.where} refused {what}: {exc}") from exc
                     raise RefusedWrite(str(exc)) from exc
             except (*TRANSIENT, RedisClusterException, RefusedWrite) as exc:
                 if time.monotonic() + delay > deadline:
