@@ -309,7 +309,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
     connection = b""
     codings = b""
     lengths = 0
-    drop = False
+    drops = 0  # hop-by-hop lines
+    hop_line = b""  # the last one, as it came
     for raw_name, raw_value in _RESPONSE_SPECIAL.findall(block):
         name, value = raw_name.lower(), raw_value.strip(b" \t")
         if name == b"content-length":
@@ -323,7 +324,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
         elif name == b"transfer-encoding":
             codings += b"," + value.lower()  # repeated lines are one list (RFC 9110 §5.3)
         else:
-            drop = True
+            drops += 1
+            hop_line = b"\r\n" + raw_name + b":" + raw_value
             if name == b"connection":
                 connection += b"," + value.lower()
             elif name == b"upgrade":
@@ -334,8 +336,10 @@ def parse_response_head(head: bytes) -> ResponseHead:
     # a TypeError on every call, a cost this per-response check does not need.
     if connection.find(b"close") >= 0 or (resp.http10 and connection.find(b"keep-alive") < 0):
         resp.keep_alive = False
+    drop = drops > 0
     if drop:
-        block = _RESPONSE_DROP.sub(b"", block)
+        # The usual case, one hop-by-hop line (nginx's `Connection: keep-alive`), is cut out by its text.
+        block = _without_line(block, hop_line) if drops == 1 else _RESPONSE_DROP.sub(b"", block)
         if connection not in _USUAL_CONNECTION:  # a list naming fields: they are hop-by-hop too (RFC 9110 §7.6.1)
             block = _without_connection_options(block, connection)
     if lengths and (codings or lengths > 1):
@@ -366,6 +370,18 @@ def _status_line(line: bytes) -> tuple[bool, int]:
 
 
 _STATUS_LINES: Final[dict[bytes, tuple[bool, int]]] = {}
+
+
+def _without_line(block: bytes, line: bytes) -> bytes:
+    """`block` without `line`: a whole header line, led by its CRLF, that the special-header pass found once.
+
+    Cheaper than a second regular-expression pass, and exact: the line is in `block`, and no earlier
+    line can begin with its text (its name, then its colon), since that line would have been found too.
+    """
+    start = block.find(line)
+    return block[:start] + block[start + len(line) :]
+
+
 # Connection values that name no field: the usual ones are checked without splitting a list.
 _USUAL_CONNECTION: Final = frozenset({b"", b",keep-alive", b",close", b",upgrade"})
 _CONNECTION_OPTIONS: Final = frozenset({b"", b"close", b"keep-alive", b"upgrade"})

@@ -123,6 +123,34 @@ def test_random_bytes_never_crash_the_response_parser(head: bytes) -> None:
     assert not re.search(rb"\r\n(connection|keep-alive|upgrade):", resp.out, re.I)
 
 
+HOP_NAMES = ["Connection", "connection", "CONNECTION", "Keep-Alive", "keep-alive", "TE", "Upgrade", "Proxy-Connection"]
+OTHER_NAMES = ["Server", "Date", "Content-Type", "X-Connection", "Connectionx", "ETag", "Set-Cookie"]
+FIELD_VALUES = st.sampled_from(
+    ["keep-alive", "keep-alive ", "close", "timeout=5", "x", "", "Connection: keep-alive", "a, b"]
+)
+
+
+@st.composite
+def response_fields(draw: st.DrawFn) -> list[tuple[str, str]]:
+    """Valid header lines of a response, hop-by-hop ones (in any case, repeated or not) among the others."""
+    names = st.sampled_from(HOP_NAMES + OTHER_NAMES)
+    return draw(st.lists(st.tuples(names, FIELD_VALUES), max_size=8))
+
+
+@SETTINGS
+@given(response_fields())
+def test_a_response_loses_exactly_its_hop_by_hop_lines_and_keeps_the_rest_in_order(fields) -> None:
+    FUZZ_COUNTS["response heads with hop-by-hop lines"] += 1
+    lines = [f"{name}: {value}" for name, value in fields]
+    head = "\r\n".join(["HTTP/1.1 200 OK", *lines, "Content-Length: 0"]).encode()
+    # The fields a Connection header names are hop-by-hop too (RFC 9110 §7.6.1); "a, b" names a and b.
+    named = {t.strip().lower() for n, v in fields if n.lower() == "connection" for t in v.split(",")}
+    hop = {n.lower() for n in HOP_NAMES} | (named - {"", "close", "keep-alive", "upgrade"})
+    kept = [f"{n}: {v}" for n, v in fields if n.lower() not in hop]
+    expected = "\r\n".join(["HTTP/1.1 200 OK", *kept, "Content-Length: 0"]).encode()
+    assert parse_response_head(head).out == expected
+
+
 @st.composite
 def chunked_bodies(draw: st.DrawFn) -> tuple[bytes, bytes]:
     """A valid chunked body with extensions and trailers, its payload, and bytes after it."""
