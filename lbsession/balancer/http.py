@@ -33,6 +33,8 @@ _STATUS_LINE: Final = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-
 # characters, spaces and tabs. So no CR, LF or NUL inside a value, no space before the colon
 # (RFC 9112 §5.1) and no obsolete line folding. One pass in C, whatever the number of headers.
 _FIELDS: Final = re.compile(rb"(?:\r\n" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*)*")
+# A whole request head checked in one call: each call of a pattern costs more than its bytes here.
+_REQUEST_HEAD: Final = re.compile(_REQUEST_LINE.pattern + _FIELDS.pattern)
 # A chunk-size line without its CRLF (RFC 9112 §7.1.1): hex digits, then extensions, each
 # `BWS ; BWS name [BWS = BWS (token / quoted-string)]`. Nothing else: no trailing space, no bare CR.
 _QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
@@ -129,24 +131,22 @@ class RequestHead:
 
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a request head (without its final blank line); raise HTTPError if it is refused."""
-    end = head.find(b"\r\n")
-    match = _REQUEST_LINE.fullmatch(head if end < 0 else head[:end])
+    match = _REQUEST_HEAD.fullmatch(head)  # the request line and every header line, in one pass
     if match is None:
-        raise HTTPError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'")
-    block = b"" if end < 0 else head[end:]
-    if block and _FIELDS.fullmatch(block) is None:
-        raise HTTPError(400, "malformed header line (bad name, space before ':', control character or folding)")
+        raise _request_head_error(head)
     req = RequestHead()
     req.method, req.target, minor = match.groups()
     req.http10 = minor == b"0"
-    if block:
-        drop = _read_request_specials(req, block)
+    end = match.end(3)  # the request line's end: the header block follows, each line led by its CRLF
+    if end < len(head):
+        drop = _read_request_specials(req, head)  # the request line holds no CRLF: only header lines match
     else:
         drop = []
         req.keep_alive = not req.http10  # HTTP/1.0 without a Connection header: close (RFC 9112 §9.3)
     if req.host is None and not req.http10:
         raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
     authority = None if req.target[0] == 47 else _other_target_form(req)  # 47: b"/", the origin-form
+    block = head[end:]
     if authority is not None:
         # The target's authority wins over Host; never forward the two disagreeing (RFC 9112 §3.2.2).
         # The upstream is an origin server: it gets the origin-form (RFC 9112 §3.2.1).
@@ -165,6 +165,14 @@ def parse_request_head(head: bytes) -> RequestHead:
         head = b"%s %s HTTP/1.1%s" % (req.method, req.target, block)
     req.out = head
     return req
+
+
+def _request_head_error(head: bytes) -> HTTPError:
+    """Why `head` failed `_REQUEST_HEAD`: its request line, or one of its header lines."""
+    end = head.find(b"\r\n")
+    if _REQUEST_LINE.fullmatch(head if end < 0 else head[:end]) is None:
+        return HTTPError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'")
+    return HTTPError(400, "malformed header line (bad name, space before ':', control character or folding)")
 
 
 def _without_fields(block: bytes, names: Set[bytes]) -> bytes:
