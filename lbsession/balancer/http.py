@@ -113,7 +113,7 @@ class RequestHead:
         self.chunked = False
         self.host: bytes | None = None
         self.cookie: bytes | None = None  # every Cookie header joined, or None
-        self.forwarded: list[tuple[bytes, bytes]] = []  # the client's X-Forwarded-* (name, value)
+        self.forwarded: tuple[tuple[bytes, bytes], ...] = ()  # the client's X-Forwarded-* (name, value)
         self.upgrade: bytes | None = None  # the protocols asked for, when the request asks to upgrade
         # The request line and header block to forward, without the final blank line; the client's
         # hop-by-hop and forwarding headers are already gone. Usually the head exactly as it came.
@@ -214,15 +214,15 @@ _VALID_HOSTS: Final[set[bytes]] = set()
 _REBUILT: Final = frozenset({b"content-length", b"host"})  # dropped, then written again by the parser
 
 
-def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
-    """Fill `req` from the headers the proxy acts on; return the names that must not be forwarded as they are."""
+def _read_request_specials(req: RequestHead, head: bytes) -> list[bytes]:
+    """Fill `req` from the headers of `head` the proxy acts on; return the names not to forward as they are."""
     drop: list[bytes] = []
     lengths: list[bytes] = []
     cookies: list[bytes] = []
     connection: list[bytes] = []
     upgrade: list[bytes] = []
     hosts = 0
-    for raw_name, raw_value in _REQUEST_SPECIAL.findall(block):
+    for raw_name, raw_value in _REQUEST_SPECIAL.findall(head):
         name, value = raw_name.lower(), raw_value.strip(b" \t")
         if name == b"content-length":
             if not value.isdigit() or len(value) > 15 or (lengths and value != lengths[0]):
@@ -240,7 +240,7 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
         elif name == b"cookie":
             cookies.append(value)
         elif name in FORWARDED:
-            req.forwarded.append((name, value))
+            req.forwarded += ((name, value),)
             drop.append(name)
         else:  # hop-by-hop
             if name == b"connection":
@@ -260,11 +260,12 @@ def _read_request_specials(req: RequestHead, block: bytes) -> list[bytes]:
         req.cookie = b"; ".join(cookies)
     if b"close" in connection or (req.http10 and b"keep-alive" not in connection):
         req.keep_alive = False
-    if _FRAMING_NAMES.intersection(connection):
-        # Dropping these as hop-by-hop would forward a body with no framing: the upstream would read
-        # the body as the next request (request smuggling). No honest client asks for it.
-        raise HTTPError(400, "the Connection header must not name Content-Length, Transfer-Encoding or Host")
-    drop += [t for t in connection if t not in (b"close", b"keep-alive") and t]
+    if connection:
+        if not _FRAMING_NAMES.isdisjoint(connection):
+            # Dropping these as hop-by-hop would forward a body with no framing: the upstream would read
+            # the body as the next request (request smuggling). No honest client asks for it.
+            raise HTTPError(400, "the Connection header must not name Content-Length, Transfer-Encoding or Host")
+        drop += [t for t in connection if t not in (b"close", b"keep-alive") and t]
     # An Upgrade the Connection header does not name is not a request to upgrade (RFC 9110 §7.8), nor
     # is one on HTTP/1.0, which a server must ignore; both are dropped as hop-by-hop like any other.
     if upgrade and b"upgrade" in connection and not req.http10:
