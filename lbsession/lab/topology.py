@@ -105,7 +105,9 @@ class Topology:
         log_dir: Path | None = None,
         server_args: list[str] | None = None,
         balancer: str = "lbsession",
+        links: LinkService | None = None,
     ) -> None:
+        """`links`: a links process to reuse (the caller's to stop), rather than one of this lab's own."""
         if not config.balancer.health.active:
             raise ConfigError(
                 f"balancer.health.active: false is for `lbsession lb` only: a lab waits on its servers' active "
@@ -128,7 +130,9 @@ class Topology:
         self._cookie_keys = config.app.cookie.keys or (secrets.token_urlsafe(32),)
         # Unlocks the app servers' fault-injection route (lbsession.appserver.lab_control); only this
         # process knows it, so clients reaching the servers through the balancer cannot use the route.
-        self._lab_token = secrets.token_urlsafe(32)
+        # A reused links process knows one token: the lab's is that one.
+        self._lab_token = links.token if links is not None else secrets.token_urlsafe(32)
+        self._shared_links = links if config.links == "on" else None
         self.control: LabControl | None = None  # the lab's admin port: process controls, scenarios, dashboard
         self.links: LinkService | None = None  # the faultable relays in the lab's paths (lbsession.lab.links)
 
@@ -142,7 +146,11 @@ class Topology:
             front.refuse(self.config)
             self.front = front(self.config, self.log_dir)
         try:
-            if self.config.links == "on":
+            if self._shared_links is not None:
+                self.links = self._shared_links
+                if not self.links.running:
+                    await self.links.start()
+            elif self.config.links == "on":
                 self.links = LinkService(self.log_dir / "links.log", self._lab_token)
                 await self.links.start()
             await self._start_redis()
@@ -190,8 +198,21 @@ class Topology:
         await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
         if self.redis is not None:
             await self.redis.stop()
-        if self.links is not None:
+        if self.links is not None and self.links is self._shared_links:
+            await self._clear_shared_links()
+        elif self.links is not None:
             await self.links.stop()
+
+    async def _clear_shared_links(self) -> None:
+        """Leave the reused links process with no link of this lab's; stop it if it cannot be cleared."""
+        assert self.links is not None
+        try:
+            if self.links.running:
+                await self.links.clear()
+        except TopologyError as exc:  # the next lab starts a fresh one rather than inherit these links
+            log.warning("stopping the reused links process: %s", exc)
+            await self.links.stop()
+        self.links = None
 
     async def _start_redis(self) -> None:
         """Start the session server when the app servers need one and were given none."""
