@@ -26,6 +26,7 @@ import os
 import secrets
 import sys
 import tempfile
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,12 +154,16 @@ class Topology:
             elif self.config.links == "on":
                 self.links = LinkService(self.log_dir / "links.log", self._lab_token)
                 await self.links.start()
-            await self._start_redis()
+            await self._prepare_redis()
             servers = [self._new_server() for _ in range(self.config.servers)]
             for server in servers:  # every first server lists all the others
                 server.cluster_peers = self._cluster_addresses([s for s in servers if s is not server])
                 await self._link_peers(server)
-            await asyncio.gather(*(self._spawn(s) for s in servers))
+            # An app server opens its Redis connections lazily, at its first request, so it starts
+            # while Redis and Sentinel come up; the balancer's health checks, which reach the store,
+            # begin only once both are ready.
+            redis = [self.redis.start()] if self.redis is not None else []
+            await _together(*redis, *(self._spawn(s) for s in servers))
             if self.front is not None:
                 await self._start_front(self.front, servers)
                 return
@@ -214,8 +219,8 @@ class Topology:
             await self.links.stop()
         self.links = None
 
-    async def _start_redis(self) -> None:
-        """Start the session server when the app servers need one and were given none."""
+    async def _prepare_redis(self) -> None:
+        """The session server, when the app servers need one and were given none: its ports and links, not started."""
         app = self.config.app
         uses_redis = app.backend == "redis" or (app.backend == "cookie" and app.cookie.deny_list)
         if not uses_redis or app.redis.url or app.redis.sentinels:
@@ -239,7 +244,6 @@ class Topology:
                     if replica is not node and replica.source_host is not None:
                         await self.links.add(f"{replica.name}->{node.name}", replica.name, node.name, node.port,
                                              node.port, node.announce_host, (replica.source_host,))  # fmt: skip
-        await self.redis.start()
 
     async def __aenter__(self) -> Topology:
         await self.start()
@@ -541,6 +545,18 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, path)
     with contextlib.suppress(OSError):
         os.chmod(path, 0o644)
+
+
+async def _together(*steps: Awaitable[object]) -> None:
+    """Run `steps` at once and wait for every one, then raise the first failure.
+
+    Not a bare gather: on a failure it returns while the other steps still run, and the
+    topology's stop would then miss the processes they start after it.
+    """
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        raise failure
 
 
 async def _until_idle(upstream: Upstream, timeout_s: float, *, drained: bool = False) -> None:
