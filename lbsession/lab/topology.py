@@ -200,9 +200,9 @@ class Topology:
             await self.front.stop()
         if self.lb is not None:
             await self.lb.stop(grace_s=2.0)
-        await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
-        if self.redis is not None:
-            await self.redis.stop()
+        # With no balancer left, nothing reaches the app servers: they and Redis stop together.
+        redis = [self.redis.stop()] if self.redis is not None else []
+        await asyncio.gather(*redis, *(self._terminate(s) for s in self.servers.values()))
         if self.links is not None and self.links is self._shared_links:
             await self._clear_shared_links()
         elif self.links is not None:
