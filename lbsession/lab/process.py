@@ -33,7 +33,7 @@ import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 from lbsession.balancer.compiled import PURE_ENV
 from lbsession.config import ENV_PREFIX
@@ -44,12 +44,25 @@ STOP_GRACE_S = 5.0
 POLL_S = 0.02  # the interval between two readiness probes, not a guess at how long readiness takes
 
 
+class Process(Protocol):
+    """What a Child uses of its process: a `subprocess.Popen`, or a fork of the warm parent (lbsession.lab.forks)."""
+
+    pid: int
+    stdout: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+    def wait(self) -> int: ...
+    def send_signal(self, signum: int) -> None: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
 @dataclass
 class Child:
     """One child process, its log file, and how to wait for it and stop it."""
 
     name: str
-    popen: subprocess.Popen[bytes]
+    popen: Process
     log_path: Path
 
     @property
@@ -148,6 +161,7 @@ def spawn(
     *,
     env: Mapping[str, str] | None = None,
     ready_line: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> Child:
     """Start `argv` with its output in `log_path`; with `ready_line`, stdout is kept for `read_ready_line`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +173,7 @@ def spawn(
             stderr=log_file,
             env=None if env is None else dict(env),
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     return Child(name, popen, log_path)
 
@@ -281,7 +296,7 @@ def _ephemeral_low() -> int:
 # --------------------------------------------------------------------------- non-blocking waits
 
 
-async def _exited(popen: subprocess.Popen[bytes]) -> None:
+async def _exited(popen: Process) -> None:
     """Return once `popen` has exited, without reaping it and without a thread."""
     try:
         pidfd = os.pidfd_open(popen.pid)

@@ -41,6 +41,7 @@ from lbsession.errors import ConfigError, TopologyError
 from lbsession.lab.balancers import front_class
 from lbsession.lab.balancers.base import BalancerFront
 from lbsession.lab.control import BalancerView, LabControl, LbsessionView
+from lbsession.lab.forks import Forks
 from lbsession.lab.link_service import LinkService
 from lbsession.lab.process import Child, child_environ, free_port, read_ready_line, spawn
 from lbsession.lab.redis_servers import RedisTopology
@@ -107,8 +108,13 @@ class Topology:
         server_args: list[str] | None = None,
         balancer: str = "lbsession",
         links: LinkService | None = None,
+        forks: Forks | None = None,
     ) -> None:
-        """`links`: a links process to reuse (the caller's to stop), rather than one of this lab's own."""
+        """`links`: a links process to reuse (the caller's to stop), rather than one of this lab's own.
+
+        `forks`: a warm parent (the caller's to stop) to fork the first app servers from, rather
+        than start each Python afresh; servers started later (restarts, scale-outs) are spawned.
+        """
         if not config.balancer.health.active:
             raise ConfigError(
                 f"balancer.health.active: false is for `lbsession lb` only: a lab waits on its servers' active "
@@ -134,6 +140,7 @@ class Topology:
         # A reused links process knows one token: the lab's is that one.
         self._lab_token = links.token if links is not None else secrets.token_urlsafe(32)
         self._shared_links = links if config.links == "on" else None
+        self._forks = forks
         self.control: LabControl | None = None  # the lab's admin port: process controls, scenarios, dashboard
         self.links: LinkService | None = None  # the faultable relays in the lab's paths (lbsession.lab.links)
 
@@ -163,7 +170,9 @@ class Topology:
             # while Redis and Sentinel come up; the balancer's health checks, which reach the store,
             # begin only once both are ready.
             redis = [self.redis.start()] if self.redis is not None else []
-            await _together(*redis, *(self._spawn(s) for s in servers))
+            if self._forks is not None and not self._forks.running:
+                await self._forks.start()
+            await _together(*redis, *(self._spawn(s, self._forks) for s in servers))
             if self.front is not None:
                 await self._start_front(self.front, servers)
                 return
@@ -506,16 +515,17 @@ class Topology:
                     a.links[name] = await self.links.add(name, a.server_id, b.server_id, b.cluster_port,
                                                          b.cluster_port, b.cluster_host, (source,))  # fmt: skip
 
-    async def _spawn(self, server: ManagedServer) -> None:
+    async def _spawn(self, server: ManagedServer, forks: Forks | None = None) -> None:
+        """Start `server`'s process (a fork of `forks`, if given) and wait for its ready line."""
         assert server.log_path is not None
         await self._link_to_redis(server)
-        server.process = spawn(
-            server.server_id,
-            self.server_argv(server),
-            server.log_path,
-            env=self.server_environ(server),
-            ready_line=True,
-        )
+        argv, env = self.server_argv(server), self.server_environ(server)
+        if forks is not None:
+            server.process = forks.spawn(
+                server.server_id, argv[3:], server.log_path, env
+            )  # after `python -m lbsession`
+        else:
+            server.process = spawn(server.server_id, argv, server.log_path, env=env, ready_line=True)
         server.port = (await read_ready_line(server.process, READY_TIMEOUT_S))["port"]
 
     async def _terminate(self, server: ManagedServer) -> None:
