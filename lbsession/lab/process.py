@@ -2,7 +2,8 @@
 
 Every process the lab starts (app servers, Redis and its Sentinels, the bench's
 balancers, nginx and HAProxy) goes through `spawn` and is stopped through its
-`Child` handle, so the rules are written once:
+`Child` handle, so the rules are written once (a matrix's first app servers are
+forks of a warm parent instead, lbsession.lab.forks, under the same rules):
 
 - A child gets a session of its own (`start_new_session`): Ctrl-C in a terminal
   reaches only the lab, which stops its children itself, in order.
@@ -13,7 +14,7 @@ balancers, nginx and HAProxy) goes through `spawn` and is stopped through its
   answers (`wait_until`, `wait_http`).
 - Stopping is SIGTERM, a grace period, then SIGKILL, by handle, never by name.
 
-The handle is a `subprocess.Popen`, not an asyncio process: it must outlive the
+The handle is a `subprocess.Popen` (or a fork's `ForkedProcess`), not an asyncio process: it must outlive the
 event loop that started it (the test suite's shared Redis is started in a loop of
 its own). Waiting on it stays non-blocking: its pidfd becomes readable when it
 exits (Linux), else it is polled.
