@@ -520,10 +520,8 @@ class Topology:
         assert server.log_path is not None
         await self._link_to_redis(server)
         argv, env = self.server_argv(server), self.server_environ(server)
-        if forks is not None:
-            server.process = forks.spawn(
-                server.server_id, argv[3:], server.log_path, env
-            )  # after `python -m lbsession`
+        if forks is not None:  # a fork runs the command line after `python -m lbsession`
+            server.process = forks.spawn(server.server_id, argv[3:], server.log_path, env)
         else:
             server.process = spawn(server.server_id, argv, server.log_path, env=env, ready_line=True)
         server.port = (await read_ready_line(server.process, READY_TIMEOUT_S))["port"]
