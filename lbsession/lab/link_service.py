@@ -7,6 +7,7 @@ loop, and prints one JSON line with its control port once listening. The lab
 forwards the user's fault requests here.
 
     GET    /links                       every link: from, to, faults, bytes and connections each way
+    DELETE /links                       remove every link and partition: the process is ready for another lab
     POST   /links                       {"name", "from", "to", "target": "host:port"[, "listen": "host:port"]
                                          [, "sources": [client hosts]]}: a second link on a listen
                                          address shares its listener, told apart by the sources
@@ -142,6 +143,14 @@ class LinkRegistry:
         """Stop every link."""
         await asyncio.gather(*(link.stop() for link in self.links.values()))
 
+    async def clear(self) -> int:
+        """Stop and forget every link and partition, for the next lab; how many links there were."""
+        await self.stop()
+        count = len(self.links)
+        self.links.clear()
+        self.partitions.clear()
+        return count
+
     # ------------------------------------------------------------------ HTTP
 
     def application(self, token: str) -> web.Application:
@@ -159,6 +168,7 @@ class LinkRegistry:
         app = web.Application(middlewares=[guard])
         app.router.add_get("/links", self._get_links)
         app.router.add_post("/links", self._post_link)
+        app.router.add_delete("/links", self._delete_links)
         app.router.add_get("/links/{name}", self._get_link)
         app.router.add_put("/links/{name}", self._put_link)
         app.router.add_delete("/links/{name}", self._delete_link)
@@ -173,6 +183,9 @@ class LinkRegistry:
 
     async def _post_link(self, request: web.Request) -> web.Response:
         return web.json_response((await self.create(await _body(request))).describe(), status=201)
+
+    async def _delete_links(self, request: web.Request) -> web.Response:
+        return web.json_response({"removed": await self.clear()})
 
     async def _get_link(self, request: web.Request) -> web.Response:
         return web.json_response(self.link(request.match_info["name"]).describe())
@@ -230,7 +243,12 @@ async def serve_links(ready: Callable[[int], None], port: int = 0) -> None:
 
 
 class LinkService:
-    """The lab's handle on its links process: start it, create links, forward requests, stop it."""
+    """The lab's handle on its links process: start it, create links, forward requests, stop it.
+
+    A topology starts and stops one of its own, or is given one to reuse (`lbsession matrix`:
+    one links process for all its runs, which spares each run a Python start and stop). A reused
+    one is cleared when its lab stops (`clear`), so each lab starts with no link of another's.
+    """
 
     def __init__(self, log_path: Path, token: str) -> None:
         self.log_path = log_path
@@ -239,8 +257,14 @@ class LinkService:
         self.port = 0
         self._http: aiohttp.ClientSession | None = None
 
+    @property
+    def running(self) -> bool:
+        """Whether the links process has been started and has not exited."""
+        return self.process is not None and self.process.returncode is None
+
     async def start(self) -> None:
         """Start `lbsession links` and wait for its ready line."""
+        await self.stop()  # a process that died (or a second start) leaves nothing behind
         argv = [sys.executable, "-m", "lbsession", "links", "--ready-line"]
         self.process = spawn("links", argv, self.log_path, env=child_environ({LAB_TOKEN_ENV: self.token}),
                              ready_line=True)  # fmt: skip
@@ -258,6 +282,12 @@ class LinkService:
             self._http = None
         if self.process is not None:
             await self.process.stop()
+
+    async def clear(self) -> None:
+        """Remove every link and partition (the lab using it stops), for the next lab to start clean."""
+        status, answer = await self.call("DELETE", "/links")
+        if status != 200:
+            raise TopologyError(f"the links process did not clear its links: {answer.get('error', status)}")
 
     def as_dict(self) -> dict[str, Any]:
         """The links process as the ready file and /topology show it."""

@@ -2,7 +2,8 @@
 
 Every process the lab starts (app servers, Redis and its Sentinels, the bench's
 balancers, nginx and HAProxy) goes through `spawn` and is stopped through its
-`Child` handle, so the rules are written once:
+`Child` handle, so the rules are written once (a matrix's first app servers are
+forks of a warm parent instead, lbsession.lab.forks, under the same rules):
 
 - A child gets a session of its own (`start_new_session`): Ctrl-C in a terminal
   reaches only the lab, which stops its children itself, in order.
@@ -13,7 +14,7 @@ balancers, nginx and HAProxy) goes through `spawn` and is stopped through its
   answers (`wait_until`, `wait_http`).
 - Stopping is SIGTERM, a grace period, then SIGKILL, by handle, never by name.
 
-The handle is a `subprocess.Popen`, not an asyncio process: it must outlive the
+The handle is a `subprocess.Popen` (or a fork's `ForkedProcess`), not an asyncio process: it must outlive the
 event loop that started it (the test suite's shared Redis is started in a loop of
 its own). Waiting on it stays non-blocking: its pidfd becomes readable when it
 exits (Linux), else it is polled.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -32,7 +34,7 @@ import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 from lbsession.balancer.compiled import PURE_ENV
 from lbsession.config import ENV_PREFIX
@@ -43,12 +45,25 @@ STOP_GRACE_S = 5.0
 POLL_S = 0.02  # the interval between two readiness probes, not a guess at how long readiness takes
 
 
+class Process(Protocol):
+    """What a Child uses of its process: a `subprocess.Popen`, or a fork of the warm parent (lbsession.lab.forks)."""
+
+    pid: int
+    stdout: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+    def wait(self) -> int: ...
+    def send_signal(self, signum: int) -> None: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
 @dataclass
 class Child:
     """One child process, its log file, and how to wait for it and stop it."""
 
     name: str
-    popen: subprocess.Popen[bytes]
+    popen: Process
     log_path: Path
 
     @property
@@ -106,7 +121,38 @@ def child_environ(settings: Mapping[str, str]) -> dict[str, str]:
     LBSESSION_PURE is no setting but which build of the balancer's code runs: every child keeps it.
     """
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k == PURE_ENV}
-    return {**inherited, "PYTHONUNBUFFERED": "1", **settings}
+    return {**inherited, "PYTHONUNBUFFERED": "1", **bytecode_cache(inherited), **settings}
+
+
+def bytecode_cache(environ: Mapping[str, str]) -> dict[str, str]:
+    """Under PYTHONDONTWRITEBYTECODE, a bytecode cache of the user's own for the lab's Python children.
+
+    With bytecode writing off (common in containers), every child compiles lbsession's
+    sources again as it imports them: some 60 ms of CPU per app server start, and a matrix
+    starts hundreds. The children share a cache in the user's cache folder instead
+    (PYTHONPYCACHEPREFIX, as pip and mypy keep theirs), so the source tree stays free of
+    bytecode, as asked. Python checks each cached file against its source, as it does a
+    __pycache__. A prefix the user chose is theirs; without a usable cache folder, nothing changes.
+    """
+    if not environ.get("PYTHONDONTWRITEBYTECODE") or environ.get("PYTHONPYCACHEPREFIX"):
+        return {}
+    cache = _user_cache_dir()
+    return {} if cache is None else {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": cache}
+
+
+@functools.cache
+def _user_cache_dir() -> str | None:
+    """`$XDG_CACHE_HOME/lbsession/pycache` (else ~/.cache/...), private to the user; None if it cannot be."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "lbsession" / "pycache"
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:  # bytecode another user could write is refused
+            return None
+    except (OSError, RuntimeError):  # no home, or a read-only one
+        return None
+    return str(path)
 
 
 def spawn(
@@ -116,6 +162,7 @@ def spawn(
     *,
     env: Mapping[str, str] | None = None,
     ready_line: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> Child:
     """Start `argv` with its output in `log_path`; with `ready_line`, stdout is kept for `read_ready_line`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +174,7 @@ def spawn(
             stderr=log_file,
             env=None if env is None else dict(env),
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     return Child(name, popen, log_path)
 
@@ -249,7 +297,7 @@ def _ephemeral_low() -> int:
 # --------------------------------------------------------------------------- non-blocking waits
 
 
-async def _exited(popen: subprocess.Popen[bytes]) -> None:
+async def _exited(popen: Process) -> None:
     """Return once `popen` has exited, without reaping it and without a thread."""
     try:
         pidfd = os.pidfd_open(popen.pid)

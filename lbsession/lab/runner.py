@@ -18,6 +18,8 @@ from pathlib import Path
 from lbsession.config import Config
 from lbsession.lab.balancers.expected import expected_for
 from lbsession.lab.drive import ProgressCallback, drive
+from lbsession.lab.forks import Forks
+from lbsession.lab.link_service import LinkService
 from lbsession.lab.report import Progress, RunReport
 from lbsession.lab.scenario import Scenario
 from lbsession.lab.topology import Topology
@@ -40,6 +42,8 @@ async def run_scenario(
     log_dir: Path | None = None,
     on_progress: ProgressCallback | None = None,
     balancer: str = "lbsession",
+    links: LinkService | None = None,
+    forks: Forks | None = None,
 ) -> RunReport:
     """Run `scenario` and return its report; against `target` (an admin URL) or on a topology of its own.
 
@@ -47,6 +51,8 @@ async def run_scenario(
     balancer reports about itself (in containers, it knows itself as 127.0.0.1). `balancer`
     is the one a topology of its own puts in front (lbsession.lab.balancers); its run is
     judged against that balancer's documented behaviour (lbsession.lab.balancers.expected).
+    `links` is a links process to reuse for the topology's links, `forks` a warm parent to fork
+    its first app servers from (lbsession.lab.forks); the caller stops both.
     """
     if target is not None:
         return await drive(scenario, target, on_progress=on_progress, target=target, lb_url=lb_url)
@@ -57,7 +63,9 @@ async def run_scenario(
     with contextlib.ExitStack() as stack:
         if log_dir is None:  # the processes' logs matter only while they run, unless asked to keep them
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbsession-scenario-")))
-        async with Topology(lab_config(scenario), log_dir=log_dir, balancer=balancer) as topology:
+        async with Topology(
+            lab_config(scenario), log_dir=log_dir, balancer=balancer, links=links, forks=forks
+        ) as topology:
             setup_s = time.monotonic() - started
             report = await drive(scenario, topology.admin_url, on_progress=on_progress)
     report.setup_s = setup_s

@@ -26,6 +26,7 @@ import os
 import secrets
 import sys
 import tempfile
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from lbsession.errors import ConfigError, TopologyError
 from lbsession.lab.balancers import front_class
 from lbsession.lab.balancers.base import BalancerFront
 from lbsession.lab.control import BalancerView, LabControl, LbsessionView
+from lbsession.lab.forks import Forks
 from lbsession.lab.link_service import LinkService
 from lbsession.lab.process import Child, child_environ, free_port, read_ready_line, spawn
 from lbsession.lab.redis_servers import RedisTopology
@@ -105,7 +107,14 @@ class Topology:
         log_dir: Path | None = None,
         server_args: list[str] | None = None,
         balancer: str = "lbsession",
+        links: LinkService | None = None,
+        forks: Forks | None = None,
     ) -> None:
+        """`links`: a links process to reuse (the caller's to stop), rather than one of this lab's own.
+
+        `forks`: a warm parent (the caller's to stop) to fork the first app servers from, rather
+        than start each Python afresh; servers started later (restarts, scale-outs) are spawned.
+        """
         if not config.balancer.health.active:
             raise ConfigError(
                 f"balancer.health.active: false is for `lbsession lb` only: a lab waits on its servers' active "
@@ -128,7 +137,10 @@ class Topology:
         self._cookie_keys = config.app.cookie.keys or (secrets.token_urlsafe(32),)
         # Unlocks the app servers' fault-injection route (lbsession.appserver.lab_control); only this
         # process knows it, so clients reaching the servers through the balancer cannot use the route.
-        self._lab_token = secrets.token_urlsafe(32)
+        # A reused links process knows one token: the lab's is that one.
+        self._lab_token = links.token if links is not None else secrets.token_urlsafe(32)
+        self._shared_links = links if config.links == "on" else None
+        self._forks = forks
         self.control: LabControl | None = None  # the lab's admin port: process controls, scenarios, dashboard
         self.links: LinkService | None = None  # the faultable relays in the lab's paths (lbsession.lab.links)
 
@@ -142,15 +154,25 @@ class Topology:
             front.refuse(self.config)
             self.front = front(self.config, self.log_dir)
         try:
-            if self.config.links == "on":
+            if self._shared_links is not None:
+                self.links = self._shared_links
+                if not self.links.running:
+                    await self.links.start()
+            elif self.config.links == "on":
                 self.links = LinkService(self.log_dir / "links.log", self._lab_token)
                 await self.links.start()
-            await self._start_redis()
+            await self._prepare_redis()
             servers = [self._new_server() for _ in range(self.config.servers)]
             for server in servers:  # every first server lists all the others
                 server.cluster_peers = self._cluster_addresses([s for s in servers if s is not server])
                 await self._link_peers(server)
-            await asyncio.gather(*(self._spawn(s) for s in servers))
+            # An app server opens its Redis connections lazily, at its first request, so it starts
+            # while Redis and Sentinel come up; the balancer's health checks, which reach the store,
+            # begin only once both are ready.
+            redis = [self.redis.start()] if self.redis is not None else []
+            if self._forks is not None and not self._forks.running:
+                await self._forks.start()
+            await _together(*redis, *(self._spawn(s, self._forks) for s in servers))
             if self.front is not None:
                 await self._start_front(self.front, servers)
                 return
@@ -187,14 +209,27 @@ class Topology:
             await self.front.stop()
         if self.lb is not None:
             await self.lb.stop(grace_s=2.0)
-        await asyncio.gather(*(self._terminate(s) for s in self.servers.values()))
-        if self.redis is not None:
-            await self.redis.stop()
-        if self.links is not None:
+        # With no balancer left, nothing reaches the app servers: they and Redis stop together.
+        redis = [self.redis.stop()] if self.redis is not None else []
+        await asyncio.gather(*redis, *(self._terminate(s) for s in self.servers.values()))
+        if self.links is not None and self.links is self._shared_links:
+            await self._clear_shared_links()
+        elif self.links is not None:
             await self.links.stop()
 
-    async def _start_redis(self) -> None:
-        """Start the session server when the app servers need one and were given none."""
+    async def _clear_shared_links(self) -> None:
+        """Leave the reused links process with no link of this lab's; stop it if it cannot be cleared."""
+        assert self.links is not None
+        try:
+            if self.links.running:
+                await self.links.clear()
+        except TopologyError as exc:  # the next lab starts a fresh one rather than inherit these links
+            log.warning("stopping the reused links process: %s", exc)
+            await self.links.stop()
+        self.links = None
+
+    async def _prepare_redis(self) -> None:
+        """The session server, when the app servers need one and were given none: its ports and links, not started."""
         app = self.config.app
         uses_redis = app.backend == "redis" or (app.backend == "cookie" and app.cookie.deny_list)
         if not uses_redis or app.redis.url or app.redis.sentinels:
@@ -218,7 +253,6 @@ class Topology:
                     if replica is not node and replica.source_host is not None:
                         await self.links.add(f"{replica.name}->{node.name}", replica.name, node.name, node.port,
                                              node.port, node.announce_host, (replica.source_host,))  # fmt: skip
-        await self.redis.start()
 
     async def __aenter__(self) -> Topology:
         await self.start()
@@ -481,16 +515,15 @@ class Topology:
                     a.links[name] = await self.links.add(name, a.server_id, b.server_id, b.cluster_port,
                                                          b.cluster_port, b.cluster_host, (source,))  # fmt: skip
 
-    async def _spawn(self, server: ManagedServer) -> None:
+    async def _spawn(self, server: ManagedServer, forks: Forks | None = None) -> None:
+        """Start `server`'s process (a fork of `forks`, if given) and wait for its ready line."""
         assert server.log_path is not None
         await self._link_to_redis(server)
-        server.process = spawn(
-            server.server_id,
-            self.server_argv(server),
-            server.log_path,
-            env=self.server_environ(server),
-            ready_line=True,
-        )
+        argv, env = self.server_argv(server), self.server_environ(server)
+        if forks is not None:  # a fork runs the command line after `python -m lbsession`
+            server.process = forks.spawn(server.server_id, argv[3:], server.log_path, env)
+        else:
+            server.process = spawn(server.server_id, argv, server.log_path, env=env, ready_line=True)
         server.port = (await read_ready_line(server.process, READY_TIMEOUT_S))["port"]
 
     async def _terminate(self, server: ManagedServer) -> None:
@@ -520,6 +553,18 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, path)
     with contextlib.suppress(OSError):
         os.chmod(path, 0o644)
+
+
+async def _together(*steps: Awaitable[object]) -> None:
+    """Run `steps` at once and wait for every one, then raise the first failure.
+
+    Not a bare gather: on a failure it returns while the other steps still run, and the
+    topology's stop would then miss the processes they start after it.
+    """
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        raise failure
 
 
 async def _until_idle(upstream: Upstream, timeout_s: float, *, drained: bool = False) -> None:

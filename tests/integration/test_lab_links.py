@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lbsession.lab.faults import AdminClient
+from lbsession.lab.forks import ForkedProcess, Forks
+from lbsession.lab.link_service import LinkService
 from lbsession.lab.topology import Topology
+from tests.integration.conftest import lab_config
 from tests.integration.test_cluster import health
 
 pytestmark = pytest.mark.integration
@@ -148,3 +154,32 @@ async def test_a_server_added_to_a_static_cluster_gets_links_its_peers_never_dia
             assert links[f"{old}->{new.server_id}"]["connections"]["total"] == 0  # they never dial it
     finally:
         await admin.close()
+
+
+async def test_labs_in_turn_share_a_links_process_and_a_warm_parent_and_keep_nothing_of_each_other(
+    tmp_path: Path,
+) -> None:
+    links = LinkService(tmp_path / "links.log", secrets.token_urlsafe(16))
+    forks = Forks(tmp_path / "forks.log")
+    try:
+        seen: list[set[str]] = []
+        for run in range(2):
+            config = lab_config("round-robin", "redis", servers=2)
+            async with Topology(config, log_dir=tmp_path / f"lab{run}", links=links, forks=forks) as lab:
+                admin = AdminClient(lab.admin_url)
+                try:
+                    assert all(s["healthy"] for s in (await admin.status())["servers"])
+                    names = {link["name"] for link in (await links.call("GET", "/links"))[1]["links"]}
+                    assert all(isinstance(s.process.popen, ForkedProcess) for s in lab.servers.values())  # type: ignore[union-attr]
+                    restarted = await lab.restart_server("was-1")  # during a run: spawned, as a fault always was
+                    assert isinstance(restarted.process.popen, subprocess.Popen)  # type: ignore[union-attr]
+                    assert all(s["healthy"] for s in (await admin.status())["servers"])
+                finally:
+                    await admin.close()
+            seen.append(names)
+            assert (await links.call("GET", "/links"))[1]["links"] == []  # cleared as the lab stopped
+        assert seen[0] == seen[1] and "lb->was-1" in seen[0]  # the same links each time, none left over
+        assert links.running and forks.running
+    finally:
+        await forks.stop()
+        await links.stop()

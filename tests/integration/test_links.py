@@ -272,6 +272,25 @@ async def test_the_links_process_api(tmp_path: Path) -> None:
         target.close()
 
 
+async def test_a_cleared_links_process_has_no_link_or_partition_left(tmp_path: Path) -> None:
+    target = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    service = LinkService(tmp_path / "links.log", secrets.token_urlsafe(16))
+    await service.start()
+    try:
+        port = await service.add("was-1->redis", "was-1", "redis", target.sockets[0].getsockname()[1])
+        status, _ = await service.call("POST", "/partitions", {"name": "p1", "cut": ["was-1->redis"]})
+        assert status == 201
+        await service.clear()
+        assert await service.call("GET", "/links") == (200, {"links": []})
+        assert await service.call("GET", "/partitions") == (200, {"partitions": []})
+        with pytest.raises(OSError):  # its listener is closed: the next lab may take the port
+            await asyncio.open_connection("127.0.0.1", port)
+        assert await service.add("was-1->redis", "was-1", "redis", target.sockets[0].getsockname()[1])  # the name again
+    finally:
+        await service.stop()
+        target.close()
+
+
 async def _echoes_from(host: str, port: int, message: bytes, listen_host: str = "127.0.2.9") -> bool:
     """True when a connection from source `host` to the shared listener echoes `message` back."""
     reader, writer = await asyncio.open_connection(listen_host, port, local_addr=(host, 0))
