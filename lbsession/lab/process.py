@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import random
@@ -121,38 +120,7 @@ def child_environ(settings: Mapping[str, str]) -> dict[str, str]:
     LBSESSION_PURE is no setting but which build of the balancer's code runs: every child keeps it.
     """
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k == PURE_ENV}
-    return {**inherited, "PYTHONUNBUFFERED": "1", **bytecode_cache(inherited), **settings}
-
-
-def bytecode_cache(environ: Mapping[str, str]) -> dict[str, str]:
-    """Under PYTHONDONTWRITEBYTECODE, a bytecode cache of the user's own for the lab's Python children.
-
-    With bytecode writing off (common in containers), every child compiles lbsession's
-    sources again as it imports them: some 60 ms of CPU per app server start, and a matrix
-    starts hundreds. The children share a cache in the user's cache folder instead
-    (PYTHONPYCACHEPREFIX, as pip and mypy keep theirs), so the source tree stays free of
-    bytecode, as asked. Python checks each cached file against its source, as it does a
-    __pycache__. A prefix the user chose is theirs; without a usable cache folder, nothing changes.
-    """
-    if not environ.get("PYTHONDONTWRITEBYTECODE") or environ.get("PYTHONPYCACHEPREFIX"):
-        return {}
-    cache = _user_cache_dir()
-    return {} if cache is None else {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": cache}
-
-
-@functools.cache
-def _user_cache_dir() -> str | None:
-    """`$XDG_CACHE_HOME/lbsession/pycache` (else ~/.cache/...), private to the user; None if it cannot be."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = base / "lbsession" / "pycache"
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.stat()
-        if info.st_uid != os.getuid() or info.st_mode & 0o022:  # bytecode another user could write is refused
-            return None
-    except (OSError, RuntimeError):  # no home, or a read-only one
-        return None
-    return str(path)
+    return {**inherited, "PYTHONUNBUFFERED": "1", **settings}
 
 
 def spawn(

@@ -13,7 +13,6 @@ import pytest
 from lbsession.errors import TopologyError
 from lbsession.lab.process import (
     _ephemeral_low,
-    _user_cache_dir,
     child_environ,
     free_ports,
     port_in_use,
@@ -108,27 +107,6 @@ def test_a_childs_only_lbsession_variables_are_the_ones_given(monkeypatch: pytes
     environ = child_environ({"LBSESSION_APP__BACKEND": '"local"'})
     assert {k: v for k, v in environ.items() if k.startswith("LBSESSION_")} == {"LBSESSION_APP__BACKEND": '"local"'}
     assert environ["UNRELATED"] == "kept"
-
-
-def test_children_share_a_private_bytecode_cache_when_writing_it_is_off(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
-    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    _user_cache_dir.cache_clear()
-    try:
-        first, second = child_environ({}), child_environ({})
-    finally:
-        _user_cache_dir.cache_clear()
-    assert first["PYTHONDONTWRITEBYTECODE"] == ""  # empty: not set, for Python
-    cache = Path(first["PYTHONPYCACHEPREFIX"])
-    assert cache == tmp_path / "lbsession" / "pycache" == Path(second["PYTHONPYCACHEPREFIX"])
-    assert cache.stat().st_mode & 0o077 == 0  # no other user may write bytecode there
-    monkeypatch.setenv("PYTHONPYCACHEPREFIX", "/elsewhere")  # the user's own choice is kept
-    assert child_environ({})["PYTHONPYCACHEPREFIX"] == "/elsewhere"
-    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE")
-    assert "PYTHONDONTWRITEBYTECODE" not in child_environ({})
 
 
 def test_a_child_runs_the_same_build_as_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
