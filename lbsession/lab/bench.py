@@ -41,7 +41,6 @@ import os
 import re
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable
@@ -60,7 +59,16 @@ from lbsession.config import (
     to_environ,
 )
 from lbsession.errors import ConfigError, TopologyError
-from lbsession.lab.process import Child, child_environ, free_ports, http_get, read_ready_line, spawn, wait_http
+from lbsession.lab.process import (
+    Child,
+    child_environ,
+    free_ports,
+    http_get,
+    python_module,
+    read_ready_line,
+    spawn,
+    wait_http,
+)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPU_RATIO_TARGET = 1.3  # the requirement: lbsession's CPU per request <= 1.3x HAProxy's
@@ -478,7 +486,7 @@ async def start_upstreams(children: Children, params: BenchParams) -> Upstreams:
     ports, pids = [], []
     for index in range(1, count + 1):
         name = f"was-{index}"
-        argv = [sys.executable, "-m", "lbsession", "server", "--ready-line"]
+        argv = python_module("lbsession", "server", "--ready-line")
         settings = to_environ(AppServerConfig(id=name, port=0), "app")
         child = children.start(name, argv, settings=settings, ready_line=True)
         ready = await read_ready_line(child, READY_TIMEOUT_S * 2)  # a cold start imports aiohttp
@@ -523,7 +531,7 @@ async def start_lbsession(
         sticky=StickyConfig(secret=STICKY_SECRET),
         limits=LimitsConfig(max_connections=max(LimitsConfig().max_connections, client_room(connections))),
     )
-    argv = [sys.executable, "-m", "lbsession", "--loop", loop, "--log-level", "warning", "lb"]
+    argv = python_module("lbsession", "--loop", loop, "--log-level", "warning", "lb")
     settings = to_environ(balancer, "balancer")
     return await start_target(children, f"lbsession-{case.strategy}", argv, port, upstreams.path, settings, admin_port)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lbsession.errors import TopologyError
-from lbsession.lab.process import Child, child_environ, read_ready_line, spawn
+from lbsession.lab.process import Child, child_environ, python_module, read_ready_line, spawn
 
 READY_TIMEOUT_S = 20.0
 # What `lbsession server` imports (its command, the app, the redis store's client), by name:
@@ -101,7 +101,7 @@ class Forks:
         await self.stop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            argv = [sys.executable, "-m", "lbsession.lab.forks", str(theirs.fileno())]
+            argv = python_module("lbsession.lab.forks", str(theirs.fileno()))
             self.process = spawn("forks", argv, self.log_path, env=child_environ({}), ready_line=True,
                                  pass_fds=(theirs.fileno(),))  # fmt: skip
         finally:

@@ -29,7 +29,6 @@ import asyncio
 import hmac
 import json
 import os
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from aiohttp import web
 from lbsession.appserver.lab_control import LAB_TOKEN_ENV, LAB_TOKEN_HEADER
 from lbsession.errors import TopologyError
 from lbsession.lab.links import Link, LinkError, UnknownLink, parse_faults
-from lbsession.lab.process import HOST, Child, child_environ, read_ready_line, spawn
+from lbsession.lab.process import HOST, Child, child_environ, python_module, read_ready_line, spawn
 
 READY_TIMEOUT_S = 20.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -265,7 +264,7 @@ class LinkService:
     async def start(self) -> None:
         """Start `lbsession links` and wait for its ready line."""
         await self.stop()  # a process that died (or a second start) leaves nothing behind
-        argv = [sys.executable, "-m", "lbsession", "links", "--ready-line"]
+        argv = python_module("lbsession", "links", "--ready-line")
         self.process = spawn("links", argv, self.log_path, env=child_environ({LAB_TOKEN_ENV: self.token}),
                              ready_line=True)  # fmt: skip
         self.port = (await read_ready_line(self.process, READY_TIMEOUT_S))["port"]

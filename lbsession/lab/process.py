@@ -30,6 +30,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,15 @@ def child_environ(settings: Mapping[str, str]) -> dict[str, str]:
     """
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k == PURE_ENV}
     return {**inherited, "PYTHONUNBUFFERED": "1", **settings}
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """The argv that runs `module` on this Python as `python -m` does, but without the working folder on sys.path.
+
+    `-P`: a file in the folder the lab was started from (an `idna.py`, a `yaml.py`) must not
+    shadow a module the child imports; the lab's children run installed code only.
+    """
+    return [sys.executable, "-P", "-m", module, *args]
 
 
 def spawn(

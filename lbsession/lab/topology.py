@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import secrets
-import sys
 import tempfile
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from lbsession.lab.balancers.base import BalancerFront
 from lbsession.lab.control import BalancerView, LabControl, LbsessionView
 from lbsession.lab.forks import Forks
 from lbsession.lab.link_service import LinkService
-from lbsession.lab.process import Child, child_environ, free_port, read_ready_line, spawn
+from lbsession.lab.process import Child, child_environ, free_port, python_module, read_ready_line, spawn
 from lbsession.lab.redis_servers import RedisTopology
 
 log = logging.getLogger(__name__)
@@ -428,7 +427,7 @@ class Topology:
 
     def server_argv(self, server: ManagedServer) -> list[str]:
         """The command line of an app server: no setting, those are in `server_environ`."""
-        argv = [sys.executable, "-m", "lbsession", "server", "--ready-line"]
+        argv = python_module("lbsession", "server", "--ready-line")
         return argv + self.server_args + server.extra_args
 
     def server_config(self, server: ManagedServer) -> AppServerConfig:

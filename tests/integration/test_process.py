@@ -16,6 +16,7 @@ from lbsession.lab.process import (
     child_environ,
     free_ports,
     port_in_use,
+    python_module,
     read_ready_line,
     spawn,
     wait_http,
@@ -112,3 +113,13 @@ def test_a_childs_only_lbsession_variables_are_the_ones_given(monkeypatch: pytes
 def test_a_child_runs_the_same_build_as_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LBSESSION_PURE", "1")  # not a setting: which build of the balancer's code runs
     assert child_environ({})["LBSESSION_PURE"] == "1"
+
+
+async def test_a_module_in_the_folder_the_lab_runs_from_does_not_shadow_what_a_child_imports(tmp_path, monkeypatch):
+    # `python -m` would import ./lbsession/ ahead of the installed package; the lab's children must not.
+    (tmp_path / "lbsession").mkdir()
+    (tmp_path / "lbsession" / "__init__.py").write_text("raise SystemExit('the shadow was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    child = spawn("help", python_module("lbsession", "--help"), tmp_path / "help.log", env=child_environ({}))
+    assert await asyncio.wait_for(asyncio.to_thread(child.popen.wait), 30) == 0
+    assert "usage: lbsession" in (tmp_path / "help.log").read_text()
