@@ -427,8 +427,11 @@ class Topology:
 
     def server_argv(self, server: ManagedServer) -> list[str]:
         """The command line of an app server: no setting, those are in `server_environ`."""
-        argv = python_module("lbsession", "server", "--ready-line")
-        return argv + self.server_args + server.extra_args
+        return python_module("lbsession", *self.server_command(server))
+
+    def server_command(self, server: ManagedServer) -> list[str]:
+        """What follows `python -m lbsession` in an app server's command line (a fork runs just that)."""
+        return ["server", "--ready-line", *self.server_args, *server.extra_args]
 
     def server_config(self, server: ManagedServer) -> AppServerConfig:
         """The lab's app-server config as this one server gets it: its id, ports, peers and Redis."""
@@ -518,11 +521,11 @@ class Topology:
         """Start `server`'s process (a fork of `forks`, if given) and wait for its ready line."""
         assert server.log_path is not None
         await self._link_to_redis(server)
-        argv, env = self.server_argv(server), self.server_environ(server)
-        if forks is not None:  # a fork runs the command line after `python -m lbsession`
-            server.process = forks.spawn(server.server_id, argv[3:], server.log_path, env)
+        sid, log_path, env = server.server_id, server.log_path, self.server_environ(server)
+        if forks is not None:
+            server.process = forks.spawn(sid, self.server_command(server), log_path, env)
         else:
-            server.process = spawn(server.server_id, argv, server.log_path, env=env, ready_line=True)
+            server.process = spawn(sid, self.server_argv(server), log_path, env=env, ready_line=True)
         server.port = (await read_ready_line(server.process, READY_TIMEOUT_S))["port"]
 
     async def _terminate(self, server: ManagedServer) -> None:

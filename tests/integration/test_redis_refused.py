@@ -1,4 +1,4 @@
-"""A Redis that refuses writes for its replication state (NOREPLICAS): a 503 with the reason at once, reads served."""
+"""A Redis the store cannot use as asked: a write refused for replication (NOREPLICAS), a connection lost mid-setup."""
 
 from __future__ import annotations
 
@@ -34,5 +34,33 @@ async def test_a_refused_write_is_store_unavailable_and_a_read_skips_the_renewal
         assert await store.load("nobody", ttl_s=60) is None
     finally:
         await admin.aclose()
+        await store.close()
+        await node.stop()
+
+
+async def test_a_transport_closed_under_redis_py_is_a_lost_connection_retried_not_a_500(tmp_path: Path) -> None:
+    # In a failover uvloop raised this from redis-py's reconnect (the HELLO of a new connection on a
+    # transport already closed), and the user got a 500; the attempt here meets it once, then Redis.
+    node = RedisProcess("closing", find_redis_binary(), tmp_path, extra=["--appendonly", "no"])
+    await node.start()
+    store = RedisStore(RedisConfig(url=node.url, retry_s=5.0))
+    await store.start()
+    failures = ["unable to perform operation on <TCPTransport closed=True>; the handler is closed"]
+    other = RuntimeError("a bug of ours")
+
+    async def attempt() -> str:
+        if failures:
+            raise RuntimeError(failures.pop())
+        return "answered"
+
+    async def broken() -> str:
+        raise other
+
+    try:
+        assert await store._call("load", attempt) == "answered"
+        with pytest.raises(RuntimeError) as raised:  # any other RuntimeError is not taken for a lost connection
+            await store._call("load", broken)
+        assert raised.value is other
+    finally:
         await store.close()
         await node.stop()

@@ -122,6 +122,17 @@ class RefusedWrite(Exception):
     """Internal: a ResponseError that is a refused write, retried as a transient failure."""
 
 
+def _closed_transport(exc: RuntimeError) -> bool:
+    """uvloop's refusal to write on a transport that closed under redis-py: a lost connection, not a bug of ours.
+
+    Seen in a failover: redis-py (8.1) finds a pooled connection with unread data, drops it and
+    connects again, and the HELLO of the new connection meets a transport already closed (the dead
+    primary's relay hung up); uvloop raises RuntimeError there, where asyncio's own loop drops the
+    write. Retried like any lost connection, so the user gets a delay or a 503, never a 500.
+    """
+    return "handler is closed" in str(exc)
+
+
 class MappedSentinel(Sentinel):
     """Sentinel, with the primary's address mapped to the one this server dials (RedisConfig.address_map)."""
 
@@ -284,7 +295,9 @@ class RedisStore(SessionStore):
                     if _isolated_primary(exc):  # not retried: see the module docstring
                         raise StoreUnavailable(f"redis at {self.where} refused {what}: {exc}") from exc
                     raise RefusedWrite(str(exc)) from exc
-            except (*TRANSIENT, RedisClusterException, RefusedWrite) as exc:
+            except (*TRANSIENT, RedisClusterException, RefusedWrite, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and not _closed_transport(exc):
+                    raise
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
                         f"redis at {self.where} did not answer {what} for {self.config.retry_s:g} s: {exc}"
