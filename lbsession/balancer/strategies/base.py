@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol, get_args
 
 from mypy_extensions import mypyc_attr  # mypyc's class options, for the compiled build
 
@@ -169,8 +169,22 @@ def accepting_new(upstreams: Sequence[UpstreamView]) -> Sequence[UpstreamView]:
 
 
 def stable_hash(key: str) -> int:
-    """A 64-bit hash that is the same in every process (unlike hash(), which is salted)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    """A 64-bit hash that is the same in every process (unlike hash(), which is salted).
+
+    A client sends the same key (its address, its cookie) request after request, so the hashes
+    are remembered: a dictionary lookup instead of a BLAKE2 object per request. Bounded, so a
+    client inventing keys cannot grow it.
+    """
+    known = _HASHES.get(key)
+    if known is None:
+        known = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+        if len(_HASHES) >= 65536:
+            _HASHES.clear()
+        _HASHES[key] = known
+    return known
+
+
+_HASHES: Final[dict[str, int]] = {}
 
 
 def hash_key(facts: RequestFacts, key: str) -> str:

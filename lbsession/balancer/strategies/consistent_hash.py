@@ -129,7 +129,7 @@ class ConsistentHashStrategy(Strategy):
 
     def choose(self, facts: RequestFacts, upstreams: Sequence[UpstreamView]) -> Route:
         candidates = accepting_new(upstreams)
-        ids = tuple(u.server_id for u in candidates)
+        ids = tuple([u.server_id for u in candidates])  # a list first: mypyc compiles it, not a generator
         ring = self._rings.get(ids)
         if ring is None:
             if len(self._rings) >= 16:  # health flapping must not grow this without bound

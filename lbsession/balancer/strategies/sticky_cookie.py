@@ -177,7 +177,7 @@ class StickyCookieStrategy(Strategy):
         return Route(upstream, "pinned")
 
     def _owner(self, key: str, upstreams: Sequence[UpstreamView]) -> UpstreamView:
-        ids = tuple(u.server_id for u in upstreams)
+        ids = tuple([u.server_id for u in upstreams])
         ring = self._rings.get(ids)
         if ring is None:
             if len(self._rings) >= 16:  # health flapping must not grow this without bound
